@@ -1,0 +1,105 @@
+"""Backend registry and dispatch: which implementations exist, which can run a call, and "auto".
+
+Every backend module exposes the same four names:
+    NAME                                     -> str
+    unavailable_reason(device)               -> why it cannot run on this device at all, or None
+    unsupported_reason(problem, device)      -> why it cannot run this particular case, or None
+    run(problem, x, weight, scale, shift, residual) -> channels_last output
+
+"auto" runs the fastest backend that supports the case on the device: measured once per shape
+(fastres.tuning, cached on disk) and never while a CUDA graph is being captured. Until a shape
+has been measured it takes the first supported one in AUTO_DEFAULT_ORDER. On the CPU it is the
+reference: the Triton interpreter is a correctness tool, never a speed path.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+
+from fastres import tuning
+from fastres.backends import cuda, cudnn, reference
+from fastres.backends import triton as triton_backend
+from fastres.problem import ConvProblem
+
+log = logging.getLogger("fastres")
+
+NAMES: tuple[str, ...] = ("auto", "triton", "cuda", "cudnn", "reference")
+_BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (triton_backend, cuda, cudnn, reference)}
+# Unmeasured default: cuDNN's conv plus one fused epilogue pass is a known-good floor; the fused
+# kernels are chosen once timing has shown them faster on this device and shape.
+AUTO_DEFAULT_ORDER: tuple[str, ...] = ("cudnn", "cuda", "triton", "reference")
+
+
+def check_name(backend: str) -> None:
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)}, but got {backend!r}")
+
+
+def status(device: torch.device | str | None = None) -> dict[str, str]:
+    """For each backend: "available", or why it is not, on `device` (default: cuda if present, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    report = {}
+    for name, module in _BACKENDS.items():
+        reason = module.unavailable_reason(device)
+        report[name] = "available" if reason is None else f"unavailable: {reason}"
+    return report
+
+
+def supported(problem: ConvProblem, device: torch.device) -> list[str]:
+    """Backends that can run this case on this device, in AUTO_DEFAULT_ORDER."""
+    names = []
+    for name in AUTO_DEFAULT_ORDER:
+        module = _BACKENDS[name]
+        if module.unavailable_reason(device) is None and module.unsupported_reason(problem, device) is None:
+            names.append(name)
+    return names
+
+
+def _auto_candidates(device: torch.device, problem: ConvProblem) -> list[str]:
+    if device.type != "cuda":
+        return ["reference"]
+    return [n for n in supported(problem, device) if n != "reference"] or ["reference"]
+
+
+def choose(problem: ConvProblem, device: torch.device, args: tuple) -> str:
+    """The backend "auto" runs for this call (see module docstring)."""
+    candidates = _auto_candidates(device, problem)
+    choice = tuning.pick(
+        device, "auto", problem.key(), candidates,
+        encode=lambda name: name,
+        run=lambda name: _BACKENDS[name].run(problem, *args),
+        default=candidates[0],
+    )
+    log.debug("fastres auto: %s -> %s (candidates %s)", problem.key(), choice, candidates)
+    return choice
+
+
+def run(
+    backend: str,
+    problem: ConvProblem,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run one validated call on the named backend (or the one "auto" picks)."""
+    args = (x, weight, scale, shift, residual)
+    if backend == "auto":
+        backend = choose(problem, x.device, args)
+    module = _BACKENDS[backend]
+    reason = module.unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"fastres backend {backend!r} is unavailable: {reason}")
+    reason = module.unsupported_reason(problem, x.device)
+    if reason is not None:
+        raise NotImplementedError(
+            f"fastres backend {backend!r} does not support this case ({problem.key()}): {reason}. "
+            f"backend='auto' picks one that does."
+        )
+    return module.run(problem, *args)

@@ -1,0 +1,60 @@
+"""The "triton" backend: fastres.kernels on CUDA devices, or on CPU tensors in the Triton interpreter.
+
+The interpreter (TRITON_INTERPRET=1, set before the kernels are first imported) runs the very
+same kernels on the CPU: that is how CI and users without a GPU check this path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from fastres.problem import ConvProblem
+
+NAME = "triton"
+
+
+def _kernels_interpreted() -> bool:
+    from fastres.kernels import interpreted
+
+    return interpreted()
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        if _kernels_interpreted():
+            return "the kernels were loaded under TRITON_INTERPRET=1, which runs CPU tensors only"
+        return None
+    if device.type == "cpu":
+        if _kernels_interpreted():
+            return None
+        return "CPU tensors run the Triton kernels only in the Triton interpreter: set TRITON_INTERPRET=1 before importing fastres"
+    return f"Triton kernels need a CUDA device (or CPU tensors in the interpreter), got {device.type}"
+
+
+def unsupported_reason(problem: ConvProblem, device: torch.device) -> str | None:
+    if problem.dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels"
+    if device.type == "cpu" and problem.dtype == torch.bfloat16:
+        return "the Triton interpreter computes bfloat16 wrongly (numpy has no bfloat16); run bfloat16 on a GPU"
+    return None
+
+
+def run(
+    problem: ConvProblem,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    if problem.is_depthwise:
+        from fastres.kernels.depthwise import depthwise_conv_bn_act
+
+        return depthwise_conv_bn_act(problem, x, weight, scale, shift, residual)
+    from fastres.kernels.conv_bn_act import conv_bn_act
+
+    return conv_bn_act(problem, x, weight, scale, shift, residual)

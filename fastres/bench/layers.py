@@ -1,0 +1,152 @@
+"""Per-layer benchmark: every distinct conv + BN + [residual] + ReLU of the chosen models.
+
+Baselines, timed in the same run on the same inputs:
+    eager-nchw        nn.Conv2d, nn.BatchNorm2d, add, ReLU on NCHW tensors (cuDNN)
+    eager-cl          the same on channels_last tensors
+    conv-only         cuDNN's conv alone on channels_last: the floor a fused kernel should reach
+    compile           torch.compile of the unfused layer (default mode)
+Contenders: fastres-{triton,cuda,cudnn,auto} (fastres.ops.conv_bn_act with that backend).
+Every output is checked against the float64 reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastres
+from fastres.bench.harness import Rotation, copies_to_exceed_l2, time_fn
+from fastres.bench.report import Row
+from fastres.nn import eager_conv_bn
+from fastres.numerics import compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
+from fastres.shapes import ODD_CASES, ConvCase, make_inputs, model_cases
+
+BASELINES = ["eager-nchw", "eager-cl", "conv-only", "compile"]
+CONTENDERS = ["fastres-triton", "fastres-cuda", "fastres-cudnn", "fastres-auto"]
+
+
+def layer_cases(models: Iterable[str], batch: int, image: int = 224) -> list[ConvCase]:
+    """Distinct conv layers of the given models at this batch size (a layer shared by two models once)."""
+    seen: dict[ConvCase, ConvCase] = {}
+    for arch in models:
+        for case in model_cases(arch, batch, image):
+            seen.setdefault(case.replace(name=""), case)
+    return list(seen.values())
+
+
+def smoke_cases() -> list[ConvCase]:
+    """A tiny case for CPU smoke runs (the Triton interpreter is slow)."""
+    return [ODD_CASES[1].replace(name="smoke:c24h7-k40:3x3s1+res", residual=True)]
+
+
+def _modules(case: ConvCase, weight: torch.Tensor, bn: nn.BatchNorm2d, memory_format) -> tuple[nn.Conv2d, nn.Module]:
+    conv = nn.Conv2d(case.c, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, case.groups, bias=False)
+    conv = conv.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    conv = conv.to(memory_format=memory_format).eval()
+    return conv, bn.to(device=weight.device, dtype=weight.dtype).eval()
+
+
+def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running `contender` on the next rotated inputs."""
+    conv_args = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+    if contender.startswith("fastres-"):
+        backend = contender.removeprefix("fastres-")
+        scale, shift, weight = inputs.scale, inputs.shift, inputs.weight
+
+        def run():
+            x, residual = rotation.next()
+            return fastres.ops.conv_bn_act(x, weight, scale, shift, residual, act=case.act, backend=backend, **conv_args)
+
+        return run
+    if contender == "conv-only":
+        weight = inputs.weight
+
+        def run():
+            x, _ = rotation.next()
+            return F.conv2d(x, weight, None, **conv_args)
+
+        return run
+    memory_format = torch.contiguous_format if contender == "eager-nchw" else torch.channels_last
+    conv, bn = _modules(case, inputs.weight, inputs.bn, memory_format)
+    layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act)  # noqa: E731
+    if contender == "compile":
+        layer = torch.compile(layer)
+    nchw = rotation if memory_format is torch.channels_last else Rotation(
+        [t.contiguous() if t is not None else None for t in rotation.sets[0]], len(rotation.sets))
+
+    def run():
+        x, residual = nchw.next()
+        return layer(x, residual)
+
+    return run
+
+
+def floor_ms(case: ConvCase, element_size: int, ceilings: dict[str, float] | None) -> float | None:
+    """Roofline floor: max(FLOPs / matmul rate, bytes moved / copy bandwidth), bytes = x + w + out (+ residual)."""
+    if ceilings is None:
+        return None
+    p, q = case.output_hw
+    elements = case.n * case.c * case.h * case.w + case.k * case.reduction + case.n * case.k * p * q * (2 if case.residual else 1)
+    compute_ms = case.flops / (ceilings["matmul_tflops"] * 1e12) * 1e3
+    memory_ms = elements * element_size / (ceilings["copy_gbps"] * 1e9) * 1e3
+    return max(compute_ms, memory_ms)
+
+
+def failure_note(exc: Exception) -> tuple[str, bool | None]:
+    """A contender that cannot run this case is skipped; one that crashes is a failure."""
+    first_line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    if isinstance(exc, NotImplementedError) or "is unavailable" in first_line:
+        return f"skipped: {first_line}", None
+    return f"ERROR: {type(exc).__name__}: {first_line}", False
+
+
+def run_layers(
+    cases: list[ConvCase],
+    dtype: torch.dtype,
+    device: torch.device,
+    contenders: list[str],
+    ceilings: dict[str, float] | None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[Row]:
+    """Time every contender on every case; skipped or failing contenders get a row with a note."""
+    rows = []
+    tf32 = dtype == torch.float32 and device.type == "cuda" and conv_tf32_enabled()
+    for case in cases:
+        inputs = make_inputs(case, dtype, device)
+        bytes_per_set = inputs.x.numel() * inputs.x.element_size() * (2 if case.residual else 1)
+        rotation = Rotation([inputs.x, inputs.residual], copies_to_exceed_l2(bytes_per_set, device))
+        ref = reference_conv_bn_act(inputs.x, inputs.weight, bn=inputs.bn, residual=inputs.residual, act=case.act,
+                                    stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+        conv_ref = reference_conv_bn_act(inputs.x, inputs.weight, act="none", stride=case.stride, padding=case.padding,
+                                         dilation=case.dilation, groups=case.groups)
+        floor = floor_ms(case, inputs.x.element_size(), ceilings)
+        for contender in contenders:
+            progress(f"{case.name} {contender}")
+            row = Row("layers", case.name, contender, case.n, str(dtype).removeprefix("torch."), floor_ms=floor)
+            try:
+                fn = runner(contender, case, inputs, rotation)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = fn()
+                result = compare(out, conv_ref if contender == "conv-only" else ref,
+                                 tolerance(dtype, case.reduction, tf32),
+                                 gain=None if contender == "conv-only" else inputs.scale)
+                row.correct, row.rel_error = result.ok, result.rel_norm
+                timing = time_fn(fn, device)
+            except (NotImplementedError, RuntimeError) as exc:
+                row.note, row.correct = failure_note(exc)
+                rows.append(row)
+                continue
+            row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+            row.images_per_s = case.n / (timing.median_ms / 1e3)
+            row.tflops = case.flops / (timing.median_ms / 1e3) / 1e12
+            if floor is not None:
+                row.pct_of_floor = 100.0 * floor / timing.median_ms
+            rows.append(row)
+    return rows

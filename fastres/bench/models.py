@@ -1,0 +1,154 @@
+"""Whole-model inference benchmark: torchvision ResNets, eager vs torch.compile vs fastres.
+
+Baselines: eager-nchw, eager-cl (channels_last), compile (default mode), compile-max-autotune
+(inductor freezing on), and eager-cl+graph (CUDA graph replay). Contenders: fastres-<backend>
+(fastres.optimize of the same model), fastres-auto+graph and fastres-auto+compile.
+Models get seeded random weights and BN statistics (no download); every contender's output on
+the first images is checked against a float64 CPU run of the same model: it must be no worse
+than twice eager's own error (fastres.verify's rule).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import fastres
+from fastres.bench.harness import Rotation, copies_to_exceed_l2, time_fn
+from fastres.bench.layers import failure_note, floor_ms
+from fastres.bench.report import Row
+from fastres.numerics import compare, tolerance
+from fastres.shapes import model_calls
+
+BASELINES = ["eager-nchw", "eager-cl", "compile", "compile-max-autotune", "eager-cl+graph"]
+CONTENDERS = ["fastres-auto", "fastres-triton", "fastres-cuda", "fastres-cudnn", "fastres-auto+graph",
+              "fastres-auto+compile"]
+CHECKED_IMAGES = 4
+
+
+def torchvision_model(arch: str, seed: int = 0) -> nn.Module:
+    """torchvision.models.<arch> in eval mode with seeded random weights and BN statistics."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.0, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    return model
+
+
+def _graphed(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn captured in a CUDA graph over a static input buffer; calls copy their input in, then replay."""
+    static_in = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def replay(x: torch.Tensor) -> torch.Tensor:
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def build(contender: str, model: nn.Module, dtype: torch.dtype, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward function of `contender` for `model` (a float32 eval model on the target device)."""
+    base = contender.split("+")[0]
+    if base.startswith("fastres-"):
+        m = fastres.optimize(model, backend=base.removeprefix("fastres-"), dtype=dtype, channels_last=True)
+    else:
+        m = copy.deepcopy(model).to(dtype)
+        if base != "eager-nchw":
+            m = m.to(memory_format=torch.channels_last)
+    fn: Callable[[torch.Tensor], torch.Tensor] = m
+    if base == "compile":
+        fn = torch.compile(m)
+    elif base == "compile-max-autotune":
+        with torch._inductor.config.patch(freezing=True):
+            fn = torch.compile(m, mode="max-autotune")
+    if contender.endswith("+compile"):
+        fn = torch.compile(m)
+    if contender.endswith("+graph"):
+        fn = _graphed(fn, example)
+    return fn
+
+
+def model_floor_ms(arch: str, batch: int, image: int, element_size: int, ceilings) -> float | None:
+    """Per-layer roofline of the convs: the sum over layers of each one's floor."""
+    if ceilings is None:
+        return None
+    return sum(floor_ms(call, element_size, ceilings) for call in model_calls(arch, batch, image))
+
+
+def run_models(
+    archs: list[str],
+    batches: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    contenders: list[str],
+    ceilings: dict[str, float] | None,
+    image: int = 224,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[Row]:
+    rows = []
+    graphs_ok = device.type == "cuda"
+    for arch in archs:
+        model = torchvision_model(arch).to(device)
+        reference = copy.deepcopy(model).cpu().double()
+        flops = sum(c.flops for c in model_calls(arch, 1, image))
+        for batch in batches:
+            gen = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, 3, image, image, generator=gen).to(device=device, dtype=dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = reference(x[:CHECKED_IMAGES].cpu().double())
+                eager = build("eager-cl", model, dtype, x)(x)[:CHECKED_IMAGES]
+            # Pass rule: no worse than twice eager's own error in this dtype (or within tolerance).
+            bound = max(tolerance(dtype).rel_norm, 2.0 * compare(eager, ref, tolerance(dtype)).rel_norm)
+            rotation = Rotation([x], copies_to_exceed_l2(x.numel() * x.element_size(), device))
+            floor = model_floor_ms(arch, batch, image, x.element_size(), ceilings)
+            for contender in contenders:
+                progress(f"{arch} batch {batch} {contender}")
+                row = Row("models", arch, contender, batch, str(dtype).removeprefix("torch."), floor_ms=floor)
+                if contender.endswith("+graph") and not graphs_ok:
+                    row.note = "skipped: CUDA graphs need a CUDA device"
+                    rows.append(row)
+                    continue
+                try:
+                    with warnings.catch_warnings(), torch.no_grad():
+                        warnings.simplefilter("ignore")
+                        fn = build(contender, model, dtype, x)
+                        out = fn(x)[:CHECKED_IMAGES]
+                        result = compare(out, ref, tolerance(dtype))
+                        row.correct = bool(torch.isfinite(out).all()) and result.rel_norm <= bound
+                        row.rel_error = result.rel_norm
+                        timing = time_fn(lambda: fn(rotation.next()[0]), device, warmup_ms=50, rep_ms=200)
+                except (NotImplementedError, RuntimeError) as exc:
+                    row.note, row.correct = failure_note(exc)
+                    rows.append(row)
+                    continue
+                row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+                row.images_per_s = batch / (timing.median_ms / 1e3)
+                row.tflops = flops * batch / (timing.median_ms / 1e3) / 1e12
+                if floor is not None:
+                    row.pct_of_floor = 100.0 * floor / timing.median_ms
+                rows.append(row)
+    return rows

@@ -1,0 +1,158 @@
+"""The `fastres` command: demo, verify, bench, backends. `fastres <command> --help` for each."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+}
+BACKEND_CHOICES = ("auto", "triton", "cuda", "cudnn", "reference")
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastres", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="a fused ResNet next to its eager reference: agreement and timings")
+    demo.add_argument("--model", default=None, help="torchvision ResNet name (default: resnet50 on GPU, resnet18 on CPU)")
+    demo.add_argument("--batch", type=int, default=None)
+    demo.add_argument("--image", type=int, default=None)
+    demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    demo.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
+
+    verify = sub.add_parser("verify", help="check fastres.optimize(model) against eager and float64")
+    verify.add_argument("model", help="torchvision ResNet name, e.g. resnet50")
+    verify.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    verify.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    verify.add_argument("--batch", type=int, default=8)
+    verify.add_argument("--image", type=int, default=224)
+    verify.add_argument("--weights", type=Path, default=None, help="a state_dict file (torchvision keys)")
+    verify.add_argument("--per-layer", action="store_true", help="also check every fused layer on its own inputs")
+    verify.add_argument("--device", default=None)
+
+    bench = sub.add_parser("bench", help="benchmark fused layers or whole models against cuDNN and torch.compile")
+    bench.add_argument("suite", choices=("layers", "models"))
+    bench.add_argument("--model", nargs="+", default=None, help="models (layers: whose convs; models: which to run)")
+    bench.add_argument("--batch", nargs="+", type=int, default=None)
+    bench.add_argument("--image", type=int, default=224)
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    bench.add_argument("--backends", nargs="+", choices=BACKEND_CHOICES, default=None,
+                       help="fastres backends to run as contenders (default: all)")
+    bench.add_argument("--baselines", nargs="*", default=None, help="baselines to run (default: all of the suite's)")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"))
+    bench.add_argument("--compare", type=Path, default=None, help="an earlier JSON to compare against")
+    bench.add_argument("--smoke", action="store_true",
+                       help="tiny CPU run through the Triton interpreter: checks the harness, measures nothing")
+
+    sub.add_parser("backends", help="which backends can run here, and why not")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        # Without a GPU the Triton kernels run in the interpreter; it must be on before they load.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.command == "demo":
+        from fastres.demo import run_demo
+
+        return run_demo(args.model, args.batch, args.image, DTYPES.get(args.dtype), args.backend)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "bench":
+        return _bench(args)
+    import fastres
+
+    for name, state in fastres.backend_status().items():
+        print(f"{name:10s} {state}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import fastres
+    from fastres.bench.models import torchvision_model
+
+    device, dtype = _device(args.device), DTYPES[args.dtype]
+    model = torchvision_model(args.model)
+    if args.weights is not None:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    model = model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    optimized = fastres.optimize(model, backend=args.backend)
+    x = torch.randn(args.batch, 3, args.image, args.image, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    report = fastres.verify(model, optimized, x, per_layer=args.per_layer)
+    print(f"{args.model} on {device} ({args.batch}x3x{args.image}x{args.image}), backend={args.backend!r}")
+    print(optimized.fastres_report.__str__().splitlines()[0])
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from fastres.bench import harness, layers, models, report
+
+    console = Console(width=None if sys.stdout.isatty() else 220)
+    device = _device(None)
+    if device.type != "cuda" and not args.smoke:
+        console.print("[red]fastres bench: no CUDA device here. CPU timings say nothing about GPU speed; "
+                      "use --smoke to check the harness end to end.[/red]")
+        return 2
+    dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
+    suite = layers if args.suite == "layers" else models
+    backends = args.backends or (["triton", "cudnn", "auto"] if args.smoke else ["triton", "cuda", "cudnn", "auto"])
+    contenders = [c for c in suite.CONTENDERS if c.split("+")[0].removeprefix("fastres-") in backends]
+    baselines = suite.BASELINES if args.baselines is None else args.baselines
+    if args.smoke:
+        baselines = [b for b in baselines if "graph" not in b and "max-autotune" not in b]
+        contenders = [c for c in contenders if "+" not in c]
+    env = harness.environment(device)
+    ceilings = harness.ceilings(device)
+    config = {"suite": args.suite, "dtype": str(dtype), "smoke": args.smoke, "baselines": baselines,
+              "contenders": contenders}
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"bench {args.suite}", total=None)
+        step = lambda what: bar.update(task, description=what, advance=1)  # noqa: E731
+        if args.suite == "layers":
+            batch = (args.batch or [2 if args.smoke else 128])[0]
+            cases = layers.smoke_cases() if args.smoke else layers.layer_cases(
+                args.model or ["resnet18", "resnet50", "resnext50_32x4d"], batch, args.image)
+            config.update(batch=batch, cases=[c.name for c in cases])
+            bar.update(task, total=len(cases) * len(baselines + contenders))
+            rows = layers.run_layers(cases, dtype, device, baselines + contenders, ceilings, step)
+        else:
+            archs = args.model or (["resnet18"] if args.smoke else ["resnet18", "resnet50", "resnet101", "resnext50_32x4d"])
+            batches = args.batch or ([1] if args.smoke else [1, 32, 256])
+            image = 32 if args.smoke else args.image
+            config.update(models=archs, batches=batches, image=image)
+            bar.update(task, total=len(archs) * len(batches) * len(baselines + contenders))
+            rows = models.run_models(archs, batches, dtype, device, baselines + contenders, ceilings, image, step)
+    report.add_speedups(rows, baselines)
+    report.print_table(rows, baselines, env, console)
+    stem = f"{args.suite}-{report.slug(env['device'])}-{str(dtype).removeprefix('torch.')}" + ("-smoke" if args.smoke else "")
+    json_path = report.save_json(args.out / f"{stem}.json", env, ceilings, config, rows)
+    plot_base = "conv-only" if args.suite == "layers" else "eager-cl"
+    plot_path = report.plot(args.out / f"{stem}.png", rows, env, args.suite, plot_base)
+    console.print(f"wrote {json_path} and {plot_path}")
+    if args.compare is not None:
+        report.compare(rows, args.compare, console)
+    wrong = [r for r in rows if r.correct is False and r.contender.startswith("fastres")]
+    if wrong:
+        console.print(f"[red]{len(wrong)} fastres rows failed their correctness check[/red]")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

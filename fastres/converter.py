@@ -1,0 +1,327 @@
+"""fastres.optimize: rewrite an existing eval-mode model so conv -> BN -> (+ residual) -> act chains
+run as fused fastres ops, and report, conv by conv, what was fused and why not.
+
+How: torch.fx. The model is traced (symbolic_trace); a module that cannot be traced is left as it
+is and its children are tried one by one, so an untraceable top level still gets its blocks
+fused. In each graph a chain is fused when every link has exactly one user:
+
+    nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
+    SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a
+    residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU as
+    modules, F.*, torch.* or methods; one module reused in many places is fine)
+
+nn.Identity nodes are dropped first (timm puts them between BN and ReLU). The conv and BN modules
+stay where they were (the state_dict keys do not change); a FusedConvBN module that refers to
+them replaces the chain in the graph. It runs the eager chain in train mode and whenever a call
+is outside the op's contract (a broadcasting residual, mixed dtypes), so the answer never changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastres.backends import check_name
+from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn
+from fastres.problem import output_hw
+
+__all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_ACT_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
+}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"))  # ReLU6 before its base Hardtanh
+
+
+@dataclass
+class OptimizeReport:
+    """What fastres.optimize did with every conv of the model, by qualified module name."""
+
+    backend: str
+    entries: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fused(self) -> list[str]:
+        return [name for name, what in self.entries.items() if what.startswith("fused")]
+
+    @property
+    def eager(self) -> dict[str, str]:
+        return {name: what for name, what in self.entries.items() if not what.startswith("fused")}
+
+    def __str__(self) -> str:
+        lines = [f"fastres.optimize: {len(self.fused)} of {len(self.entries)} convs fused (backend={self.backend!r})"]
+        width = max((len(n) for n in self.entries), default=0)
+        lines += [f"  {name:<{width}}  {what}" for name, what in self.entries.items()]
+        return "\n".join(lines)
+
+
+class FusedConvBN(nn.Module):
+    """act(bn(conv(x)) + residual) as one fastres op; conv and bn stay registered where they were.
+
+    Train mode (bn.training), or a call outside the op's contract, runs the eager chain.
+    """
+
+    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.Module, padding: tuple[int, int], act: str, backend: str) -> None:
+        super().__init__()
+        # A tuple keeps conv/bn out of this module's children: no duplicate state_dict keys.
+        self._modules_ref = (conv, bn)
+        self.conv_name, self.padding, self.act, self.backend = name, padding, act, backend
+        self._warned = False
+
+    def _fallback(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"fastres: {self.conv_name} ran eagerly for a call the fused op does not take: {why}",
+                          RuntimeWarning, stacklevel=3)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        conv, bn = self._modules_ref
+        if bn.training or conv.training:
+            return eager_conv_bn(conv, bn, x, residual, self.act)
+        why = None
+        if x.dim() != 4 or x.dtype != conv.weight.dtype:
+            why = f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
+        elif residual is not None:
+            p, q = output_hw(x.shape[2], x.shape[3], *conv.kernel_size, conv.stride, self.padding, conv.dilation)
+            expected = (x.shape[0], conv.out_channels, p, q)
+            if tuple(residual.shape) != expected or residual.dtype != x.dtype or residual.device != x.device:
+                why = f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {x.dtype}"
+        if why is not None:
+            self._fallback(why)
+            return eager_conv_bn(conv, bn, x, residual, self.act)
+        if self.padding != conv.padding:
+            conv = _PaddedView(conv, self.padding)
+        return fused_conv_bn(conv, bn, x, residual, self.act, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.conv_name}, act={self.act!r}, backend={self.backend!r}"
+
+
+class _PaddedView:
+    """A conv seen with explicit (h, w) padding (for convs declared with padding='same'/'valid')."""
+
+    def __init__(self, conv: nn.Conv2d, padding: tuple[int, int]) -> None:
+        self.weight, self.bias, self.stride, self.dilation, self.groups = (
+            conv.weight, conv.bias, conv.stride, conv.dilation, conv.groups)
+        self.padding = padding
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if conv.padding == "same" and all(t % 2 == 0 for t in total):
+            return (total[0] // 2, total[1] // 2)
+        return None
+    return tuple(conv.padding)  # type: ignore[return-value]
+
+
+def _conv_problem(conv: nn.Module) -> str | None:
+    """Why this conv cannot be fused, or None."""
+    if type(conv).forward is not nn.Conv2d.forward:
+        return f"{type(conv).__name__} has its own forward (not a plain nn.Conv2d)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
+    if _explicit_padding(conv) is None:
+        return f"padding={conv.padding!r} is asymmetric"
+    return None
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    bn_forwards = {nn.modules.batchnorm._BatchNorm.forward, nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward}
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return type(module).forward in bn_forwards
+    return type(module).__name__ == "FrozenBatchNorm2d" and all(
+        hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
+
+
+def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        return "its BatchNorm keeps no running statistics (track_running_stats=False)"
+    if bn.running_mean.numel() != conv.out_channels:
+        return f"its BatchNorm has {bn.running_mean.numel()} features for {conv.out_channels} channels"
+    if bn.training:
+        return "its BatchNorm is in training mode"
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: torch.nn modules, BatchNorms of any origin, and fastres's own fused modules."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_batchnorm(m) or isinstance(m, (_Fused, FusedConvBN)) or super().is_leaf_module(m, qualname)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:
+    """The activation `node` applies to `value`, if it is one we fuse."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for cls, act in _ACT_MODULES:
+            if isinstance(module, cls) and (cls is not nn.ReLU6 or (module.min_val, module.max_val) == (0.0, 6.0)):
+                return act if node.args[:1] == (value,) else None
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS and node.args[:1] == (value,):
+        return _ACT_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in _ACT_METHODS and node.args[:1] == (value,):
+        return _ACT_METHODS[node.target]
+    return None
+
+
+def _residual_of(node: fx.Node, value: fx.Node) -> fx.Node | None:
+    """If `node` is value + other (alpha 1, no broadcasting scalar), the other operand."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS)
+    if not is_add or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1 or set(node.kwargs) - {"alpha"}:
+        return None
+    a, b = node.args
+    other = b if a is value else a if b is value else None
+    return other if isinstance(other, fx.Node) and other is not value else None
+
+
+def _drop_identities(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeReport) -> int:
+    _drop_identities(gm)
+    fused = 0
+    for conv_node in list(gm.graph.nodes):
+        if conv_node.op != "call_module" or not isinstance(gm.get_submodule(conv_node.target), nn.Conv2d):
+            continue
+        conv = gm.get_submodule(conv_node.target)
+        name = prefix + conv_node.target
+        why = _conv_problem(conv)
+        bn_node = _single_user(conv_node)
+        if why is None and bn_node is None:
+            why = f"its output has {len(conv_node.users)} users (must feed only a BatchNorm)"
+        if why is None and not (bn_node.op == "call_module" and _is_batchnorm(gm.get_submodule(bn_node.target))):
+            why = f"not followed by a BatchNorm (next: {bn_node.op} {bn_node.target})"
+        bn = gm.get_submodule(bn_node.target) if why is None else None
+        if why is None:
+            why = _bn_problem(bn, conv)
+        if why is not None:
+            report.entries[name] = f"eager: {why}"
+            continue
+        chain, last, residual, act = [conv_node, bn_node], bn_node, None, "none"
+        nxt = _single_user(last)
+        if nxt is not None and (other := _residual_of(nxt, last)) is not None:
+            chain.append(nxt)
+            last, residual = nxt, other
+            nxt = _single_user(last)
+        if nxt is not None and (found := _activation(nxt, gm, last)) is not None:
+            chain.append(nxt)
+            last, act = nxt, found
+        fused_name = f"{conv_node.target.replace('.', '_')}_fastres"
+        gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend))
+        with gm.graph.inserting_before(last):
+            args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
+            new = gm.graph.call_module(fused_name, args)
+        last.replace_all_uses_with(new)
+        for node in reversed(chain):
+            gm.graph.erase_node(node)
+        parts = "conv+bn" + ("+add" if residual is not None else "") + ("" if act == "none" else f"+{act}")
+        report.entries[name] = f"fused: {parts}"
+        fused += 1
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
+def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport) -> nn.Module:
+    """The module with its chains fused: a GraphModule if it traces, else itself with rewritten children."""
+    if isinstance(module, (_Fused, FusedConvBN)):
+        for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
+            if isinstance(sub, nn.Conv2d):
+                report.entries[name] = "fused: already a fastres module"
+        return module
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: try the children
+        for child_name, child in list(module.named_children()):
+            setattr(module, child_name, _rewrite(child, f"{prefix}{child_name}.", backend, report))
+        if isinstance(module, nn.Conv2d) and prefix.rstrip(".") not in report.entries:
+            report.entries[prefix.rstrip(".")] = f"eager: not traceable with torch.fx ({type(exc).__name__})"
+        return module
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    # GraphModule copies only what the graph touches, into fresh containers; put the original
+    # children and root tensors back so every state_dict key (used or not) stays as it was.
+    for child_name, child in module.named_children():
+        setattr(gm, child_name, child)
+    for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is not None and not hasattr(gm, tensor_name):
+            (gm.register_parameter if tensor_name in module._parameters else gm.register_buffer)(tensor_name, tensor)
+    _fuse_graph(gm, prefix, backend, report)
+    return gm
+
+
+def optimize(
+    model: nn.Module,
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    example_inputs: tuple | torch.Tensor | None = None,
+) -> nn.Module:
+    """A copy of `model` whose conv -> BN -> (+ residual) -> act chains run as fused fastres ops.
+
+    model: an eval-mode nn.Module (torchvision / timm ResNets, your own conv net); it is not changed.
+    backend: the fused op's backend; dtype: cast the copy (e.g. torch.float16); channels_last:
+    store 4-D weights channels_last (the kernels' fast layout). example_inputs: if given, the
+    optimized copy is run on them once, and should that fail, the unfused copy is returned.
+    The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
+    """
+    check_name(backend)
+    if model.training:
+        raise RuntimeError(
+            "fastres.optimize expects a model in eval mode (BatchNorm must use its running statistics); "
+            "call model.eval() first. Training runs the unfused model."
+        )
+    model = copy.deepcopy(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    report = OptimizeReport(backend)
+    baseline = copy.deepcopy(model) if example_inputs is not None else None
+    optimized = _rewrite(model, "", backend, report)
+    for name, module in optimized.named_modules():
+        if isinstance(module, nn.Conv2d) and name not in report.entries:
+            report.entries[name] = "eager: not called by any traced forward"
+    report.entries = dict(sorted(report.entries.items(), key=lambda kv: _module_order(optimized, kv[0])))
+    if example_inputs is not None:
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        try:
+            with torch.no_grad():
+                optimized(*inputs)
+        except Exception as exc:  # noqa: BLE001 - never hand back a model that breaks
+            warnings.warn(f"fastres.optimize: the optimized model failed on example_inputs ({exc}); "
+                          "returning the unfused model", RuntimeWarning, stacklevel=2)
+            report.entries = {n: f"eager: optimized model failed on example_inputs ({type(exc).__name__})"
+                              for n in report.entries}
+            optimized = baseline
+    optimized.fastres_report = report
+    return optimized
+
+
+def _module_order(model: nn.Module, name: str) -> int:
+    for index, (qualname, _) in enumerate(model.named_modules()):
+        if qualname == name:
+            return index
+    return 1 << 30

@@ -1,0 +1,180 @@
+"""Fused modules: conv -> BN -> (+ residual) -> activation as one fastres op in eval mode.
+
+The modules keep ordinary nn.Conv2d / nn.BatchNorm2d children (state_dict keys, .to(), .half(),
+DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torchvision's exact
+attribute names). In train mode they run the unfused eager chain, so BN statistics update. In
+eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached
+per BN module and recomputed whenever a parameter or buffer changes (tensor versions and
+storage are part of the cache key: optimizer steps, load_state_dict and .to() all invalidate it).
+Under torch.compile the fold is traced inline instead, so compiled graphs never hold stale values.
+A CUDA graph captured in eager mode keeps the folded values of capture time: capture again
+after changing BN parameters.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+from fastres.numerics import ACT_FUNCTIONS, fold_bn
+from fastres.ops import conv_bn_act
+
+__all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
+
+_fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _bn_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    return (bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None))
+
+
+def _version_key(tensors: tuple[torch.Tensor | None, ...], eps: float) -> tuple:
+    return (eps,) + tuple(
+        None if t is None else (t._version, t.data_ptr(), t.device, t.dtype, t.shape) for t in tensors
+    )
+
+
+def bn_scale_shift(
+    bn: nn.Module, conv_bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN (eval) as (scale, shift) on BN's device, cached until any BN or bias tensor changes."""
+    tensors = _bn_tensors(bn) + (conv_bias,)
+    # Inference tensors (made under torch.inference_mode) carry no version counter: fold afresh.
+    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
+        return fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype)
+    key = _version_key(tensors, bn.eps) + (dtype,)
+    cached = _fold_cache.get(bn)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    with torch.no_grad():
+        scale, shift = fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype)
+    _fold_cache[bn] = (key, scale, shift)
+    return scale, shift
+
+
+def fused_conv_bn(
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    act: str = "relu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form)."""
+    fold_dtype = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    scale, shift = bn_scale_shift(bn, conv.bias, fold_dtype)
+    return conv_bn_act(
+        x, conv.weight, scale, shift, residual,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        act=act, backend=backend,
+    )
+
+
+def eager_conv_bn(
+    conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu"
+) -> torch.Tensor:
+    """The same computation as separate eager modules (train mode, and the ground truth)."""
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return ACT_FUNCTIONS[act](y)
+
+
+class _Fused(nn.Module):
+    """Shared switch: fused op in eval mode (backend chosen per module), eager chain in train mode."""
+
+    backend: str = "auto"
+
+    def _conv_bn(self, conv, bn, x, residual=None, act="relu"):
+        if self.training:
+            return eager_conv_bn(conv, bn, x, residual, act)
+        return fused_conv_bn(conv, bn, x, residual, act, self.backend)
+
+
+class ConvBNAct(_Fused):
+    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: none/relu/relu6/silu."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: str = "relu", backend: str = "auto") -> None:
+        super().__init__()
+        if act not in ACT_FUNCTIONS:
+            raise ValueError(f"act must be one of {', '.join(repr(a) for a in ACT_FUNCTIONS)}, but got {act!r}")
+        self.conv, self.bn, self.act, self.backend = conv, bn, act, backend
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self._conv_bn(self.conv, self.bn, x, residual, self.act)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, backend={self.backend!r}"
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride, dilation, groups=groups, bias=False, dilation=dilation)
+
+
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+
+class BasicBlock(_Fused):
+    """torchvision's BasicBlock; in eval: conv1+bn1+relu, and conv2+bn2+residual+relu, each one op."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self._conv_bn(self.downsample[0], self.downsample[1], x, act="none")
+        out = self._conv_bn(self.conv1, self.bn1, x)
+        return self._conv_bn(self.conv2, self.bn2, out, residual=identity)
+
+
+class Bottleneck(_Fused):
+    """torchvision's Bottleneck (stride on the 3x3); the last 1x1 conv carries residual + relu."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = _conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self._conv_bn(self.downsample[0], self.downsample[1], x, act="none")
+        out = self._conv_bn(self.conv1, self.bn1, x)
+        out = self._conv_bn(self.conv2, self.bn2, out)
+        return self._conv_bn(self.conv3, self.bn3, out, residual=identity)
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Route every fused module of `model` to `backend` ("auto", "triton", "cuda", "cudnn", "reference")."""
+    from fastres.backends import check_name
+
+    check_name(backend)
+    for module in model.modules():
+        if isinstance(module, _Fused):
+            module.backend = backend
+    return model

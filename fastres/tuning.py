@@ -1,0 +1,253 @@
+"""Tuning decisions and their on-disk cache, shared by every backend and by "auto".
+
+A decision (the Triton config for a shape, the CUTLASS tile for a shape, the backend "auto" picks
+for a shape) is measured once per device + software stack and remembered:
+
+- in memory, for the life of the process, and
+- on disk, one JSON file per (device name, fastres, torch, triton, CUDA versions) under
+  $FASTRES_CACHE_DIR, else $XDG_CACHE_HOME/fastres, else ~/.cache/fastres.
+
+Writes take a file lock, merge with what is on disk and land by atomic rename, so concurrent
+processes never corrupt the file. A corrupt, unreadable or stale file is ignored with one warning
+and rebuilt; a read-only directory degrades to in-memory tuning with one warning.
+
+FASTRES_AUTOTUNE=0 turns timing off (cached decisions and heuristics only), =1 forces it on
+(also in the Triton interpreter, which tests use); by default timing runs on CUDA devices only,
+and never while a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+FORMAT_VERSION = 1
+T = TypeVar("T")
+
+_lock = threading.RLock()
+_caches: dict[Path, "_CacheFile"] = {}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cache_dir() -> Path:
+    """Where tuning files live; FASTRES_CACHE_DIR overrides."""
+    if os.environ.get("FASTRES_CACHE_DIR"):
+        return Path(os.environ["FASTRES_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastres"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}-triton-interpreter" if device.type == "cpu" else device.type
+
+
+def stack_identity(device: torch.device) -> dict[str, str]:
+    """Everything a measured decision depends on besides the problem itself."""
+    from fastres import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "device": device_name(device),
+        "fastres": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+class _CacheFile:
+    """One JSON file of decisions for one device + software stack."""
+
+    def __init__(self, path: Path, identity: dict[str, str]) -> None:
+        self.path = path
+        self.identity = identity
+        self.entries: dict[str, Any] = {}
+        self.writable = True
+        self._load()
+
+    def _read_disk(self) -> dict[str, Any]:
+        try:
+            text = self.path.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except OSError as exc:
+            _warn_once(f"read:{self.path}", f"fastres: cannot read tuning cache {self.path} ({exc}); retuning")
+            return {}
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT_VERSION or data.get("identity") != self.identity:
+                raise ValueError("written by another version or device")
+            entries = data["entries"]
+            if not isinstance(entries, dict):
+                raise ValueError("entries is not a mapping")
+            return entries
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            _warn_once(f"corrupt:{self.path}", f"fastres: ignoring unusable tuning cache {self.path} ({exc}); it will be rebuilt")
+            return {}
+
+    def _load(self) -> None:
+        self.entries = self._read_disk()
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        import fcntl
+
+        lock_path = self.path.with_suffix(".lock")
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def put(self, key: str, value: Any) -> None:
+        self.entries[key] = value
+        if not self.writable:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._file_lock():
+                merged = {**self._read_disk(), **self.entries}
+                payload = {"format": FORMAT_VERSION, "identity": self.identity, "entries": merged}
+                fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
+                try:
+                    with os.fdopen(fd, "w") as handle:
+                        json.dump(payload, handle, indent=1, sort_keys=True)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                self.entries = merged
+        except OSError as exc:
+            self.writable = False
+            _warn_once(
+                f"write:{self.path.parent}",
+                f"fastres: tuning cache directory {self.path.parent} is not writable ({exc}); tuning stays in memory",
+            )
+
+
+def _cache_for(device: torch.device) -> _CacheFile:
+    identity = stack_identity(device)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    safe_device = "".join(ch if ch.isalnum() else "-" for ch in identity["device"]).strip("-")
+    path = cache_dir() / f"tuning-{safe_device}-{digest}.json"
+    with _lock:
+        cache = _caches.get(path)
+        if cache is None:
+            cache = _caches[path] = _CacheFile(path, identity)
+        return cache
+
+
+def cache_file(device: torch.device) -> Path:
+    """The JSON file holding this device's and stack's decisions."""
+    return _cache_for(device).path
+
+
+def lookup(device: torch.device, kind: str, key: str) -> Any | None:
+    """A remembered decision for (kind, key) on this device and stack, or None."""
+    cache = _cache_for(device)
+    with _lock:
+        return cache.entries.get(f"{kind}/{key}")
+
+
+def remember(device: torch.device, kind: str, key: str, value: Any) -> None:
+    cache = _cache_for(device)
+    with _lock:
+        cache.put(f"{kind}/{key}", value)
+
+
+def forget_in_memory() -> None:
+    """Drop the in-process copies (the next lookup rereads disk): what a new process would see."""
+    with _lock:
+        _caches.clear()
+        _warned.clear()
+
+
+def may_time(device: torch.device) -> bool:
+    """Whether measuring candidates is allowed right now on this device."""
+    setting = os.environ.get("FASTRES_AUTOTUNE", "").strip()
+    if setting == "0":
+        return False
+    if device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return setting == "1"
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median time of fn in milliseconds, warm-up excluded (triton.testing.do_bench on CUDA)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def pick(
+    device: torch.device,
+    kind: str,
+    key: str,
+    candidates: Sequence[T],
+    encode: Callable[[T], Any],
+    run: Callable[[T], Any],
+    default: T,
+) -> T:
+    """Choose among candidates for (kind, key): remembered choice, else time them all, else default.
+
+    A candidate that raises while being timed is skipped (e.g. out of shared memory on this GPU).
+    """
+    by_code = {json.dumps(encode(c), sort_keys=True): c for c in candidates}
+    remembered = lookup(device, kind, key)
+    if remembered is not None:
+        choice = by_code.get(json.dumps(remembered, sort_keys=True))
+        if choice is not None:
+            return choice
+    if len(candidates) == 1 or not may_time(device):
+        return default
+    with _lock:
+        remembered = lookup(device, kind, key)  # another thread may have finished meanwhile
+        if remembered is not None and json.dumps(remembered, sort_keys=True) in by_code:
+            return by_code[json.dumps(remembered, sort_keys=True)]
+        timings: list[tuple[float, int]] = []
+        for index, candidate in enumerate(candidates):
+            try:
+                timings.append((time_ms(lambda: run(candidate), device), index))
+            except Exception as exc:  # noqa: BLE001 - a failing candidate is just not chosen
+                _warn_once(f"cand:{kind}:{key}:{index}", f"fastres: {kind} candidate {encode(candidate)} failed: {exc}")
+        if not timings:
+            return default
+        best = candidates[min(timings)[1]]
+        remember(device, kind, key, encode(best))
+        return best

@@ -1,0 +1,257 @@
+"""Implicit-GEMM conv2d + BN + residual + activation in one Triton kernel.
+
+GEMM view (per group g):  out[m, k] = sum_{r, s, c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, g*Cg + c]
+                                                    * w[g*Kg + k, c, r, s]
+with m = (n, p, q) over N*P*Q output pixels, k over Kg output channels, reduction over R*S*Cg.
+Accumulation is fp32 (tl.dot); the epilogue applies scale/shift per channel, adds the residual
+(read once, any strides, may alias x), applies the activation and stores in the input dtype.
+
+All tensors are addressed through their strides, so NCHW, channels_last and non-contiguous
+views need no copy; channels_last (C innermost) is the fast layout because each A tile row is
+then one contiguous run of channels. PLAIN_GEMM (1x1, stride 1, no padding, pixel-dense x)
+drops the im2col index math: the conv is a [N*H*W, C] x [C, K] GEMM. INDEX_64 switches the
+pixel offsets to int64 when a tensor spans more than 2**31 elements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastres import tuning
+from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
+from fastres.numerics import conv_tf32_enabled
+from fastres.problem import ConvProblem, empty_output
+
+INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def conv_bn_act_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    BATCH, H, W, P, Q, CG, KG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_k, sw_c, sw_r, sw_s,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    PLAIN_GEMM: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    M = BATCH * P * Q
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(KG, BLOCK_N)
+    # Group-M swizzle: GROUP_M consecutive row-tiles walk the same weight columns, so those
+    # weight tiles are reused from L2 instead of being refetched for every pixel tile.
+    pids_per_band = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_band) * GROUP_M
+    band_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_band) % band_m
+    pid_n = (pid % pids_per_band) // band_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < KG
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    k = group * KG + offs_n
+    c_base = group * CG
+    if INDEX_64:
+        c_base = c_base.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_cols = w_ptr + k * sw_k
+    if PLAIN_GEMM:
+        a_rows = x_ptr + offs_m * sx_w + c_base * sx_c
+        for c0 in range(0, CG, BLOCK_K):
+            cs = c0 + offs_c
+            mask_c = cs < CG
+            a = tl.load(a_rows[:, None] + cs[None, :] * sx_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        x_imgs = x_ptr + n * sx_n + c_base * sx_c
+        ih0 = p * stride_h - pad_h
+        iw0 = q * stride_w - pad_w
+        for rs in range(R * S):
+            r = rs // S
+            s = rs % S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            # Out-of-image taps read as zero: that is the conv's zero padding.
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_rows = x_imgs + ih * sx_h + iw * sx_w
+            b_cols = w_cols + r * sw_r + s * sw_s
+            for c0 in range(0, CG, BLOCK_K):
+                cs = c0 + offs_c
+                mask_c = cs < CG
+                a = tl.load(a_rows[:, None] + cs[None, :] * sx_c, mask=valid[:, None] & mask_c[None, :], other=0.0)
+                b = tl.load(b_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    acc = scale_shift(acc, k[None, :], mask_n[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + (n * sr_n + p * sr_h + q * sr_w)[:, None] + k[None, :] * sr_c, mask=mask, other=0.0)
+        acc = acc + res.to(tl.float32)
+    acc = activation(acc, ACT)
+    out = out_ptr + (n * so_n + p * so_h + q * so_w)[:, None] + k[None, :] * so_c
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class Config:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+# A compact space: large square tiles for the big-M early layers, narrow-N tiles for K = 64
+# layers, small-M tiles for the 7x7 / batch-1 late layers; BLOCK_K 64 (fp16/bf16 wgmma K is 16,
+# four steps per stage) or 32 for fp32.
+CONFIGS: tuple[Config, ...] = (
+    Config(128, 128, 64, 8, 8, 3),
+    Config(128, 256, 64, 8, 8, 3),
+    Config(256, 128, 64, 8, 8, 3),
+    Config(128, 64, 64, 8, 4, 4),
+    Config(64, 128, 64, 8, 4, 4),
+    Config(64, 64, 64, 8, 4, 4),
+    Config(128, 128, 32, 8, 4, 4),
+    Config(64, 64, 32, 8, 4, 3),
+)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _fits(cfg: Config, problem: ConvProblem, shared_mem: int | None) -> bool:
+    """Prune configs far larger than the problem or over the device's shared memory."""
+    if cfg.BLOCK_N > max(64, triton.next_power_of_2(problem.k_per_group)):
+        return False
+    if cfg.BLOCK_K > max(32, triton.next_power_of_2(problem.c_per_group)):
+        return False
+    if problem.dtype == torch.float32 and cfg.BLOCK_K > 32:
+        return False
+    if shared_mem is not None:
+        stage_bytes = (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * _element_size(problem.dtype)
+        if stage_bytes * cfg.num_stages > shared_mem:
+            return False
+    return True
+
+
+def _shared_mem(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or torch.cuda.current_device())
+    return int(props["max_shared_mem"])
+
+
+def heuristic(problem: ConvProblem) -> Config:
+    """The config used before (or instead of) tuning: tile sizes matched to the GEMM's extents."""
+    m = problem.n * problem.p * problem.q
+    block_n = 128 if problem.k_per_group >= 128 else max(16, min(64, triton.next_power_of_2(problem.k_per_group)))
+    block_k = 32 if problem.dtype == torch.float32 else 64
+    block_k = max(16, min(block_k, triton.next_power_of_2(problem.c_per_group)))
+    block_m = 128 if m >= 128 * 64 else 64
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return Config(block_m, block_n, block_k, 8, warps, 3)
+
+
+def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
+    smem = _shared_mem(device)
+    return [c for c in CONFIGS if _fits(c, problem, smem)]
+
+
+def _pixel_dense(t: torch.Tensor) -> bool:
+    """x addressable as a [N*H*W, C] matrix with row stride stride(3) (true for channels_last)."""
+    n, _, h, w = t.shape
+    return (h == 1 or t.stride(2) == w * t.stride(3)) and (n == 1 or t.stride(0) == h * w * t.stride(3))
+
+
+def _max_offset(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    return any(_max_offset(t) > INT32_MAX for t in tensors) or any(
+        t is not None and t.numel() > INT32_MAX for t in tensors
+    )
+
+
+def launch(
+    problem: ConvProblem,
+    config: Config,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    index_64: bool | None = None,
+) -> torch.Tensor:
+    """Run the kernel with one config into `out` (any strides). Scale/shift must be float32."""
+    plain = (
+        problem.r == problem.s == 1 and problem.stride == (1, 1) and problem.padding == (0, 0) and _pixel_dense(x)
+    )
+    if index_64 is None:
+        index_64 = needs_int64(x, residual, out)
+    if problem.dtype == torch.float32 and not conv_tf32_enabled():
+        precision = "ieee"
+    else:
+        precision = "tf32"
+    grid = (
+        triton.cdiv(problem.n * problem.p * problem.q, config.BLOCK_M) * triton.cdiv(problem.k_per_group, config.BLOCK_N),
+        problem.groups,
+    )
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    conv_bn_act_kernel[grid](
+        x, weight, scale, shift, residual, out,
+        problem.n, problem.h, problem.w, problem.p, problem.q, problem.c_per_group, problem.k_per_group,
+        *problem.stride, *problem.padding, *problem.dilation,
+        *x.stride(), *weight.stride(), *res_strides, *out.stride(),
+        R=problem.r, S=problem.s,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+        ACT=ACT_CODES[problem.act], PLAIN_GEMM=plain, INDEX_64=index_64, DOT_PRECISION=precision,
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def conv_bn_act(
+    problem: ConvProblem,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """Fused conv + epilogue with the tuned (or heuristic) config; returns a channels_last tensor."""
+    out = empty_output(x, problem.output_shape)
+    scale = None if scale is None else scale.float().contiguous()
+    shift = None if shift is None else shift.float().contiguous()
+    config = tuning.pick(
+        x.device, "triton.conv_bn_act", problem.key(), candidates(problem, x.device),
+        encode=asdict, run=lambda cfg: launch(problem, cfg, x, weight, scale, shift, residual, out),
+        default=heuristic(problem),
+    )
+    return launch(problem, config, x, weight, scale, shift, residual, out)

@@ -1,0 +1,82 @@
+"""The fused epilogue, y = act(acc * scale[k] + shift[k] + residual), shared by every kernel,
+and a stand-alone in-place pass of it over an NHWC tensor (the "cudnn" backend's second kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
+
+
+@triton.jit
+def activation(v, ACT: tl.constexpr):
+    # Comparisons written so NaN propagates, as torch.relu / relu6 do: NaN < 0 is False.
+    if ACT == 1:
+        v = tl.where(v < 0, 0.0, v)
+    elif ACT == 2:
+        v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))
+    elif ACT == 3:
+        # silu = v * sigmoid(v), with sigmoid from exp(-|v|) so exp never overflows.
+        e = tl.exp(-tl.abs(v))
+        v = v * tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return v
+
+
+@triton.jit
+def scale_shift(acc, ch, ch_mask, scale_ptr, shift_ptr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """acc * scale[ch] + shift[ch]; `ch` indexes acc's last axis (output channels)."""
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + ch, mask=ch_mask, other=1.0)
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + ch, mask=ch_mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def epilogue_kernel(
+    y_ptr, scale_ptr, shift_ptr, res_ptr, numel, K,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # y and residual are NHWC-dense, so the channel of flat element i is i % K.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    v = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    ch = offs % K
+    v = scale_shift(v, ch, mask, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
+    if HAS_RESIDUAL:
+        v = v + tl.load(res_ptr + offs, mask=mask, other=0.0).to(v.dtype)
+    v = activation(v, ACT)
+    tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def apply_epilogue_(
+    y: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    act: str,
+) -> torch.Tensor:
+    """In place on a channels_last y: y = act(y * scale + shift + residual). Returns y."""
+    if scale is None and shift is None and residual is None and act == "none":
+        return y
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    # float64 outputs keep float64 scale/shift (the reference dtype); all others use float32.
+    vec_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    scale = None if scale is None else scale.to(vec_dtype).contiguous()
+    shift = None if shift is None else shift.to(vec_dtype).contiguous()
+    numel = y.numel()
+    block = 1024
+    epilogue_kernel[(triton.cdiv(numel, block),)](
+        y, scale, shift, residual, numel, y.shape[1],
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+        ACT=ACT_CODES[act], UPCAST=y.dtype != torch.float64, BLOCK=block,
+    )
+    return y

@@ -1,0 +1,35 @@
+"""Test configuration: Triton interpreter on CPU-only machines, an isolated tuning cache per test,
+and the `gpu` marker (tests that need a CUDA device skip cleanly without one)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must happen before fastres.kernels is imported: triton decides at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastres import tuning  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make test-gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated_tuning_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty tuning cache directory and a fresh in-memory view of it."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "tuning-cache"))
+    tuning.forget_in_memory()
+    yield tmp_path / "tuning-cache"
+    tuning.forget_in_memory()

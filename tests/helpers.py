@@ -1,0 +1,106 @@
+"""Shared test helpers: the dtype lists, layout variants and the one check against float64."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from fastres.numerics import compare, reference_conv_bn_act, tolerance
+from fastres.shapes import ConvCase, ConvInputs, make_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# The Triton interpreter computes through numpy, which has no bfloat16: bf16 runs on GPUs only.
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+LAYOUTS = ("channels_last", "nchw", "strided")
+
+
+@contextlib.contextmanager
+def conv_tf32(enabled: bool) -> Iterator[None]:
+    """Set torch's conv TF32 flag (new API where it exists) and restore it afterwards."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old = conv.fp32_precision
+        conv.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as `t` in another memory layout: NCHW-contiguous, or a strided view."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "nchw":
+        return t.contiguous()
+    if layout == "strided":
+        # Every other channel of a twice-as-wide tensor: no dense layout, channel stride 2.
+        wide = torch.empty(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype, device=t.device)
+        wide.fill_(float("nan"))
+        view = wide[:, ::2]
+        view.copy_(t)
+        return view
+    raise ValueError(layout)
+
+
+def reference_for(case: ConvCase, inputs: ConvInputs, residual: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+    return reference_conv_bn_act(
+        inputs.x, inputs.weight, bn=inputs.bn, residual=residual,
+        stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
+        act=case.act if act is None else act,
+    )
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, case: ConvCase, dtype: torch.dtype, scale: torch.Tensor,
+                   tf32: bool = False) -> None:
+    """The check every backend test ends with: float64 reference, per-dtype tolerance, NaN placement."""
+    assert out.shape == ref.shape and out.dtype == dtype
+    result = compare(out, ref, tolerance(dtype, case.reduction, tf32), gain=scale)
+    assert result.ok, f"{case.name} {dtype}: {result.message}"
+
+
+def run_op_case(
+    case: ConvCase,
+    dtype: torch.dtype,
+    backend: str,
+    device: torch.device = DEVICE,
+    layout: str = "channels_last",
+    residual_layout: str = "channels_last",
+    residual_alias: bool = False,
+    seed: int = 0,
+) -> None:
+    """Run fastres.ops.conv_bn_act on one case and check it against the float64 reference."""
+    import fastres
+
+    inputs = make_inputs(case, dtype, device, seed)
+    x = relayout(inputs.x, layout)
+    residual = relayout(inputs.residual, residual_layout) if inputs.residual is not None else None
+    if residual_alias:
+        residual = x
+    out = fastres.ops.conv_bn_act(
+        x, inputs.weight, inputs.scale, inputs.shift, residual,
+        stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
+        act=case.act, backend=backend,
+    )
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.device.type == device.type
+    assert_matches(out, reference_for(case, inputs, residual), case, dtype, inputs.scale)
+
+
+def poison_cuda_allocator(nbytes: int, device: torch.device) -> None:
+    """Fill soon-to-be-reused CUDA caching-allocator blocks with NaN, so an output element a
+    kernel fails to write reads as NaN (the op allocates its own outputs)."""
+    block = torch.full((nbytes // 2 + 1,), float("nan"), dtype=torch.float16, device=device)
+    del block

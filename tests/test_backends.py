@@ -1,0 +1,106 @@
+"""The cudnn and cuda backends, and "auto", against the same float64 reference and case list.
+
+CPU: the cudnn backend's Triton epilogue runs in the interpreter. GPU (`gpu` marker): every
+backend on the ResNet-50 / ResNeXt-50 layers at full size and on the odd cases, fp16 and bf16;
+a case a backend does not cover must raise NotImplementedError naming why, and "auto" must run it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastres
+from fastres import tuning
+from fastres.shapes import ODD_CASES, model_cases, make_inputs
+from helpers import INTERPRETER, assert_matches, poison_cuda_allocator, reference_for, run_op_case
+
+CPU = torch.device("cpu")
+GPU = torch.device("cuda")
+needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(ODD_CASES) + list(model_cases("resnet50", 2, 32)[:6]), ids=str)
+def test_cudnn_backend_epilogue(case, dtype):
+    run_op_case(case.replace(residual=True), dtype, "cudnn", CPU, residual_layout="nchw")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu"])
+def test_cudnn_backend_activations(act):
+    run_op_case(ODD_CASES[1].replace(act=act, residual=True), torch.float32, "cudnn", CPU)
+
+
+# --- GPU matrix ----------------------------------------------------------------------------
+
+GPU_CASES = list(model_cases("resnet50", 32, 224)) + list(model_cases("resnext50_32x4d", 32, 224)) + [
+    c.replace(residual=True) for c in ODD_CASES
+]
+
+
+def _run_gpu(case, dtype, backend):
+    inputs = make_inputs(case, dtype, GPU)
+    p, q = case.output_hw
+    poison_cuda_allocator(case.n * case.k * p * q * inputs.x.element_size(), GPU)
+    out = fastres.ops.conv_bn_act(
+        *inputs.op_args(), stride=case.stride, padding=case.padding, dilation=case.dilation,
+        groups=case.groups, act=case.act, backend=backend,
+    )
+    assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "cudnn", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_backend_matrix(case, dtype, backend):
+    from fastres.backends import _BACKENDS
+
+    problem_reason = None
+    if backend != "auto":
+        from fastres.problem import ConvProblem
+
+        inputs = make_inputs(case, dtype, GPU)
+        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups, case.act)
+        problem_reason = _BACKENDS[backend].unsupported_reason(problem, GPU)
+    if problem_reason is not None:
+        with pytest.raises(NotImplementedError, match="does not support"):
+            _run_gpu(case, dtype, backend)
+    else:
+        _run_gpu(case, dtype, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
+def test_gpu_non_default_stream_and_layouts(backend):
+    case = model_cases("resnet50", 8, 224)[4]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run_op_case(case, torch.float16, backend, GPU, layout="nchw", residual_layout="nchw")
+    stream.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
+def test_gpu_second_device(backend):
+    with torch.cuda.device(1):
+        run_op_case(model_cases("resnet50", 8, 224)[4], torch.float16, backend, torch.device("cuda", 1))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_inside_cuda_graph_capture_does_not_tune():
+    """Capture never times candidates (illegal while capturing); replay gives the right answer."""
+    case = model_cases("resnet50", 4, 224)[4]
+    inputs = make_inputs(case, torch.float16, GPU)
+    kwargs = dict(stride=case.stride, padding=case.padding, act=case.act)
+    fastres.ops.conv_bn_act(*inputs.op_args(), **kwargs)  # warm-up, outside capture: may tune
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert not tuning.may_time(GPU)
+        out = fastres.ops.conv_bn_act(*inputs.op_args(), **kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches(out, reference_for(case, inputs, inputs.residual), case, torch.float16, inputs.scale)

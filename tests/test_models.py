@@ -1,0 +1,99 @@
+"""The model zoo has torchvision's exact architecture and state_dict keys, and the same answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fastres
+from fastres.models import ARCHITECTURES
+from fastres.numerics import compare, tolerance
+from helpers import INTERPRETER
+
+ARCHS = sorted(ARCHITECTURES)
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.0, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+    return model
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, str, tuple]]:
+    return [(name, type(m).__name__, tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
+            for name, m in model.named_modules() if not list(m.children())]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_architecture_and_keys_as_torchvision(arch):
+    ours, theirs = ARCHITECTURES[arch](), getattr(torchvision.models, arch)()
+    assert _leaves(ours) == _leaves(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_torchvision_weights_give_torchvision_answers_both_ways(arch, dtype):
+    torch.manual_seed(0)
+    theirs = _randomize_bn(getattr(torchvision.models, arch)()).eval().to(dtype)
+    ours = ARCHITECTURES[arch](weights=theirs.state_dict(), backend="reference").eval().to(dtype)
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = theirs(x)
+        torch.testing.assert_close(ours(x), expected, **_tol(dtype))
+        back = getattr(torchvision.models, arch)().eval().to(dtype)
+        back.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(back(x), expected, rtol=0, atol=0)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def test_weights_from_a_path(tmp_path):
+    theirs = _randomize_bn(torchvision.models.resnet18()).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(theirs.state_dict(), path)
+    ours = fastres.models.resnet18(weights=path, backend="reference").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_train_mode_matches_torchvision_including_bn_statistics():
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=10).train()
+    ours = fastres.models.resnet18(weights=theirs.state_dict(), num_classes=10).train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.layer2[0].bn1.running_var, theirs.layer2[0].bn1.running_var)
+
+
+def test_zoo_options_follow_torchvision():
+    model = fastres.models.resnet50(zero_init_residual=True, replace_stride_with_dilation=[False, True, True])
+    theirs = torchvision.models.resnet50(zero_init_residual=True, replace_stride_with_dilation=[False, True, True])
+    assert _leaves(model) == _leaves(theirs)
+    assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in model.modules() if isinstance(b, fastres.nn.Bottleneck))
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_triton_backend_whole_model(arch):
+    torch.manual_seed(0)
+    theirs = _randomize_bn(getattr(torchvision.models, arch)()).eval()
+    ours = ARCHITECTURES[arch](weights=theirs.state_dict(), backend="triton").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        reference = theirs.double()(x.double())
+        got = ours(x)
+        eager = theirs.float()(x)
+    fused, baseline = compare(got, reference, tolerance(torch.float32)), compare(eager, reference, tolerance(torch.float32))
+    assert fused.rel_norm <= max(tolerance(torch.float32).rel_norm, 2 * baseline.rel_norm), (fused, baseline)

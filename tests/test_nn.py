@@ -1,0 +1,159 @@
+"""Fused modules: eval = fused op, train = eager chain; the BN fold never goes stale."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastres
+from fastres.nn import ConvBNAct, bn_scale_shift, eager_conv_bn, set_backend
+from helpers import INTERPRETER
+
+
+def _conv_bn(c=8, k=16, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, k, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(k)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.1, 3.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.5)
+    return conv, bn
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu"])
+def test_convbnact_eval_matches_the_eager_chain(act):
+    conv, bn = _conv_bn()
+    module = ConvBNAct(conv, bn, act=act).eval()
+    x, residual = torch.randn(2, 8, 7, 7), torch.randn(2, 16, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, residual), eager_conv_bn(conv, bn, x, residual, act), rtol=1e-5, atol=1e-5)
+
+
+def test_convbnact_train_mode_is_eager_and_updates_statistics():
+    conv, bn = _conv_bn()
+    module = ConvBNAct(conv, bn).train()
+    twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = torch.randn(4, 8, 6, 6)
+    torch.testing.assert_close(module(x), torch.relu(twin_bn(twin_conv(x))))
+    torch.testing.assert_close(bn.running_mean, twin_bn.running_mean)
+
+
+def test_convbnact_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="act must be one of"):
+        ConvBNAct(*_conv_bn(), act="gelu")
+
+
+@pytest.mark.parametrize("change", ["inplace", "load_state_dict", "to_float64", "optimizer_step", "new_tensor"])
+def test_bn_fold_is_recomputed_when_anything_changes(change):
+    conv, bn = _conv_bn()
+    module = ConvBNAct(conv, bn).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        before = module(x)
+    if change == "inplace":
+        with torch.no_grad():
+            bn.running_var.mul_(4.0)
+    elif change == "load_state_dict":
+        state = copy.deepcopy(module.state_dict())
+        state["bn.weight"] = state["bn.weight"] * 2
+        module.load_state_dict(state)
+    elif change == "to_float64":
+        module.double()
+        x = x.double()
+        with torch.no_grad():
+            bn.running_mean.add_(1.0)
+    elif change == "optimizer_step":
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        module.train()
+        module(torch.randn(4, 8, 5, 5)).sum().backward()
+        optimizer.step()
+        module.eval()
+    elif change == "new_tensor":
+        bn.running_mean = bn.running_mean + 1.0
+    with torch.no_grad():
+        after = module(x)
+        expected = eager_conv_bn(conv, bn, x, None, "relu")
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after.float(), before.float())
+
+
+def test_bn_fold_is_cached_while_nothing_changes():
+    conv, bn = _conv_bn()
+    assert bn_scale_shift(bn)[0] is bn_scale_shift(bn)[0]
+
+
+def test_inference_mode_tensors_fold_afresh():
+    with torch.inference_mode():
+        conv, bn = _conv_bn()
+        module = ConvBNAct(conv, bn).eval()
+        x = torch.randn(1, 8, 5, 5)
+        torch.testing.assert_close(module(x), eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_set_backend_reaches_every_fused_module():
+    model = set_backend(fastres.models.resnet18(), "reference")
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"reference"}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_backend(model, "tensorrt")
+
+
+def _resnet_pair(seed=0):
+    torch.manual_seed(seed)
+    fused = fastres.models.resnet18(num_classes=10)
+    eager = copy.deepcopy(fused)
+    return fused, eager
+
+
+def test_train_eval_round_trips_follow_the_updated_parameters():
+    """Optimizer steps in train mode between fused evaluations: never a stale fold."""
+    fused, twin = _resnet_pair()
+    set_backend(fused, "reference")
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    opt_t = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.randn(2, 3, 32, 32, generator=gen)
+    outputs = []
+    for _ in range(2):
+        for model, opt in ((fused, opt_f), (twin, opt_t)):
+            model.train()
+            batch = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+            loss = model(batch).logsumexp(dim=1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        fused.eval()
+        with torch.no_grad():
+            expected = _eager_forward(twin.eval(), probe)
+            got = fused(probe)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        outputs.append(got)
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def _eager_forward(model, x):
+    """The fused model's own eager path (train-mode code) with BN in eval: a pure-eager reference."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    blocks = [m for m in model.modules() if hasattr(m, "_conv_bn")]
+    for m in blocks:
+        m.training = True
+    try:
+        return model(x)
+    finally:
+        for m in blocks:
+            m.training = False
+        assert all(not b.training for b in bns)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+def test_fused_block_with_the_triton_backend():
+    block = fastres.nn.Bottleneck(64, 16).eval()
+    set_backend(block, "triton")
+    x = torch.randn(1, 64, 6, 6)
+    with torch.no_grad():
+        expected = _eager_forward(block, x)
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)

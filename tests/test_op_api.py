@@ -1,0 +1,222 @@
+"""The op's contract: signature, semantics on the reference path, errors in PyTorch's words,
+torch.library registration (opcheck), torch.compile, torch.export, and backend selection."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+from fastres.numerics import reference_conv_bn_act
+from fastres.shapes import ODD_CASES, ConvCase, make_inputs
+from helpers import DEVICE, INTERPRETER, assert_matches, run_op_case
+
+CASE = ConvCase("api", 2, 8, 6, 6, 16, 3, 3, padding=(1, 1), residual=True)
+
+
+def test_wrapper_signature_is_the_documented_one():
+    sig = inspect.signature(fastres.ops.conv_bn_act)
+    assert list(sig.parameters) == [
+        "x", "weight", "scale", "shift", "residual",
+        "stride", "padding", "dilation", "groups", "act", "backend",
+    ]
+    kw_only = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert kw_only == ["stride", "padding", "dilation", "groups", "act", "backend"]
+    defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    assert defaults == {"scale": None, "shift": None, "residual": None, "stride": 1, "padding": 0,
+                        "dilation": 1, "groups": 1, "act": "relu", "backend": "auto"}
+    assert fastres.conv_bn_act is fastres.ops.conv_bn_act
+    assert torch.ops.fastres.conv_bn_act.default is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ODD_CASES, ids=str)
+def test_reference_backend_matches_float64(case, dtype):
+    run_op_case(case.replace(residual=True), dtype, "reference", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu"])
+def test_activations(act):
+    run_op_case(CASE.replace(act=act), torch.float32, "reference", torch.device("cpu"))
+
+
+def test_optional_epilogue_terms_default_to_identity():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    out = fastres.ops.conv_bn_act(x, w, act="none", backend="reference")
+    torch.testing.assert_close(out, F.conv2d(x, w), rtol=1.3e-6, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_int_and_pair_arguments_agree():
+    inputs = make_inputs(CASE, torch.float32)
+    a = fastres.ops.conv_bn_act(*inputs.op_args(), stride=1, padding=1, backend="reference")
+    b = fastres.ops.conv_bn_act(*inputs.op_args(), stride=(1, 1), padding=[1, 1], backend="reference")
+    assert torch.equal(a, b)
+
+
+def test_nan_and_inf_propagate_like_eager():
+    x = torch.randn(1, 4, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    w = torch.randn(8, 4, 1, 1).abs()
+    residual = torch.randn(1, 8, 5, 5)
+    residual[0, 3, 4, 4] = float("-inf")
+    out = fastres.ops.conv_bn_act(x, w, residual=residual, act="none", backend="reference")
+    ref = reference_conv_bn_act(x, w, residual=residual, act="none")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.isinf(out).any()
+
+
+def test_empty_batch_gives_empty_output():
+    out = fastres.ops.conv_bn_act(torch.randn(0, 4, 5, 5), torch.randn(8, 4, 3, 3), backend="reference")
+    assert out.shape == (0, 8, 3, 3)
+
+
+# --- bad input: error type and PyTorch's wording -------------------------------------------
+
+def _call(**over):
+    args = dict(x=torch.randn(2, 4, 8, 8), weight=torch.randn(6, 4, 3, 3), scale=None, shift=None, residual=None)
+    kwargs = dict(stride=1, padding=0, dilation=1, groups=1, act="relu", backend="reference")
+    for key, value in over.items():
+        (args if key in args else kwargs)[key] = value
+    return fastres.ops.conv_bn_act(*args.values(), **kwargs)
+
+
+BAD_INPUTS = [
+    ("input of wrong rank", dict(x=torch.randn(2, 4, 8)), RuntimeError,
+     r"Expected 4D \(batched\) input to conv_bn_act, but got input of size: \[2, 4, 8\]"),
+    ("weight of wrong rank", dict(weight=torch.randn(6, 4, 3)), RuntimeError,
+     r"Expected 4D weight .* but got weight of size: \[6, 4, 3\]"),
+    ("channel count not matching weight * groups", dict(x=torch.randn(2, 5, 8, 8)), RuntimeError,
+     r"Given groups=1, weight of size \[6, 4, 3, 3\], expected input\[2, 5, 8, 8\] to have 4 channels, but got 5"),
+    ("groups not dividing out channels", dict(x=torch.randn(2, 6, 8, 8), weight=torch.randn(7, 2, 3, 3), groups=3),
+     RuntimeError, r"Given groups=3, expected weight to be divisible by 3 at dimension 0"),
+    ("groups not dividing in channels", dict(x=torch.randn(2, 7, 8, 8), weight=torch.randn(6, 2, 3, 3), groups=3),
+     RuntimeError, r"Given groups=3, weight of size \[6, 2, 3, 3\], expected input\[2, 7, 8, 8\] to have 6 channels"),
+    ("non-positive groups", dict(groups=0), RuntimeError, r"non-positive groups is not supported"),
+    ("weight dtype differs", dict(weight=torch.randn(6, 4, 3, 3).half()), RuntimeError,
+     r"Input type \(float32\) and weight type \(float16\) should be the same"),
+    ("residual dtype differs", dict(residual=torch.randn(2, 6, 6, 6, dtype=torch.float64)), RuntimeError,
+     r"Input type \(float32\) and residual type \(float64\) should be the same"),
+    ("tensors on different devices", dict(weight=torch.randn(6, 4, 3, 3, device="meta")), RuntimeError,
+     r"Expected all tensors to be on the same device, but found at least two devices, cpu and meta!"),
+    ("residual of wrong shape", dict(residual=torch.randn(2, 6, 6, 5)), RuntimeError,
+     r"Expected residual of size \[2, 6, 6, 6\] \(the output's size\), but got residual of size \[2, 6, 6, 5\]"),
+    ("scale of wrong length", dict(scale=torch.ones(5)), RuntimeError,
+     r"Given weight of size \[6, 4, 3, 3\], expected scale to be 1-dimensional with 6 elements, but got scale of size \[5\]"),
+    ("shift of wrong length", dict(shift=torch.ones(6, 1)), RuntimeError,
+     r"expected shift to be 1-dimensional with 6 elements, but got shift of size \[6, 1\]"),
+    ("integer scale", dict(scale=torch.ones(6, dtype=torch.int64)), RuntimeError,
+     r"expected scale to be a floating-point tensor"),
+    ("unsupported dtype int8", dict(x=torch.ones(2, 4, 8, 8, dtype=torch.int8), weight=torch.ones(6, 4, 3, 3, dtype=torch.int8)),
+     NotImplementedError, r"\"conv_bn_act\" not implemented for 'int8'"),
+    ("non-positive stride", dict(stride=0), RuntimeError, r"non-positive stride is not supported"),
+    ("negative padding", dict(padding=-1), RuntimeError, r"negative padding is not supported"),
+    ("non-positive dilation", dict(dilation=0), RuntimeError, r"non-positive dilation is not supported"),
+    ("kernel larger than input", dict(x=torch.randn(2, 4, 2, 2)), RuntimeError,
+     r"Calculated padded input size per channel: \(2 x 2\)\. Kernel size: \(3 x 3\)\. Kernel size can't be greater"),
+    ("stride of three values", dict(stride=(1, 1, 1)), RuntimeError,
+     r"expected stride to be a single integer value or a list of 2 values"),
+    ("unknown activation", dict(act="gelu"), ValueError, r"act must be one of 'none', 'relu', 'relu6', 'silu', but got 'gelu'"),
+    ("unknown backend", dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),
+]
+
+
+@pytest.mark.parametrize("what,override,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(what, override, error, message):
+    with pytest.raises(error, match=message):
+        _call(**override)
+
+
+@pytest.mark.parametrize("what,override,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_fake_kernel_raises_the_same_errors(what, override, error, message):
+    """The meta/fake kernel (what torch.compile and export run) validates exactly like eager."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(error, match=message):
+        _call(**override)
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    inputs = make_inputs(CASE, torch.float32)
+    with pytest.raises(RuntimeError, match=r"fastres backend 'cuda' is unavailable: .*CUDA device"):
+        fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="cuda")
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="CPU tensors reach the Triton kernels only in the interpreter")
+def test_explicit_backend_with_unsupported_case_raises_not_implemented():
+    inputs = make_inputs(CASE, torch.float64)
+    with pytest.raises(NotImplementedError, match=r"backend 'triton' does not support .*float64"):
+        fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="triton")
+
+
+def test_auto_never_raises_for_a_valid_case():
+    inputs = make_inputs(CASE, torch.float64, DEVICE)
+    out = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1)
+    assert out.dtype == torch.float64
+
+
+def test_backend_status_names_every_backend_and_why():
+    status = fastres.backend_status("cpu")
+    assert set(status) == {"triton", "cuda", "cudnn", "reference"}
+    assert status["reference"] == "available"
+    assert status["cuda"].startswith("unavailable: ") and "CUDA device" in status["cuda"]
+
+
+# --- torch.library, torch.compile, torch.export ---------------------------------------------
+
+def test_opcheck_passes():
+    inputs = make_inputs(CASE, torch.float32)
+    for args in (
+        (*inputs.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference"),
+        (inputs.x, inputs.weight, None, None, None, [2, 2], [1, 1], [1, 1], 1, "none", "reference"),
+    ):
+        torch.library.opcheck(torch.ops.fastres.conv_bn_act.default, args)
+
+
+class _TinyBlock(torch.nn.Module):
+    """conv-bn-relu then conv-bn-add-relu, through the op."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+        self.w2 = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+        self.register_buffer("scale", torch.rand(8) + 0.5)
+        self.register_buffer("shift", torch.randn(8))
+
+    def forward(self, x):
+        y = fastres.ops.conv_bn_act(x, self.w1, self.scale, self.shift, padding=1, backend="reference")
+        return fastres.ops.conv_bn_act(y, self.w2, self.scale, self.shift, x, padding=1, backend="reference")
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = _TinyBlock().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_torch_export_keeps_the_op():
+    model = _TinyBlock().eval()
+    x = torch.randn(2, 8, 6, 6)
+    exported = torch.export.export(model, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.fastres.conv_bn_act.default) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_auto_on_cpu_is_the_reference():
+    inputs = make_inputs(CASE, torch.float32)
+    auto = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1)
+    ref = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="reference")
+    assert torch.equal(auto, ref)
+    assert_matches(auto, reference_conv_bn_act(inputs.x, inputs.weight, bn=inputs.bn, residual=inputs.residual, padding=1),
+                   CASE, torch.float32, inputs.scale)

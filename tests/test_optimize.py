@@ -1,0 +1,295 @@
+"""fastres.optimize on real model zoos and on hand-written models covering every pattern it
+fuses and every one it must leave alone: same answers, same state_dict keys, a truthful report."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import fastres
+from fastres.converter import FusedConvBN
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.running_var.uniform_(0.3, 3.0, generator=gen)
+                if getattr(m, "weight", None) is not None:
+                    m.weight.uniform_(0.5, 1.5, generator=gen)
+                    m.bias.normal_(0, 0.2, generator=gen)
+    return model
+
+
+def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
+    model = _randomize_bn(model).eval()
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        expected = model(x)
+        optimized = fastres.optimize(model, **kwargs)
+        got = optimized(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    report = optimized.fastres_report
+    assert len(report.fused) == fused, str(report)
+    if total is not None:
+        assert len(report.entries) == total, str(report)
+    assert set(optimized.state_dict()) == keys
+    assert sum(isinstance(m, FusedConvBN) for m in optimized.modules()) == sum(
+        w != "fused: already a fastres module" for w in [report.entries[n] for n in report.fused])
+    return optimized
+
+
+@pytest.mark.parametrize("arch,convs", [("resnet18", 20), ("resnet50", 53), ("resnext50_32x4d", 53), ("wide_resnet50_2", 53)])
+def test_torchvision_resnets_are_fully_fused(arch, convs):
+    torch.manual_seed(0)
+    optimized = _check(getattr(torchvision.models, arch)(), torch.randn(2, 3, 64, 64), fused=convs, total=convs)
+    report = optimized.fastres_report
+    assert report.entries["conv1"] == "fused: conv+bn+relu"
+    assert report.entries["layer2.0.downsample.0"] == "fused: conv+bn"
+    last = "layer1.0.conv3" if arch != "resnet18" else "layer1.0.conv2"
+    assert report.entries[last] == "fused: conv+bn+add+relu"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet18d", "resnext50_32x4d", "seresnet50"])
+def test_timm_resnets(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    se_convs = sum(isinstance(m, nn.Conv2d) for n, m in model.named_modules() if ".se." in n)
+    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs - se_convs, total=convs)
+    for name_, what in optimized.fastres_report.eager.items():
+        assert ".se." in name_ and "not followed by a BatchNorm" in what
+
+
+# --- hand-written patterns ------------------------------------------------------------------
+
+class Block(nn.Module):
+    """A residual block whose add and activation are written the way `style` says."""
+
+    def __init__(self, style: str, bn=nn.BatchNorm2d, bias: bool = False, act: str = "relu"):
+        super().__init__()
+        self.style, self.act_name = style, act
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=bias)
+        self.bn1 = bn(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding="same", bias=bias)
+        self.bn2 = bn(8)
+        self.relu = nn.ReLU(inplace=True)  # one module used twice
+        self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU()}[act]
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.style == "iadd":
+            out += x
+            return self.relu(out)
+        if self.style == "add-functional-relu":
+            return F.relu(out + x)
+        if self.style == "reversed-torch-add":
+            return torch.relu(torch.add(x, out))
+        if self.style == "method-add-relu":
+            return out.add(x).relu()
+        if self.style == "act-module":
+            return self.act(out + x)
+        raise ValueError(self.style)
+
+
+PATTERNS = ["iadd", "add-functional-relu", "reversed-torch-add", "method-add-relu"]
+
+
+@pytest.mark.parametrize("style", PATTERNS)
+def test_each_add_and_relu_spelling_is_fused(style):
+    optimized = _check(Block(style), torch.randn(2, 8, 6, 6), fused=2, total=2)
+    assert optimized.fastres_report.entries["conv2"] == "fused: conv+bn+add+relu"
+
+
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+def test_other_activations(act):
+    optimized = _check(Block("act-module", act=act), torch.randn(2, 8, 6, 6), fused=2)
+    assert optimized.fastres_report.entries["conv2"] == f"fused: conv+bn+add+{act}"
+
+
+def test_convs_with_bias_and_frozen_batchnorm():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    _check(Block("iadd", bn=FrozenBatchNorm2d, bias=True), torch.randn(2, 8, 6, 6), fused=2)
+
+
+def test_batchnorm_subclasses():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    _check(Block("iadd", bn=MyBN), torch.randn(2, 8, 6, 6), fused=2)
+
+
+class Unfusable(nn.Module):
+    """Chains fastres must leave alone, each for a reason the report names."""
+
+    def __init__(self):
+        super().__init__()
+        self.no_bn = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn_first = nn.BatchNorm2d(8)
+        self.after_bn = nn.Conv2d(8, 8, 1)
+        self.used_twice = nn.Conv2d(8, 8, 1)
+        self.bn_twice = nn.BatchNorm2d(8)
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.bn_reflect = nn.BatchNorm2d(8)
+        self.no_stats = nn.Conv2d(8, 8, 1)
+        self.bn_no_stats = nn.BatchNorm2d(8, track_running_stats=False)
+
+    def forward(self, x):
+        y = F.relu(self.no_bn(x))
+        y = self.after_bn(self.bn_first(y))
+        t = self.used_twice(y)
+        y = self.bn_twice(t) + t
+        y = self.bn_reflect(self.reflect(y))
+        return self.bn_no_stats(self.no_stats(y))
+
+
+def test_unfusable_chains_stay_eager_with_reasons():
+    optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
+    eager = optimized.fastres_report.eager
+    assert "not followed by a BatchNorm" in eager["no_bn"]
+    assert "not followed by a BatchNorm" in eager["after_bn"]
+    assert "2 users" in eager["used_twice"]
+    assert "padding_mode='reflect'" in eager["reflect"]
+    assert "running statistics" in eager["no_stats"]
+
+
+def test_a_model_with_nothing_to_fuse_comes_back_working():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    optimized = fastres.optimize(model.eval())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(optimized(x), model(x))
+    assert "0 of 0 convs fused" in str(optimized.fastres_report)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the top defeats torch.fx; its block still gets fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        y = self.block(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_untraceable_top_level_falls_back_to_its_children():
+    optimized = _check(Untraceable(), torch.randn(2, 3, 6, 6), fused=1)
+    assert type(optimized) is Untraceable
+    assert optimized.fastres_report.entries["block.0"] == "fused: conv+bn+relu"
+
+
+def test_a_broadcasting_residual_runs_eagerly_and_says_so():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+            self.register_buffer("bias_map", torch.randn(1, 8, 1, 1))
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)) + self.bias_map)
+
+    with pytest.warns(RuntimeWarning, match="ran eagerly"):
+        _check(Broadcast(), torch.randn(2, 4, 5, 5), fused=1)
+
+
+def test_training_mode_models_are_refused():
+    with pytest.raises(RuntimeError, match="eval mode"):
+        fastres.optimize(torchvision.models.resnet18().train())
+
+
+def test_the_original_model_is_not_changed():
+    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    before = copy.deepcopy(model.state_dict())
+    fastres.optimize(model, dtype=torch.float64, channels_last=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert model.conv1.weight.is_contiguous()
+
+
+def test_dtype_and_channels_last_options():
+    optimized = fastres.optimize(torchvision.models.resnet18().eval(), dtype=torch.float64)
+    assert optimized.conv1.weight.dtype == torch.float64
+    assert optimized.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert optimized(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
+    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="returning the unfused model"):
+        optimized = fastres.optimize(model, backend="cuda", example_inputs=x)  # no GPU here: cuda cannot run
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x))
+    assert not optimized.fastres_report.fused
+
+
+def test_train_mode_after_optimize_runs_eagerly():
+    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    optimized = fastres.optimize(model, channels_last=False).train()  # same layout: same summation order
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(optimized(x), copy.deepcopy(model).train()(x))
+
+
+def test_torch_compile_on_the_optimized_model():
+    torch._dynamo.reset()
+    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(optimized)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_optimizing_a_fastres_model_keeps_it():
+    model = fastres.models.resnet18().eval()
+    optimized = fastres.optimize(model)
+    assert len(optimized.fastres_report.fused) == 20
+    assert set(optimized.fastres_report.entries.values()) == {"fused: already a fastres module"}
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_of_the_optimized_model():
+    model = _randomize_bn(torchvision.models.resnet50()).eval().cuda().half()
+    optimized = fastres.optimize(model)
+    x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        optimized(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = optimized(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, optimized(x))
+    assert fastres.verify(model, optimized, x).ok
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_compile():
+    model = _randomize_bn(torchvision.models.resnet18()).eval().cuda().half()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 224, 224, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(optimized, mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(x)
+        torch.testing.assert_close(out, optimized(x), rtol=2e-3, atol=2e-3)
+
+
+def test_the_readme_example_works_when_pasted():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Speed up your own ResNet", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own snippet
+    assert namespace["y"].shape == (8, 1000)
+    assert len(namespace["fast"].fastres_report.fused) == 53

@@ -1,0 +1,200 @@
+"""Tuning and its disk cache: measured once, remembered across processes, robust to corrupt,
+stale or unwritable cache files, safe under concurrent processes and threads; "auto" choosing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastres
+from fastres import tuning
+from fastres.kernels import conv_bn_act as gemm_kernel
+from fastres.problem import ConvProblem
+from fastres.shapes import ConvCase, make_inputs
+from helpers import INTERPRETER
+
+CPU = torch.device("cpu")
+CASE = ConvCase("tune", 2, 64, 6, 6, 64, 3, 3, padding=(1, 1), residual=True)
+TINY = (gemm_kernel.Config(64, 64, 64, 8, 4, 3), gemm_kernel.Config(32, 32, 32, 4, 4, 2))
+needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+
+
+def test_remember_lookup_roundtrip_through_disk(isolated_tuning_cache):
+    tuning.remember(CPU, "kind", "key", {"a": 1})
+    tuning.forget_in_memory()
+    assert tuning.lookup(CPU, "kind", "key") == {"a": 1}
+    data = json.loads(tuning.cache_file(CPU).read_text())
+    assert data["identity"]["device"] == "cpu-triton-interpreter"
+    assert set(data["identity"]) == {"device", "fastres", "torch", "triton", "cuda"}
+    assert tuning.cache_file(CPU).parent == isolated_tuning_cache
+
+
+def _spy_launches(monkeypatch) -> list:
+    calls = []
+    real = gemm_kernel.launch
+
+    def spy(problem, config, *args, **kwargs):
+        calls.append(config)
+        return real(problem, config, *args, **kwargs)
+
+    monkeypatch.setattr(gemm_kernel, "launch", spy)
+    return calls
+
+
+def _run_op(dtype=torch.float16):
+    inputs = make_inputs(CASE, dtype)
+    return fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="triton"), inputs
+
+
+@needs_interpreter
+def test_triton_autotune_times_each_candidate_once_then_reads_the_cache(monkeypatch):
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(gemm_kernel, "CONFIGS", TINY)
+    calls = _spy_launches(monkeypatch)
+    first, inputs = _run_op()
+    assert set(calls[:-1]) == set(TINY) and len(calls) > len(TINY)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
+    stored = json.loads(tuning.cache_file(CPU).read_text())["entries"][f"triton.conv_bn_act/{problem.key()}"]
+    assert stored == asdict(calls[-1])
+
+    calls.clear()
+    tuning.forget_in_memory()  # what a new process sees: only the disk
+    second, _ = _run_op()
+    assert calls == [gemm_kernel.Config(**stored)]
+    assert torch.equal(first, second)
+
+
+@needs_interpreter
+def test_without_timing_the_heuristic_config_runs(monkeypatch):
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "0")
+    calls = _spy_launches(monkeypatch)
+    _, inputs = _run_op()
+    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
+    assert calls == [gemm_kernel.heuristic(problem)]
+    assert not tuning.cache_file(CPU).exists()
+
+
+SECOND_PROCESS = """
+import os, sys
+from fastres.kernels import conv_bn_act as k
+k.CONFIGS = (k.Config(64, 64, 64, 8, 4, 3), k.Config(32, 32, 32, 4, 4, 2))
+real, calls = k.launch, []
+k.launch = lambda *a, **kw: (calls.append(1), real(*a, **kw))[1]
+import torch, fastres
+from fastres.shapes import ConvCase, make_inputs
+inputs = make_inputs(ConvCase("tune", 2, 64, 6, 6, 64, 3, 3, padding=(1, 1), residual=True), torch.float16)
+fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="triton")
+print("launches", len(calls))
+"""
+
+
+@needs_interpreter
+def test_a_second_process_skips_tuning(isolated_tuning_cache):
+    env = {**os.environ, "FASTRES_AUTOTUNE": "1", "TRITON_INTERPRET": "1", "FASTRES_CACHE_DIR": str(isolated_tuning_cache)}
+    runs = [subprocess.run([sys.executable, "-c", SECOND_PROCESS], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    first, second = (int(r.stdout.split()[-1]) for r in runs)
+    assert first > 2 and second == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("damage", ["garbage", "stale", "wrong-shape"])
+def test_a_corrupt_or_stale_cache_is_ignored_with_one_warning_and_rebuilt(monkeypatch, damage):
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(gemm_kernel, "CONFIGS", TINY)
+    path = tuning.cache_file(CPU)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = tuning.stack_identity(CPU)
+    path.write_text({
+        "garbage": "{ this is not json",
+        "stale": json.dumps({"format": tuning.FORMAT_VERSION, "identity": {**identity, "triton": "0.0"}, "entries": {}}),
+        "wrong-shape": json.dumps({"format": tuning.FORMAT_VERSION, "identity": identity, "entries": [1, 2]}),
+    }[damage])
+    tuning.forget_in_memory()
+    with pytest.warns(RuntimeWarning, match="ignoring unusable tuning cache") as record:
+        out, inputs = _run_op()
+    assert sum("tuning cache" in str(w.message) for w in record) == 1
+    data = json.loads(path.read_text())
+    assert data["identity"] == identity and len(data["entries"]) == 1
+
+
+@needs_interpreter
+def test_an_unwritable_cache_directory_degrades_to_memory(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(gemm_kernel, "CONFIGS", TINY)
+    calls = _spy_launches(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        _run_op()
+    calls.clear()
+    _run_op()
+    assert len(calls) == 1  # remembered in memory
+
+
+def _writer(directory: str, worker: int) -> None:
+    os.environ["FASTRES_CACHE_DIR"] = directory
+    tuning.forget_in_memory()
+    for j in range(15):
+        tuning.remember(CPU, "concurrent", f"w{worker}-k{j}", j)
+
+
+def test_concurrent_processes_never_corrupt_the_file(isolated_tuning_cache):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(isolated_tuning_cache), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    tuning.forget_in_memory()
+    entries = json.loads(tuning.cache_file(CPU).read_text())["entries"]
+    assert {k for k in entries if k.startswith("concurrent/")} == {f"concurrent/w{w}-k{j}" for w in range(4) for j in range(15)}
+    assert not list(Path(isolated_tuning_cache).glob("*.tmp"))
+
+
+def test_threads_tune_a_key_once_and_agree(monkeypatch):
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    timed = []
+    delays = {"slow": 0.004, "fast": 0.0}
+
+    def run(name):
+        timed.append(name)
+        time.sleep(delays[name])
+
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(
+        tuning.pick(CPU, "threads", "key", ["slow", "fast"], encode=str, run=run, default="slow"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == ["fast"] * 8
+    assert sorted(set(timed)) == ["fast", "slow"] and len(timed) == 8  # one warm-up + 3 runs each, once
+
+
+@needs_interpreter
+def test_auto_measures_and_picks_the_fastest_backend(monkeypatch):
+    """Given two candidates, auto times both and remembers the faster one (the interpreter is slow)."""
+    from fastres import backends
+
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(backends, "_auto_candidates", lambda device, problem: ["triton", "reference"])
+    inputs = make_inputs(CASE, torch.float32)
+    out = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
+    assert tuning.lookup(CPU, "auto", problem.key()) == "reference"
+    assert torch.equal(out, fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="reference"))

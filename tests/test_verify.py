@@ -1,0 +1,70 @@
+"""fastres.verify and `fastres verify`: honest reports, and a wrong model is caught."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+import torchvision
+
+import fastres
+from fastres.converter import FusedConvBN
+from fastres.bench.models import torchvision_model
+
+
+def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
+    model = torchvision_model("resnet18")
+    optimized = fastres.optimize(model)
+    report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32), per_layer=True)
+    assert report.ok, str(report)
+    assert sorted(r.name for r in report.layers) == sorted(optimized.fastres_report.fused)
+    assert "PASS" in str(report) and "layer4.1.conv2" in str(report)
+
+
+def _fused(optimized, name):
+    return next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name == name)
+
+
+def test_verify_catches_a_wrong_kernel_result():
+    model = torchvision_model("resnet18")
+    optimized = fastres.optimize(model)
+    _fused(optimized, "layer3.0.conv1").register_forward_hook(lambda m, args, out: out + 1e-3)
+    report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32), per_layer=True)
+    assert not report.ok
+    assert [r.name for r in report.layers if not r.ok] == ["layer3.0.conv1"]
+    assert "FAIL" in str(report)
+
+
+def test_verify_catches_a_wrong_rewrite():
+    model = torchvision_model("resnet18")
+    optimized = fastres.optimize(model)
+    _fused(optimized, "layer3.0.conv1").act = "none"  # as if the converter had dropped a ReLU
+    report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32))
+    assert not report.ok and not report.model[1].ok
+
+
+def test_verify_catches_a_wrong_final_output():
+    model = torchvision_model("resnet18")
+    optimized = fastres.optimize(model)
+    with torch.no_grad():
+        optimized.fc.bias.add_(0.5)
+    report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32))
+    assert not report.ok and not report.model[1].ok
+
+
+def test_verify_zoo_model_against_torchvision():
+    theirs = torchvision_model("resnet50")
+    ours = fastres.models.resnet50(weights=theirs.state_dict()).eval()
+    assert fastres.verify(theirs, ours, torch.randn(1, 3, 32, 32)).ok
+
+
+def test_verify_command_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastres", "verify", "resnet18", "--dtype", "fp32", "--batch", "1", "--image", "32",
+         "--backend", "reference", "--per-layer"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fastres.verify (float32): PASS" in out.stdout
+    assert "20 of 20 convs fused" in out.stdout
