@@ -13,6 +13,7 @@ after changing BN parameters.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -24,6 +25,7 @@ from fastres.ops import conv_bn_act
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
 
 _fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_fold_lock = threading.Lock()  # serving processes call models from many threads
 
 
 def _bn_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, ...]:
@@ -45,12 +47,14 @@ def bn_scale_shift(
     if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
         return fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype)
     key = _version_key(tensors, bn.eps) + (dtype,)
-    cached = _fold_cache.get(bn)
+    with _fold_lock:
+        cached = _fold_cache.get(bn)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     with torch.no_grad():
         scale, shift = fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype)
-    _fold_cache[bn] = (key, scale, shift)
+    with _fold_lock:
+        _fold_cache[bn] = (key, scale, shift)
     return scale, shift
 
 

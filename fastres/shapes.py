@@ -108,6 +108,24 @@ def make_inputs(
     )
 
 
+def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded, non-trivial statistics and affine parameters for every BatchNorm-like module of
+    `model`, in place (a fold that ignored one of them would then show in any comparison). The
+    ranges keep activations bounded through 100+ layers; make_inputs covers the extreme BN ranges
+    layer by layer."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is None:
+                continue
+            m.running_mean.normal_(0.0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            if getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 1.0, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    return model
+
+
 class _RecordConvCalls(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()

@@ -15,18 +15,18 @@ pixel offsets to int64 when a tensor spans more than 2**31 elements.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fastres import tuning
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
 from fastres.numerics import conv_tf32_enabled
-from fastres.problem import ConvProblem, empty_output
+from fastres.problem import ConvProblem
 
 INT32_MAX = 2**31 - 1
+TUNING_KIND = "triton.conv_bn_act"
 
 
 @triton.jit
@@ -236,22 +236,3 @@ def launch(
     )
     return out
 
-
-def conv_bn_act(
-    problem: ConvProblem,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    """Fused conv + epilogue with the tuned (or heuristic) config; returns a channels_last tensor."""
-    out = empty_output(x, problem.output_shape)
-    scale = None if scale is None else scale.float().contiguous()
-    shift = None if shift is None else shift.float().contiguous()
-    config = tuning.pick(
-        x.device, "triton.conv_bn_act", problem.key(), candidates(problem, x.device),
-        encode=asdict, run=lambda cfg: launch(problem, cfg, x, weight, scale, shift, residual, out),
-        default=heuristic(problem),
-    )
-    return launch(problem, config, x, weight, scale, shift, residual, out)

@@ -8,16 +8,15 @@ channels_last x are contiguous. Output channel k reads input channel k // multip
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fastres import tuning
 from fastres.kernels.conv_bn_act import needs_int64
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
-from fastres.problem import ConvProblem, empty_output
+from fastres.problem import ConvProblem
 
 
 @triton.jit
@@ -84,6 +83,13 @@ CONFIGS: tuple[Config, ...] = (
 )
 
 
+TUNING_KIND = "triton.depthwise"
+
+
+def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
+    return list(CONFIGS)
+
+
 def heuristic(problem: ConvProblem) -> Config:
     block_n = max(16, min(64, triton.next_power_of_2(problem.k)))
     return Config(64, block_n, 4)
@@ -114,22 +120,3 @@ def launch(
     )
     return out
 
-
-def depthwise_conv_bn_act(
-    problem: ConvProblem,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    residual: torch.Tensor | None,
-) -> torch.Tensor:
-    """Fused depthwise conv + epilogue with the tuned (or heuristic) config; channels_last output."""
-    out = empty_output(x, problem.output_shape)
-    scale = None if scale is None else scale.float().contiguous()
-    shift = None if shift is None else shift.float().contiguous()
-    config = tuning.pick(
-        x.device, "triton.depthwise", problem.key(), list(CONFIGS),
-        encode=asdict, run=lambda cfg: launch(problem, cfg, x, weight, scale, shift, residual, out),
-        default=heuristic(problem),
-    )
-    return launch(problem, config, x, weight, scale, shift, residual, out)

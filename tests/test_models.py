@@ -10,21 +10,10 @@ import torchvision
 import fastres
 from fastres.models import ARCHITECTURES
 from fastres.numerics import compare, tolerance
+from fastres.shapes import randomize_batchnorm_
 from helpers import INTERPRETER
 
 ARCHS = sorted(ARCHITECTURES)
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-                m.weight.uniform_(0.5, 1.0, generator=gen)
-                m.bias.normal_(0, 0.1, generator=gen)
-    return model
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, str, tuple]]:
@@ -43,7 +32,7 @@ def test_same_architecture_and_keys_as_torchvision(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torchvision_weights_give_torchvision_answers_both_ways(arch, dtype):
     torch.manual_seed(0)
-    theirs = _randomize_bn(getattr(torchvision.models, arch)()).eval().to(dtype)
+    theirs = randomize_batchnorm_(getattr(torchvision.models, arch)()).eval().to(dtype)
     ours = ARCHITECTURES[arch](weights=theirs.state_dict(), backend="reference").eval().to(dtype)
     x = torch.randn(2, 3, 64, 64, dtype=dtype)
     with torch.no_grad():
@@ -59,7 +48,7 @@ def _tol(dtype):
 
 
 def test_weights_from_a_path(tmp_path):
-    theirs = _randomize_bn(torchvision.models.resnet18()).eval()
+    theirs = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     path = tmp_path / "resnet18.pt"
     torch.save(theirs.state_dict(), path)
     ours = fastres.models.resnet18(weights=path, backend="reference").eval()
@@ -88,7 +77,7 @@ def test_zoo_options_follow_torchvision():
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_triton_backend_whole_model(arch):
     torch.manual_seed(0)
-    theirs = _randomize_bn(getattr(torchvision.models, arch)()).eval()
+    theirs = randomize_batchnorm_(getattr(torchvision.models, arch)()).eval()
     ours = ARCHITECTURES[arch](weights=theirs.state_dict(), backend="triton").eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

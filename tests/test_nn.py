@@ -157,3 +157,27 @@ def test_fused_block_with_the_triton_backend():
     with torch.no_grad():
         expected = _eager_forward(block, x)
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_many_threads_share_one_fused_model():
+    """A serving process: concurrent eval calls on one model give the serial answers."""
+    import threading
+
+    model = set_backend(fastres.models.resnet18(num_classes=10), "reference").eval()
+    inputs = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(i):
+        with torch.no_grad():
+            results[i] = [model(inputs[i]) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in results.items():
+        for out in outs:
+            torch.testing.assert_close(out, expected[i], rtol=0, atol=0)

@@ -14,23 +14,11 @@ import torchvision
 
 import fastres
 from fastres.converter import FusedConvBN
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "running_var") and m.running_var is not None:
-                m.running_mean.normal_(0, 0.2, generator=gen)
-                m.running_var.uniform_(0.3, 3.0, generator=gen)
-                if getattr(m, "weight", None) is not None:
-                    m.weight.uniform_(0.5, 1.5, generator=gen)
-                    m.bias.normal_(0, 0.2, generator=gen)
-    return model
+from fastres.shapes import randomize_batchnorm_
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
-    model = _randomize_bn(model).eval()
+    model = randomize_batchnorm_(model).eval()
     keys = set(model.state_dict())
     with torch.no_grad():
         expected = model(x)
@@ -210,7 +198,7 @@ def test_training_mode_models_are_refused():
 
 
 def test_the_original_model_is_not_changed():
-    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     before = copy.deepcopy(model.state_dict())
     fastres.optimize(model, dtype=torch.float64, channels_last=True)
     after = model.state_dict()
@@ -226,7 +214,7 @@ def test_dtype_and_channels_last_options():
 
 
 def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
-    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     x = torch.randn(1, 3, 32, 32)
     with pytest.warns(RuntimeWarning, match="returning the unfused model"):
         optimized = fastres.optimize(model, backend="cuda", example_inputs=x)  # no GPU here: cuda cannot run
@@ -236,7 +224,7 @@ def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
 
 
 def test_train_mode_after_optimize_runs_eagerly():
-    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     optimized = fastres.optimize(model, channels_last=False).train()  # same layout: same summation order
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(optimized(x), copy.deepcopy(model).train()(x))
@@ -244,7 +232,7 @@ def test_train_mode_after_optimize_runs_eagerly():
 
 def test_torch_compile_on_the_optimized_model():
     torch._dynamo.reset()
-    model = _randomize_bn(torchvision.models.resnet18()).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     optimized = fastres.optimize(model)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -260,7 +248,7 @@ def test_optimizing_a_fastres_model_keeps_it():
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_of_the_optimized_model():
-    model = _randomize_bn(torchvision.models.resnet50()).eval().cuda().half()
+    model = randomize_batchnorm_(torchvision.models.resnet50()).eval().cuda().half()
     optimized = fastres.optimize(model)
     x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
     with torch.no_grad():
@@ -276,7 +264,7 @@ def test_gpu_cuda_graph_of_the_optimized_model():
 
 @pytest.mark.gpu
 def test_gpu_reduce_overhead_compile():
-    model = _randomize_bn(torchvision.models.resnet18()).eval().cuda().half()
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval().cuda().half()
     optimized = fastres.optimize(model)
     x = torch.randn(2, 3, 224, 224, device="cuda", dtype=torch.float16)
     compiled = torch.compile(optimized, mode="reduce-overhead")

@@ -7,10 +7,12 @@ same kernels on the CPU: that is how CI and users without a GPU check this path.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import asdict
 
 import torch
 
-from fastres.problem import ConvProblem
+from fastres import tuning
+from fastres.problem import ConvProblem, empty_output
 
 NAME = "triton"
 
@@ -51,10 +53,17 @@ def run(
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    if problem.is_depthwise:
-        from fastres.kernels.depthwise import depthwise_conv_bn_act
+    """Depthwise convs (groups == C) take the direct kernel, every other conv the implicit GEMM; each
+    kernel module names its tuning candidates, its heuristic config and its launcher."""
+    from fastres.kernels import conv_bn_act, depthwise
 
-        return depthwise_conv_bn_act(problem, x, weight, scale, shift, residual)
-    from fastres.kernels.conv_bn_act import conv_bn_act
-
-    return conv_bn_act(problem, x, weight, scale, shift, residual)
+    kernel = depthwise if problem.is_depthwise else conv_bn_act
+    out = empty_output(x, problem.output_shape)
+    scale = None if scale is None else scale.float().contiguous()
+    shift = None if shift is None else shift.float().contiguous()
+    config = tuning.pick(
+        x.device, kernel.TUNING_KIND, problem.key(), kernel.candidates(problem, x.device),
+        encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, x, weight, scale, shift, residual, out),
+        default=kernel.heuristic(problem),
+    )
+    return kernel.launch(problem, config, x, weight, scale, shift, residual, out)

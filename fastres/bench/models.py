@@ -22,7 +22,7 @@ from fastres.bench.harness import Rotation, copies_to_exceed_l2, time_fn
 from fastres.bench.layers import failure_note, floor_ms
 from fastres.bench.report import Row
 from fastres.numerics import compare, tolerance
-from fastres.shapes import model_calls
+from fastres.shapes import model_calls, randomize_batchnorm_
 
 BASELINES = ["eager-nchw", "eager-cl", "compile", "compile-max-autotune", "eager-cl+graph"]
 CONTENDERS = ["fastres-auto", "fastres-triton", "fastres-cuda", "fastres-cudnn", "fastres-auto+graph",
@@ -35,16 +35,7 @@ def torchvision_model(arch: str, seed: int = 0) -> nn.Module:
     import torchvision
 
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-                m.weight.uniform_(0.5, 1.0, generator=gen)
-                m.bias.normal_(0.0, 0.1, generator=gen)
-    return model
+    return randomize_batchnorm_(getattr(torchvision.models, arch)().eval(), seed)
 
 
 def _graphed(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

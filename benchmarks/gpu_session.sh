@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One lent-GPU session in stages (each run of the device tool is at most 10 minutes, and a machine
+# that idles 30 s is gone, so every call starts with `setup`):
+#
+#   bash benchmarks/gpu_session.sh setup test            # build + every gpu test        (~6 min)
+#   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck    (~4 min)
+#   bash benchmarks/gpu_session.sh setup layers          # per-layer benchmark, fp16     (~6 min)
+#   bash benchmarks/gpu_session.sh setup models          # whole models, no max-autotune (~8 min)
+#   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
+#
+# The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks
+# (here: `echo /.whl/ >> .git/info/exclude`, then pip download nvidia-cutlass==4.2.0.0 and
+# expecttest==0.3.0 for cp312 manylinux into .whl/, see the device tool's README) and name `.whl`
+# in the call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and plots go
+# to $OUT (8 files come back at most), a short table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export FASTRES_CACHE_DIR=${FASTRES_CACHE_DIR:-$OUT/tuning-cache}
+PY=${PY:-python3}
+
+stage_setup() {
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+        $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+        nvcc --version | tail -1
+        echo "commit ${FASTRES_COMMIT:-unknown}"
+    } > "$OUT/env.txt" 2>&1
+    cat "$OUT/env.txt"
+    local start=$SECONDS
+    FASTRES_BUILD_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a \
+        $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
+    echo "build: $((SECONDS - start)) s"
+    $PY -c "import fastres; print(fastres.backend_status())"
+}
+
+stage_test() {
+    $PY -m pytest -m gpu -q -x --durations=15 -p no:cacheprovider > "$OUT/test-gpu.log" 2>&1
+    local rc=$?
+    tail -25 "$OUT/test-gpu.log"
+    return $rc
+}
+
+stage_sanitize() {
+    # memcheck on a few shapes per backend; the caching allocator off so every out-of-bounds access is seen
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        $PY -m pytest -q -p no:cacheprovider tests/test_backends.py \
+        -k "matrix and float16 and (resnet50:c64h56 or odd:stem or odd:1x1-C12) and (cuda or cudnn)" \
+        > "$OUT/sanitizer.log" 2>&1
+    local rc=$?
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer.log" | tail -5
+    return $rc
+}
+
+stage_layers() {
+    $PY -m fastres bench layers --batch 128 --dtype fp16 --out "$OUT" > "$OUT/bench-layers.log" 2>&1
+    local rc=$?
+    tail -60 "$OUT/bench-layers.log"
+    return $rc
+}
+
+stage_models() {
+    $PY -m fastres bench models --batch 1 32 256 --dtype fp16 --model resnet50 resnet18 resnext50_32x4d \
+        --baselines eager-nchw eager-cl compile eager-cl+graph --out "$OUT" > "$OUT/bench-models.log" 2>&1
+    local rc=$?
+    tail -60 "$OUT/bench-models.log"
+    return $rc
+}
+
+stage_models-autotune() {
+    $PY -m fastres bench models --batch 256 1 --dtype fp16 --model resnet50 --backends auto \
+        --baselines eager-cl compile-max-autotune eager-cl+graph --out "$OUT/autotune" > "$OUT/bench-autotune.log" 2>&1
+    local rc=$?
+    tail -40 "$OUT/bench-autotune.log"
+    return $rc
+}
+
+status=0
+for stage in "$@"; do
+    echo "=== $stage ==="
+    "stage_$stage" || { status=1; echo "stage $stage failed"; [ "$stage" = setup ] && break; }
+done
+exit $status
