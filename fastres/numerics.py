@@ -14,8 +14,10 @@ accumulation, not of the BN statistics.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,26 @@ def conv_tf32_enabled() -> bool:
     if precision == "ieee":
         return False
     return bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def conv_tf32(enabled: bool) -> Iterator[None]:
+    """Set torch's conv TF32 flag (the new fp32_precision API where it exists) and restore it after."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old = conv.fp32_precision
+        conv.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
 
 
 def fold_bn(

@@ -86,21 +86,25 @@ def conv_bn_act_kernel(
         x_imgs = x_ptr + n * sx_n + c_base * sx_c
         ih0 = p * stride_h - pad_h
         iw0 = q * stride_w - pad_w
-        for rs in range(R * S):
+        # One flat loop over (r, s, channel block) steps rather than nested loops: with C = 64 the
+        # inner channel loop would have a single iteration, leaving the software pipeliner
+        # (num_stages) nothing to overlap; flat, it has R*S*ceil(C/BLOCK_K) steps.
+        c_blocks = tl.cdiv(CG, BLOCK_K)
+        for step in range(R * S * c_blocks):
+            rs = step // c_blocks
             r = rs // S
             s = rs % S
+            cs = (step % c_blocks) * BLOCK_K + offs_c
+            mask_c = cs < CG
             ih = ih0 + r * dil_h
             iw = iw0 + s * dil_w
             # Out-of-image taps read as zero: that is the conv's zero padding.
             valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_rows = x_imgs + ih * sx_h + iw * sx_w
+            a = tl.load(a_rows[:, None] + cs[None, :] * sx_c, mask=valid[:, None] & mask_c[None, :], other=0.0)
             b_cols = w_cols + r * sw_r + s * sw_s
-            for c0 in range(0, CG, BLOCK_K):
-                cs = c0 + offs_c
-                mask_c = cs < CG
-                a = tl.load(a_rows[:, None] + cs[None, :] * sx_c, mask=valid[:, None] & mask_c[None, :], other=0.0)
-                b = tl.load(b_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            b = tl.load(b_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     acc = scale_shift(acc, k[None, :], mask_n[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
     mask = mask_m[:, None] & mask_n[None, :]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
 
 import torch
 
@@ -14,29 +12,6 @@ from fastres.shapes import ConvCase, ConvInputs, make_inputs
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-# The Triton interpreter computes through numpy, which has no bfloat16: bf16 runs on GPUs only.
-TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-LAYOUTS = ("channels_last", "nchw", "strided")
-
-
-@contextlib.contextmanager
-def conv_tf32(enabled: bool) -> Iterator[None]:
-    """Set torch's conv TF32 flag (new API where it exists) and restore it afterwards."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        old = conv.fp32_precision
-        conv.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
-    else:
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = enabled
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
 
 
 def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -72,3 +72,37 @@ def test_unsupported_cases_name_the_reason():
 @built
 def test_cuda_backend_is_unavailable_on_cpu_with_a_reason():
     assert "CUDA device" in cuda.unavailable_reason(torch.device("cpu"))
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from the CUDA toolkit, or the copy Triton's package carries."""
+    import importlib.util
+    from pathlib import Path
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+@built
+@pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump here")
+def test_cutlass_kernels_are_hopper_wgmma_and_tma_kernels():
+    """Every compiled kernel is sm_90a machine code whose mainloop issues wgmma (HGMMA in SASS)
+    and loads through the tensor memory accelerator (UTMALDG): the Hopper path, not a fallback."""
+    import re
+    import subprocess
+
+    import fastres._C
+
+    elves = subprocess.run([_cuobjdump(), "--list-elf", fastres._C.__file__], capture_output=True, text=True, check=True)
+    assert re.findall(r"\.(sm_\w+)\.cubin", elves.stdout) == ["sm_90a", "sm_90a"]
+    sass = subprocess.run([_cuobjdump(), "--dump-sass", fastres._C.__file__], capture_output=True, text=True, check=True)
+    kernels = re.split(r"\n\s*Function : ", sass.stdout)[1:]
+    assert len(kernels) == 2 * len(cuda.configs(torch.float16, 90))
+    for body in kernels:
+        assert "HGMMA" in body and "UTMALDG" in body, body.split("\n", 1)[0][:200]

@@ -21,7 +21,8 @@ from fastres.kernels import depthwise as depthwise_kernel
 from fastres.numerics import reference_conv_bn_act
 from fastres.problem import ConvProblem
 from fastres.shapes import MODEL_ARCHS, ODD_CASES, ConvCase, make_inputs, model_cases
-from helpers import DEVICE, INTERPRETER, assert_matches, conv_tf32, reference_for, relayout, run_op_case
+from fastres.numerics import conv_tf32
+from helpers import INTERPRETER, assert_matches, reference_for, relayout, run_op_case
 
 
 def _distinct(cases) -> list[ConvCase]:

@@ -72,8 +72,10 @@ def build(contender: str, model: nn.Module, dtype: torch.dtype, example: torch.T
     if base == "compile":
         fn = torch.compile(m)
     elif base == "compile-max-autotune":
-        with torch._inductor.config.patch(freezing=True):
+        # torch.compile is lazy: the first call compiles, so it must run inside the freezing patch.
+        with torch._inductor.config.patch(freezing=True), torch.no_grad():
             fn = torch.compile(m, mode="max-autotune")
+            fn(example)
     if contender.endswith("+compile"):
         fn = torch.compile(m)
     if contender.endswith("+graph"):
