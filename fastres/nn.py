@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -91,7 +92,9 @@ class _Fused(nn.Module):
 
     backend: str = "auto"
 
-    def _conv_bn(self, conv, bn, x, residual=None, act="relu"):
+    def _conv_bn(
+        self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu"
+    ) -> torch.Tensor:
         if self.training:
             return eager_conv_bn(conv, bn, x, residual, act)
         return fused_conv_bn(conv, bn, x, residual, act, self.backend)
@@ -126,7 +129,10 @@ class BasicBlock(_Fused):
 
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, groups: int = 1,
+        base_width: int = 64, dilation: int = 1, norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         if groups != 1 or base_width != 64:
@@ -152,7 +158,10 @@ class Bottleneck(_Fused):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, groups: int = 1,
+        base_width: int = 64, dilation: int = 1, norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
