@@ -8,6 +8,7 @@ way PyTorch's own conv2d words them where it has a message for the case.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -151,11 +152,13 @@ class ConvProblem:
     has_residual: bool
     act: str
 
-    @property
+    # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass;
+    # these are read several times per op call (dispatch, tuning keys, launch).
+    @cached_property
     def p(self) -> int:
         return output_hw(self.h, self.w, self.r, self.s, self.stride, self.padding, self.dilation)[0]
 
-    @property
+    @cached_property
     def q(self) -> int:
         return output_hw(self.h, self.w, self.r, self.s, self.stride, self.padding, self.dilation)[1]
 
@@ -180,6 +183,7 @@ class ConvProblem:
         """2 * MACs of the convolution (the epilogue's few ops per output are not counted)."""
         return 2 * self.n * self.p * self.q * self.k * self.c_per_group * self.r * self.s
 
+    @cached_property
     def key(self) -> str:
         """Stable text key for tuning caches: every shape-defining argument, the dtype and the epilogue."""
         flags = "".join(f for f, on in (("S", self.has_scale), ("B", self.has_shift), ("R", self.has_residual)) if on)

@@ -37,6 +37,9 @@ T = TypeVar("T")
 
 _lock = threading.RLock()
 _caches: dict[Path, "_CacheFile"] = {}
+# (device, cache-directory settings) -> its cache file: the identity (device name, versions,
+# digest) is computed once per process, not on every op call.
+_by_device: dict[tuple[str, str, str], "_CacheFile"] = {}
 _warned: set[str] = set()
 
 
@@ -154,6 +157,11 @@ class _CacheFile:
 
 
 def _cache_for(device: torch.device) -> _CacheFile:
+    # Keyed on the raw settings, so the hot path does no path building or user expansion.
+    where = (str(device), os.environ.get("FASTRES_CACHE_DIR", ""), os.environ.get("XDG_CACHE_HOME", ""))
+    cache = _by_device.get(where)
+    if cache is not None:
+        return cache
     identity = stack_identity(device)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     safe_device = "".join(ch if ch.isalnum() else "-" for ch in identity["device"]).strip("-")
@@ -162,6 +170,7 @@ def _cache_for(device: torch.device) -> _CacheFile:
         cache = _caches.get(path)
         if cache is None:
             cache = _caches[path] = _CacheFile(path, identity)
+        _by_device[where] = cache
         return cache
 
 
@@ -187,6 +196,7 @@ def forget_in_memory() -> None:
     """Drop the in-process copies (the next lookup rereads disk): what a new process would see."""
     with _lock:
         _caches.clear()
+        _by_device.clear()
         _warned.clear()
 
 
@@ -228,18 +238,18 @@ def pick(
 
     A candidate that raises while being timed is skipped (e.g. out of shared memory on this GPU).
     """
-    by_code = {json.dumps(encode(c), sort_keys=True): c for c in candidates}
     remembered = lookup(device, kind, key)
     if remembered is not None:
-        choice = by_code.get(json.dumps(remembered, sort_keys=True))
+        choice = next((c for c in candidates if encode(c) == remembered), None)
         if choice is not None:
             return choice
     if len(candidates) == 1 or not may_time(device):
         return default
     with _lock:
         remembered = lookup(device, kind, key)  # another thread may have finished meanwhile
-        if remembered is not None and json.dumps(remembered, sort_keys=True) in by_code:
-            return by_code[json.dumps(remembered, sort_keys=True)]
+        choice = next((c for c in candidates if encode(c) == remembered), None) if remembered is not None else None
+        if choice is not None:
+            return choice
         timings: list[tuple[float, int]] = []
         for index, candidate in enumerate(candidates):
             try:

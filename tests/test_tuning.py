@@ -64,7 +64,7 @@ def test_triton_autotune_times_each_candidate_once_then_reads_the_cache(monkeypa
     first, inputs = _run_op()
     assert set(calls[:-1]) == set(TINY) and len(calls) > len(TINY)
     problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
-    stored = json.loads(tuning.cache_file(CPU).read_text())["entries"][f"triton.conv_bn_act/{problem.key()}"]
+    stored = json.loads(tuning.cache_file(CPU).read_text())["entries"][f"triton.conv_bn_act/{problem.key}"]
     assert stored == asdict(calls[-1])
 
     calls.clear()
@@ -196,5 +196,14 @@ def test_auto_measures_and_picks_the_fastest_backend(monkeypatch):
     inputs = make_inputs(CASE, torch.float32)
     out = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1)
     problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
-    assert tuning.lookup(CPU, "auto", problem.key()) == "reference"
+    assert tuning.lookup(CPU, "auto", problem.key) == "reference"
+    assert torch.equal(out, fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="reference"))
+
+
+def test_a_remembered_auto_choice_that_cannot_run_here_is_not_used():
+    """A cache written where the CUDA extension loaded must not make auto fail where it doesn't."""
+    inputs = make_inputs(CASE, torch.float32)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
+    tuning.remember(CPU, "auto", problem.key, "cuda")
+    out = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1)
     assert torch.equal(out, fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="reference"))

@@ -68,14 +68,19 @@ def _auto_candidates(device: torch.device, problem: ConvProblem) -> list[str]:
 
 def choose(problem: ConvProblem, device: torch.device, args: tuple) -> str:
     """The backend "auto" runs for this call (see module docstring)."""
+    remembered = tuning.lookup(device, "auto", problem.key)
+    if remembered in _BACKENDS:  # measured before: check that one backend only, not every candidate
+        module = _BACKENDS[remembered]
+        if module.unavailable_reason(device) is None and module.unsupported_reason(problem, device) is None:
+            return remembered
     candidates = _auto_candidates(device, problem)
     choice = tuning.pick(
-        device, "auto", problem.key(), candidates,
+        device, "auto", problem.key, candidates,
         encode=lambda name: name,
         run=lambda name: _BACKENDS[name].run(problem, *args),
         default=candidates[0],
     )
-    log.debug("fastres auto: %s -> %s (candidates %s)", problem.key(), choice, candidates)
+    log.debug("fastres auto: %s -> %s (candidates %s)", problem.key, choice, candidates)
     return choice
 
 
@@ -99,7 +104,7 @@ def run(
     reason = module.unsupported_reason(problem, x.device)
     if reason is not None:
         raise NotImplementedError(
-            f"fastres backend {backend!r} does not support this case ({problem.key()}): {reason}. "
+            f"fastres backend {backend!r} does not support this case ({problem.key}): {reason}. "
             f"backend='auto' picks one that does."
         )
     return module.run(problem, *args)

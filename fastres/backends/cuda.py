@@ -104,7 +104,7 @@ def run(
     args = (x, weight, scale, shift, residual, list(problem.stride), list(problem.padding), list(problem.dilation),
             problem.groups, problem.act)
     config = tuning.pick(
-        x.device, "cuda.conv_bn_act", problem.key(), list(range(len(names))),
+        x.device, "cuda.conv_bn_act", problem.key, list(range(len(names))),
         encode=lambda i: names[i], run=lambda i: torch.ops.fastres.cutlass_conv_bn_act(*args, i),
         default=heuristic(problem, names),
     )

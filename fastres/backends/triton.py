@@ -62,7 +62,7 @@ def run(
     scale = None if scale is None else scale.float().contiguous()
     shift = None if shift is None else shift.float().contiguous()
     config = tuning.pick(
-        x.device, kernel.TUNING_KIND, problem.key(), kernel.candidates(problem, x.device),
+        x.device, kernel.TUNING_KIND, problem.key, kernel.candidates(problem, x.device),
         encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, x, weight, scale, shift, residual, out),
         default=kernel.heuristic(problem),
     )
