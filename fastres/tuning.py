@@ -238,16 +238,17 @@ def pick(
 
     A candidate that raises while being timed is skipped (e.g. out of shared memory on this GPU).
     """
-    remembered = lookup(device, kind, key)
-    if remembered is not None:
-        choice = next((c for c in candidates if encode(c) == remembered), None)
-        if choice is not None:
-            return choice
+    def remembered_choice() -> T | None:
+        remembered = lookup(device, kind, key)
+        return None if remembered is None else next((c for c in candidates if encode(c) == remembered), None)
+
+    choice = remembered_choice()
+    if choice is not None:
+        return choice
     if len(candidates) == 1 or not may_time(device):
         return default
     with _lock:
-        remembered = lookup(device, kind, key)  # another thread may have finished meanwhile
-        choice = next((c for c in candidates if encode(c) == remembered), None) if remembered is not None else None
+        choice = remembered_choice()  # another thread may have finished meanwhile
         if choice is not None:
             return choice
         timings: list[tuple[float, int]] = []

@@ -4,6 +4,7 @@ One file per kernel: the @triton.jit function, its configs and its launcher toge
     conv_bn_act.py  implicit-GEMM conv + BN + residual + activation (every non-depthwise conv)
     depthwise.py    direct depthwise conv (groups == C) with the same epilogue
     epilogue.py     the shared epilogue math, and a stand-alone epilogue pass for the cuDNN backend
+    aot.py          compiles every kernel for sm_90 / sm_80 without a GPU and reports wgmma / mma.sync use
 """
 
 from __future__ import annotations

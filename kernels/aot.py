@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastres.numerics import conv_tf32, fold_bn
+from fastres.numerics import conv_tf32
 from fastres.problem import ConvProblem, empty_output
 from fastres.shapes import ConvCase, model_cases
 
@@ -108,7 +108,7 @@ def _capture(variant: Variant) -> tuple:
         if variant.kernel == "epilogue":
             y = torch.empty(variant.case.n, variant.case.k, *variant.case.output_hw, dtype=variant.dtype, device=META)
             y = y.contiguous(memory_format=torch.channels_last)
-            scale, shift = fold_bn(*(torch.ones(variant.case.k, device=META) for _ in range(4)), 1e-5)
+            scale, shift = (torch.empty(variant.case.k, device=META) for _ in range(2))
             with _recording(epilogue, "epilogue_kernel") as rec:
                 epilogue.apply_epilogue_(y, scale, shift, torch.empty_like(y), variant.case.act)
         else:
