@@ -3,7 +3,8 @@ when torch is a CUDA build and nvcc is found, the CUTLASS extension fastres._C.
 
 FASTRES_BUILD_CUDA: "auto" (default) builds the extension when it can and carries on without
 it otherwise; "0" skips it; "1" makes any failure fatal (CI uses this).
-TORCH_CUDA_ARCH_LIST: defaults to "9.0a" (the CUTLASS 3 Hopper kernels need the "a" target).
+TORCH_CUDA_ARCH_LIST: defaults to "8.0;9.0a": the CUTLASS 2 kernels for Ampere / Ada (sm_80 code
+runs on every 8.x GPU) and the CUTLASS 3 kernels for Hopper (which need the "a" target).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def cuda_extension() -> tuple[list, dict]:
     includes = _cutlass_include_dirs()
     if includes is None:
         return _skip("the nvidia-cutlass package (CUTLASS headers) is not installed")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
 
     class BuildExt(BuildExtension):
         def run(self) -> None:

@@ -1,9 +1,10 @@
 // The seam between the torch binding (fastres.cpp, ATen, no CUTLASS) and the CUTLASS kernels
-// (conv_sm90_*.cu, CUTLASS, no ATen). Keeping the two apart halves compile time and memory.
+// (conv_sm80_*.cu and conv_sm90_*.cu, CUTLASS, no ATen). Keeping the two apart halves compile time and memory.
 #pragma once
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -28,7 +29,7 @@ struct ConvArgs {
 
 // One compiled tile configuration of the fused kernel.
 struct ConvKernel {
-  const char* name;
+  std::string name;  // family_dtype_tile, e.g. "sm90_f16_128x128x64"; Python parses the tile
   std::string (*check)(const ConvArgs&);      // "" when it can run these args, else why not
   std::size_t (*workspace_bytes)(const ConvArgs&);
   std::string (*run)(const ConvArgs&, void* workspace, cudaStream_t);  // "" on success
@@ -40,8 +41,20 @@ struct KernelList {
 };
 
 // Hopper (sm_90a) kernels: CUTLASS 3 implicit GEMM, TMA im2col + wgmma, EVT epilogue.
+// One dtype per .cu file, so nvcc builds them in parallel.
 KernelList sm90_kernels_f16();
 KernelList sm90_kernels_bf16();
-bool sm90_compiled();  // whether device code was built for sm_90a (TORCH_CUDA_ARCH_LIST has 9.0a)
+
+// Ampere / Ada kernels: CUTLASS 2 implicit GEMM, cp.async + mma.sync, broadcast epilogue.
+KernelList sm80_kernels_f16();
+KernelList sm80_kernels_bf16();
+
+inline std::string kernel_name(const char* family, const char* dtype, int m, int n, int k) {
+  return std::string(family) + "_" + dtype + "_" + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k);
+}
+
+// The device architectures this build has machine code for, as SM numbers (TORCH_CUDA_ARCH_LIST
+// "8.0;9.0a" gives {80, 90}). Every .cu file is compiled for all of them.
+std::vector<int> compiled_device_archs();
 
 }  // namespace fastres

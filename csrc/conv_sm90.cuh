@@ -1,5 +1,5 @@
-// The fused conv kernel for Hopper, as one CUTLASS 3 template. Included by conv_sm90_<dtype>.cu
-// (one dtype per file so nvcc builds them in parallel).
+// The fused conv kernel for Hopper, as one CUTLASS 3 template, and its list of tiles. Included by
+// conv_sm90_<dtype>.cu.
 //
 // Mainloop: implicit GEMM with TMA im2col loads of NHWC activations and KRSC filters, wgmma with
 // fp32 accumulation (KernelImplicitTmaWarpSpecializedSm90: the only SM90 conv schedule CUTLASS
@@ -107,7 +107,11 @@ struct Sm90ConvBnAct {
     return "";
   }
 
-  static ConvKernel entry(const char* name) { return {name, &check, &workspace_bytes, &run}; }
+  static ConvKernel entry(const char* dtype) {
+    using namespace cute;
+    return {kernel_name("sm90", dtype, size<0>(TileShape{}), size<1>(TileShape{}), size<2>(TileShape{})), &check,
+            &workspace_bytes, &run};
+  }
 };
 
 // Tile shapes (M pixels x N channels x K reduction): 128x128 for the wide middle layers,
@@ -118,5 +122,16 @@ using Tile128x128 = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
 using Tile128x64 = cute::Shape<cute::_128, cute::_64, cute::Shape<cute::_64>>;
 using Tile64x128 = cute::Shape<cute::_64, cute::_128, cute::Shape<cute::_64>>;
 using Tile64x64 = cute::Shape<cute::_64, cute::_64, cute::Shape<cute::_64>>;
+
+template <class Element>
+KernelList sm90_kernels(const char* dtype) {
+  static const ConvKernel kernels[] = {
+      Sm90ConvBnAct<Element, Tile128x128>::entry(dtype),
+      Sm90ConvBnAct<Element, Tile128x64>::entry(dtype),
+      Sm90ConvBnAct<Element, Tile64x128>::entry(dtype),
+      Sm90ConvBnAct<Element, Tile64x64>::entry(dtype),
+  };
+  return {kernels, static_cast<int>(sizeof(kernels) / sizeof(kernels[0]))};
+}
 
 }  // namespace fastres

@@ -3,13 +3,16 @@
 //
 // Ops (namespace fastres; the public op fastres::conv_bn_act is defined in Python and calls them):
 //   cutlass_conv_bn_act(...)          the fused conv, CUDA tensors, channels_last operands
-//   cutlass_unsupported_reason(...)   "" if the kernels cover a case, else why not (no tensors:
+//   cutlass_unsupported_reason(...)   "" if some kernel covers a case, else why not (no tensors:
 //                                     answers on any machine, which is how CI checks the rules)
-//   cutlass_configs(dtype, arch)      ";"-joined names of the compiled tile configs
-//   cutlass_archs()                   SM versions with compiled kernels, e.g. [90]
+//   cutlass_usable_configs(...)       the config ids whose kernel covers the case
+//   cutlass_configs(dtype, arch)      ";"-joined names of the kernels that run on an SM version
+//   cutlass_archs()                   SM versions this build has device code for, e.g. [80, 90]
 #include <Python.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -31,12 +34,35 @@ extern "C" PyObject* PyInit__C(void) {
 namespace fastres {
 namespace {
 
-KernelList kernels_for(at::ScalarType dtype, int64_t arch) {
-  if (arch == 90 && sm90_compiled()) {
-    if (dtype == at::kHalf) return sm90_kernels_f16();
-    if (dtype == at::kBFloat16) return sm90_kernels_bf16();
+std::vector<ConvKernel> join(std::initializer_list<KernelList> lists) {
+  std::vector<ConvKernel> all;
+  for (const KernelList& list : lists) all.insert(all.end(), list.kernels, list.kernels + list.count);
+  return all;
+}
+
+// The kernels that run on a device of SM version `arch`, Hopper's own first. sm_90a code runs
+// on sm_90 only; sm_8x code runs on any 8.y with y >= x. The Ampere kernels are compiled for
+// every target, so on Hopper they are extra candidates beside the wgmma kernels.
+const std::vector<ConvKernel>& kernels_for(at::ScalarType dtype, int64_t arch) {
+  static const std::vector<int> built = compiled_device_archs();
+  auto has = [&](auto pred) { return std::any_of(built.begin(), built.end(), pred); };
+  static const std::vector<ConvKernel> none;
+  static const std::vector<ConvKernel> hopper_f16 = join({sm90_kernels_f16(), sm80_kernels_f16()});
+  static const std::vector<ConvKernel> hopper_bf16 = join({sm90_kernels_bf16(), sm80_kernels_bf16()});
+  static const std::vector<ConvKernel> ampere_f16 = join({sm80_kernels_f16()});
+  static const std::vector<ConvKernel> ampere_bf16 = join({sm80_kernels_bf16()});
+  const bool half = dtype == at::kHalf, bf16 = dtype == at::kBFloat16;
+  if (arch == 90 && has([](int sm) { return sm == 90; })) return half ? hopper_f16 : bf16 ? hopper_bf16 : none;
+  if (arch / 10 == 8 && has([&](int sm) { return sm / 10 == 8 && sm <= arch; })) {
+    return half ? ampere_f16 : bf16 ? ampere_bf16 : none;
   }
-  return {nullptr, 0};
+  return none;
+}
+
+std::string built_archs() {
+  std::string names;
+  for (int sm : compiled_device_archs()) names += (names.empty() ? "sm_" : ", sm_") + std::to_string(sm);
+  return names.empty() ? "none" : names;
 }
 
 // The activation as the epilogue's clamp bounds; false for activations the epilogue lacks.
@@ -70,17 +96,19 @@ ConvArgs make_args(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride,
 std::string static_reason(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype, c10::string_view act,
                           int64_t arch) {
-  if (!sm90_compiled()) return "this build has no CUTLASS device code (TORCH_CUDA_ARCH_LIST lacked 9.0a)";
-  if (arch != 90) return "the CUTLASS kernels are built for sm_90a (Hopper) only, the device is sm_" + std::to_string(arch);
   if (dtype != at::kHalf && dtype != at::kBFloat16) {
     return std::string("no CUTLASS kernel for dtype ") + c10::toString(dtype) + " (float16 and bfloat16 only)";
+  }
+  if (kernels_for(dtype, arch).empty()) {
+    return "this build has no CUTLASS kernels that run on sm_" + std::to_string(arch) + " (device code for: " +
+           built_archs() + "; TORCH_CUDA_ARCH_LIST chooses)";
   }
   if (x.size() != 4 || w.size() != 4 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) {
     return "expects 4-D x and weight sizes and (h, w) stride, padding and dilation";
   }
   if (groups != 1) return "grouped convolution (groups=" + std::to_string(groups) + ") is not covered by the CUTLASS kernels";
   if (x[1] % 8 != 0 || w[0] % 8 != 0) {
-    return "CUTLASS's TMA loads need C and K to be multiples of 8 (16-byte rows), got C=" + std::to_string(x[1]) +
+    return "CUTLASS's 16-byte vector loads (TMA on Hopper, cp.async on Ampere) need C and K to be multiples of 8, got C=" + std::to_string(x[1]) +
            ", K=" + std::to_string(w[0]);
   }
   float lower, upper;
@@ -94,26 +122,46 @@ std::string static_reason(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef 
   return "";
 }
 
+std::vector<int64_t> cutlass_usable_configs(at::IntArrayRef x_size, at::IntArrayRef w_size, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                            at::ScalarType dtype, c10::string_view act, int64_t arch) {
+  std::vector<int64_t> usable;
+  if (!static_reason(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch).empty()) return usable;
+  const ConvArgs args = make_args(x_size, w_size, stride, padding, dilation, act);
+  const std::vector<ConvKernel>& kernels = kernels_for(dtype, arch);
+  for (std::size_t i = 0; i < kernels.size(); ++i) {
+    if (kernels[i].check(args).empty()) usable.push_back(static_cast<int64_t>(i));
+  }
+  return usable;
+}
+
 std::string cutlass_unsupported_reason(at::IntArrayRef x_size, at::IntArrayRef w_size, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                        at::ScalarType dtype, c10::string_view act, int64_t arch) {
   std::string reason = static_reason(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch);
   if (!reason.empty()) return reason;
-  // Every tile covers the same problems (they differ in speed only), so the first one answers.
-  return kernels_for(dtype, arch).kernels[0].check(make_args(x_size, w_size, stride, padding, dilation, act));
+  const ConvArgs args = make_args(x_size, w_size, stride, padding, dilation, act);
+  for (const ConvKernel& kernel : kernels_for(dtype, arch)) {
+    std::string why = kernel.check(args);
+    if (why.empty()) return "";
+    if (reason.empty()) reason = "no tile config accepts the problem (" + kernel.name + ": " + why + ")";
+  }
+  return reason;
 }
 
 std::string cutlass_configs(at::ScalarType dtype, int64_t arch) {
-  KernelList list = kernels_for(dtype, arch);
   std::string names;
-  for (int i = 0; i < list.count; ++i) {
-    if (i) names += ";";
-    names += list.kernels[i].name;
+  for (const ConvKernel& kernel : kernels_for(dtype, arch)) {
+    if (!names.empty()) names += ";";
+    names += kernel.name;
   }
   return names;
 }
 
-std::vector<int64_t> cutlass_archs() { return sm90_compiled() ? std::vector<int64_t>{90} : std::vector<int64_t>{}; }
+std::vector<int64_t> cutlass_archs() {
+  std::vector<int> sms = compiled_device_archs();
+  return std::vector<int64_t>(sms.begin(), sms.end());
+}
 
 int64_t device_arch(int device) {
   int major = 0, minor = 0;
@@ -129,6 +177,9 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& x) {
               t.scalar_type(), ") should be the same");
   TORCH_CHECK(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast),
               "cutlass_conv_bn_act: ", name, " must be a 4-D channels_last-contiguous tensor");
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, "cutlass_conv_bn_act: ", name,
+              " must start on a 16-byte boundary (the kernels' vector loads need it); got a view at storage offset ",
+              t.storage_offset());
 }
 
 void check_vector(const std::optional<at::Tensor>& v, const char* name, const at::Tensor& x, int64_t k) {
@@ -138,6 +189,8 @@ void check_vector(const std::optional<at::Tensor>& v, const char* name, const at
   TORCH_CHECK(v->scalar_type() == at::kFloat && v->dim() == 1 && v->numel() == k && v->is_contiguous(),
               "cutlass_conv_bn_act: expected ", name, " to be a contiguous float32 vector of ", k, " elements, got ",
               v->scalar_type(), " of size ", v->sizes());
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(v->data_ptr()) % 16 == 0, "cutlass_conv_bn_act: ", name,
+              " must start on a 16-byte boundary; got a view at storage offset ", v->storage_offset());
 }
 
 at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -169,10 +222,10 @@ at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, co
   }
   if (out.numel() == 0) return out;
 
-  KernelList list = kernels_for(x.scalar_type(), arch);
-  TORCH_CHECK(config >= 0 && config < list.count, "cutlass_conv_bn_act: config ", config, " out of range [0, ",
-              list.count, ")");
-  const ConvKernel& kernel = list.kernels[config];
+  const std::vector<ConvKernel>& kernels = kernels_for(x.scalar_type(), arch);
+  TORCH_CHECK(config >= 0 && config < static_cast<int64_t>(kernels.size()), "cutlass_conv_bn_act: config ", config,
+              " out of range [0, ", kernels.size(), ")");
+  const ConvKernel& kernel = kernels[config];
   args.x = x.data_ptr();
   args.w = weight.data_ptr();
   args.scale = scale ? scale->data_ptr<float>() : nullptr;
@@ -201,6 +254,10 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
       "cutlass_unsupported_reason(int[] x_size, int[] w_size, int[] stride, int[] padding, int[] dilation, int groups, "
       "ScalarType dtype, str act, int arch) -> str",
       &cutlass_unsupported_reason);
+  m.def(
+      "cutlass_usable_configs(int[] x_size, int[] w_size, int[] stride, int[] padding, int[] dilation, int groups, "
+      "ScalarType dtype, str act, int arch) -> int[]",
+      &cutlass_usable_configs);
   m.def("cutlass_configs(ScalarType dtype, int arch) -> str", &cutlass_configs);
   m.def("cutlass_archs() -> int[]", &cutlass_archs);
 }

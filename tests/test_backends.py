@@ -7,6 +7,8 @@ a case a backend does not cover must raise NotImplementedError naming why, and "
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,6 +74,46 @@ def test_gpu_backend_matrix(case, dtype, backend):
         _run_gpu(case, dtype, backend)
 
 
+# Tuning runs one kernel per shape, so the matrix above may leave some CUTLASS kernels unrun;
+# here every kernel that runs on the device meets the cases it accepts, with and without a
+# residual, every epilogue clamp, and no scale/shift (the kernels' defaults of 1 and 0).
+CUTLASS_KERNEL_CASES = [
+    *model_cases("resnet50", 8, 224)[1:6],
+    *model_cases("resnet50", 3, 224)[-4:],
+    *(c.replace(residual=True, act=act) for c, act in zip(ODD_CASES, ["relu6", "none", "relu", "relu6"] * 3)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", range(8))
+def test_gpu_every_cutlass_kernel(config, dtype):
+    from fastres.backends import cuda
+    from fastres.problem import ConvProblem
+
+    arch = cuda._arch(GPU)
+    names = cuda.configs(dtype, arch)
+    if config >= len(names):
+        pytest.skip(f"sm_{arch} has {len(names)} CUTLASS kernels for {dtype}")
+    ran = 0
+    for case in CUTLASS_KERNEL_CASES:
+        inputs = make_inputs(case, dtype, GPU)
+        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups, case.act)
+        if config not in cuda.usable_configs(problem, arch):
+            continue
+        p, q = case.output_hw
+        poison_cuda_allocator(case.n * case.k * p * q * inputs.x.element_size(), GPU)
+        no_bn = ran % 4 == 3
+        out = torch.ops.fastres.cutlass_conv_bn_act(
+            inputs.x, inputs.weight, None if no_bn else inputs.scale, None if no_bn else inputs.shift,
+            inputs.residual, list(case.stride), list(case.padding), list(case.dilation), case.groups, case.act, config,
+        )
+        ref = reference_for(case, dataclasses.replace(inputs, bn=None) if no_bn else inputs, inputs.residual)
+        assert_matches(out, ref, case, dtype, torch.ones_like(inputs.scale) if no_bn else inputs.scale)
+        ran += 1
+    assert ran >= len(CUTLASS_KERNEL_CASES) // 2, f"{names[config]} accepted only {ran} cases"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
 def test_gpu_non_default_stream_and_layouts(backend):
@@ -80,6 +122,30 @@ def test_gpu_non_default_stream_and_layouts(backend):
     with torch.cuda.stream(stream):
         run_op_case(case, torch.float16, backend, GPU, layout="nchw", residual_layout="nchw")
     stream.synchronize()
+
+
+def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    """The same values, dense in t's layout, but starting 2 bytes past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    if t.dim() == 1:
+        return flat.copy_(t)
+    view = flat.view(t.shape[0], t.shape[2], t.shape[3], t.shape[1]).permute(0, 3, 1, 2)
+    return view.copy_(t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
+def test_gpu_operands_at_odd_storage_offsets(backend):
+    """Views that start off a 16-byte boundary (vector and TMA loads need one) still give the
+    right answer: the cuda backend copies them to aligned memory first."""
+    case = model_cases("resnet50", 4, 224)[4]
+    inputs = make_inputs(case, torch.float16, GPU)
+    x, weight, residual = (_at_odd_offset(t) for t in (inputs.x, inputs.weight, inputs.residual))
+    scale, shift = _at_odd_offset(inputs.scale), _at_odd_offset(inputs.shift)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 == 2
+    out = fastres.ops.conv_bn_act(x, weight, scale, shift, residual, stride=case.stride, padding=case.padding,
+                                  act=case.act, backend=backend)
+    assert_matches(out, reference_for(case, inputs, inputs.residual), case, torch.float16, inputs.scale)
 
 
 @pytest.mark.gpu

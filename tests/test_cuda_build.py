@@ -22,23 +22,29 @@ built = pytest.mark.skipif(cuda.load_error() is not None, reason=f"extension not
 @pytest.mark.skipif(not EXPECT_BUILD, reason="no CUDA torch + nvcc here, so no extension is expected")
 def test_extension_was_built_and_loads():
     assert cuda.load_error() is None
-    assert 90 in cuda.compiled_archs()
+    assert cuda.compiled_archs() == (80, 90)  # setup.py's default TORCH_CUDA_ARCH_LIST
 
 
 @built
 def test_ops_are_registered_with_their_schemas():
     schema = str(torch.ops.fastres.cutlass_conv_bn_act.default._schema)
     assert "Tensor? residual" in schema and "int config" in schema
-    assert torch.ops.fastres.cutlass_archs() == [90]
+    assert "int[]" in str(torch.ops.fastres.cutlass_usable_configs.default._schema)
 
 
 @built
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_tile_configs_are_listed(dtype):
-    names = cuda.configs(dtype, 90)
-    assert len(names) == 4 and all(n.startswith("sm90_") for n in names)
+def test_kernels_are_listed_per_device_arch(dtype):
+    """Hopper gets its wgmma kernels first, then the Ampere ones (sm_90a code of both); every 8.x
+    GPU runs the sm_80 code; nothing runs on older GPUs, on sm_100, or in float32."""
+    tag = "f16" if dtype == torch.float16 else "bf16"
+    hopper = cuda.configs(dtype, 90)
+    assert [n.split("_")[:2] for n in hopper] == [["sm90", tag]] * 4 + [["sm80", tag]] * 4
+    for arch in (80, 86, 89):
+        assert cuda.configs(dtype, arch) == hopper[4:]
+    for arch in (75, 100):
+        assert cuda.configs(dtype, arch) == ()
     assert cuda.configs(torch.float32, 90) == ()
-    assert cuda.configs(dtype, 80) == ()
 
 
 def _reason(case, dtype=torch.float16, act=None, arch=90):
@@ -64,9 +70,23 @@ def test_unsupported_cases_name_the_reason():
     plain = model_cases("resnet50", 8, 224)[2]
     assert "grouped convolution (groups=32)" in _reason(grouped)
     assert "act='silu'" in _reason(plain, act="silu")
-    assert "sm_80" in _reason(plain, arch=80)
+    assert "sm_75" in _reason(plain, arch=75) and "sm_80, sm_90" in _reason(plain, arch=75)
+    assert _reason(plain, arch=80) == "" and _reason(plain, arch=89) == ""
     assert "float32" in _reason(plain, dtype=torch.float32) or "Float" in _reason(plain, dtype=torch.float32)
     assert _reason(plain, act="relu6") == "" and _reason(plain, act="none") == ""
+
+
+@built
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("case", model_cases("resnet50", 32, 224)[1:] + model_cases("resnet50", 1, 224)[-3:], ids=str)
+def test_every_kernel_accepts_resnet50_layers(case, arch):
+    """CUTLASS's own can_implement, per kernel: no ResNet-50 layer is left to a subset of tiles."""
+    from fastres.problem import ConvProblem
+
+    problem = ConvProblem(case.n, case.c, case.h, case.w, case.k, case.r, case.s, case.stride, case.padding,
+                          case.dilation, case.groups, torch.float16, has_scale=True, has_shift=True,
+                          has_residual=case.residual, act=case.act)
+    assert cuda.usable_configs(problem, arch) == tuple(range(len(cuda.configs(torch.float16, arch))))
 
 
 @built
@@ -91,18 +111,57 @@ def _cuobjdump() -> str | None:
 
 @built
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump here")
-def test_cutlass_kernels_are_hopper_wgmma_and_tma_kernels():
-    """Every compiled kernel is sm_90a machine code whose mainloop issues wgmma (HGMMA in SASS)
-    and loads through the tensor memory accelerator (UTMALDG): the Hopper path, not a fallback."""
+def test_kernels_are_tensor_core_machine_code_for_each_target():
+    """SASS per target: the Hopper kernels' mainloop issues wgmma (HGMMA) and loads through the
+    tensor memory accelerator (UTMALDG); the Ampere kernels issue mma.sync (HMMA) fed by cp.async
+    (LDGSTS) and are built for sm_80 and for sm_90a. Tensor-core paths, not fallbacks."""
     import re
     import subprocess
 
     import fastres._C
 
-    elves = subprocess.run([_cuobjdump(), "--list-elf", fastres._C.__file__], capture_output=True, text=True, check=True)
-    assert re.findall(r"\.(sm_\w+)\.cubin", elves.stdout) == ["sm_90a", "sm_90a"]
     sass = subprocess.run([_cuobjdump(), "--dump-sass", fastres._C.__file__], capture_output=True, text=True, check=True)
-    kernels = re.split(r"\n\s*Function : ", sass.stdout)[1:]
-    assert len(kernels) == 2 * len(cuda.configs(torch.float16, 90))
-    for body in kernels:
-        assert "HGMMA" in body and "UTMALDG" in body, body.split("\n", 1)[0][:200]
+    found: dict[tuple[str, str], int] = {}
+    chunks = re.split(r"\n\s*code for (sm_\w+)", sass.stdout)
+    for target, code in zip(chunks[1::2], chunks[2::2]):
+        for body in re.split(r"\n\s*Function : ", code)[1:]:
+            name = body.split("\n", 1)[0]
+            if "ConvUniversal" in name and target == "sm_90a":
+                family, needs = "sm90", ("HGMMA", "UTMALDG")
+            elif "ImplicitGemmConvolution" in name:
+                family, needs = "sm80", ("HMMA", "LDGSTS")
+            else:
+                continue  # the scale/shift packing kernel, and Hopper-only kernels' empty sm_80 stubs
+            assert all(op in body for op in needs), f"{target} {name[:160]} lacks {needs}"
+            found[(family, target)] = found.get((family, target), 0) + 1
+    per_dtype = {family: sum(n.startswith(family) for n in cuda.configs(torch.float16, 90)) for family in ("sm90", "sm80")}
+    assert found == {
+        ("sm90", "sm_90a"): 2 * per_dtype["sm90"],
+        ("sm80", "sm_80"): 2 * per_dtype["sm80"],
+        ("sm80", "sm_90a"): 2 * per_dtype["sm80"],
+    }
+
+
+HOPPER_NAMES = ("sm90_f16_128x128x64", "sm90_f16_128x64x64", "sm90_f16_64x128x64", "sm90_f16_64x64x64",
+                "sm80_f16_256x128x32", "sm80_f16_128x128x32", "sm80_f16_128x64x32", "sm80_f16_64x64x32")
+
+
+@pytest.mark.parametrize(
+    ("layer", "usable", "expected"),
+    [
+        ("c64h56-k64:3x3s1", range(8), "sm90_f16_128x64x64"),          # K = 64: narrow N
+        ("c128h28-k128:3x3s1", range(8), "sm90_f16_128x128x64"),       # 25088 rows, K = 128
+        ("c128h28-k128:3x3s1", range(4, 8), "sm80_f16_128x128x32"),    # Ampere: same tile, own family
+        ("c128h28-k128:3x3s1", (1, 7), "sm90_f16_128x64x64"),          # wanted tile rejected
+        ("c512h7-k512:3x3s1", range(8), "sm90_f16_64x64x64"),          # 1568 rows: small tiles
+    ],
+)
+def test_heuristic_prefers_the_device_family_then_the_tile(layer, usable, expected):
+    from fastres.problem import ConvProblem
+
+    case = next(c for c in model_cases("resnet50", 32, 224) if c.name.endswith(layer))
+    problem = ConvProblem(case.n, case.c, case.h, case.w, case.k, case.r, case.s, case.stride, case.padding,
+                          case.dilation, case.groups, torch.float16, has_scale=True, has_shift=True,
+                          has_residual=case.residual, act=case.act)
+    assert HOPPER_NAMES[cuda.heuristic(problem, HOPPER_NAMES, tuple(usable))] == expected
+

@@ -1,8 +1,10 @@
 """The "cuda" backend: CUTLASS tensor-core kernels from the C++ extension fastres._C (csrc/).
 
 The extension registers fastres::cutlass_* ops (TORCH_LIBRARY in csrc/fastres.cpp). This module
-asks it which cases it covers (the C++ side owns those rules), picks a tile config per shape
-(timed once, cached by fastres.tuning) and calls it with channels_last operands.
+asks it which cases it covers and which kernels run on the device (the C++ side owns those rules),
+picks a kernel per shape (timed once among the usable ones, cached by fastres.tuning) and calls it
+with channels_last operands. Kernel names say family, dtype and tile: "sm90_f16_128x128x64" is the
+Hopper wgmma kernel, "sm80_f16_128x128x32" the Ampere mma.sync kernel (also a candidate on Hopper).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def load_error() -> str | None:
 
 @functools.cache
 def compiled_archs() -> tuple[int, ...]:
-    """SM versions with CUTLASS kernels in this build, e.g. (90,)."""
+    """SM versions this build has device code for, e.g. (80, 90)."""
     if load_error() is not None:
         return ()
     return tuple(int(a) for a in torch.ops.fastres.cutlass_archs())
@@ -47,20 +49,29 @@ def unavailable_reason(device: torch.device) -> str | None:
     if error is not None:
         return error
     arch = _arch(device)
-    if arch not in compiled_archs():
+    if not configs(torch.float16, arch):
         built = ", ".join(f"sm_{a}" for a in compiled_archs()) or "no architecture"
-        return f"this build has CUTLASS kernels for {built}; the device is sm_{arch}"
+        return f"this build has CUTLASS kernels for {built}, none of which runs on the device (sm_{arch})"
     return None
 
 
-@functools.lru_cache(maxsize=4096)
-def _unsupported(problem: ConvProblem, arch: int) -> str | None:
-    reason = torch.ops.fastres.cutlass_unsupported_reason(
+def _problem_args(problem: ConvProblem, arch: int) -> tuple:
+    return (
         [problem.n, problem.c, problem.h, problem.w], [problem.k, problem.c_per_group, problem.r, problem.s],
         list(problem.stride), list(problem.padding), list(problem.dilation), problem.groups,
         problem.dtype, problem.act, arch,
     )
-    return reason or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _unsupported(problem: ConvProblem, arch: int) -> str | None:
+    return torch.ops.fastres.cutlass_unsupported_reason(*_problem_args(problem, arch)) or None
+
+
+@functools.lru_cache(maxsize=4096)
+def usable_configs(problem: ConvProblem, arch: int) -> tuple[int, ...]:
+    """Ids of the kernels (see `configs`) whose CUTLASS can_implement accepts the problem."""
+    return tuple(torch.ops.fastres.cutlass_usable_configs(*_problem_args(problem, arch)))
 
 
 def unsupported_reason(problem: ConvProblem, device: torch.device) -> str | None:
@@ -69,21 +80,37 @@ def unsupported_reason(problem: ConvProblem, device: torch.device) -> str | None
 
 @functools.cache
 def configs(dtype: torch.dtype, arch: int) -> tuple[str, ...]:
-    """Names of the compiled tile configs for (dtype, arch); the index is the config id."""
+    """Names of the kernels that run on SM version `arch` for dtype; the index is the config id."""
     names = torch.ops.fastres.cutlass_configs(dtype, arch)
     return tuple(n for n in names.split(";") if n)
 
 
-def heuristic(problem: ConvProblem, names: tuple[str, ...]) -> int:
-    """Tile before tuning: narrow N for K <= 64, small M for few output pixels, else 128x128."""
+def _tile(name: str) -> tuple[int, int]:
+    """(M, N) of a kernel name such as "sm90_f16_128x64x64"."""
+    m, n, _ = name.rsplit("_", 1)[1].split("x")
+    return int(m), int(n)
+
+
+def heuristic(problem: ConvProblem, names: tuple[str, ...], usable: tuple[int, ...]) -> int:
+    """Kernel before tuning: the device's own family (listed first), then the tile: small M for
+    few output pixels, narrow N for K <= 64, else 128x128."""
     m = problem.n * problem.p * problem.q
     if m <= 64 * 132:
-        wanted = "64x64x64"
+        wanted = (64, 64)
     elif problem.k <= 64:
-        wanted = "128x64x64"
+        wanted = (128, 64)
     else:
-        wanted = "128x128x64"
-    return next((i for i, name in enumerate(names) if wanted in name), 0)
+        wanted = (128, 128)
+    family = names[usable[0]].split("_", 1)[0]
+    same_family = [i for i in usable if names[i].startswith(family + "_")]
+    return next((i for i in same_family if _tile(names[i]) == wanted), usable[0])
+
+
+def _aligned(t: torch.Tensor, memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """`t`, dense in `memory_format`, with its data on a 16-byte boundary (the kernels' vector and
+    TMA loads need it; a view at an odd storage offset is copied)."""
+    t = t.contiguous(memory_format=memory_format)
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=memory_format)
 
 
 def run(
@@ -94,18 +121,19 @@ def run(
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    cl = torch.channels_last
-    x = x.contiguous(memory_format=cl)
-    weight = weight.contiguous(memory_format=cl)
-    residual = None if residual is None else residual.contiguous(memory_format=cl)
-    scale = None if scale is None else scale.float().contiguous()
-    shift = None if shift is None else shift.float().contiguous()
-    names = configs(problem.dtype, _arch(x.device))
+    x = _aligned(x)
+    weight = _aligned(weight)
+    residual = None if residual is None else _aligned(residual)
+    scale = None if scale is None else _aligned(scale.float(), torch.contiguous_format)
+    shift = None if shift is None else _aligned(shift.float(), torch.contiguous_format)
+    arch = _arch(x.device)
+    names = configs(problem.dtype, arch)
+    usable = usable_configs(problem, arch)
     args = (x, weight, scale, shift, residual, list(problem.stride), list(problem.padding), list(problem.dilation),
             problem.groups, problem.act)
     config = tuning.pick(
-        x.device, "cuda.conv_bn_act", problem.key, list(range(len(names))),
+        x.device, "cuda.conv_bn_act", problem.key, list(usable),
         encode=lambda i: names[i], run=lambda i: torch.ops.fastres.cutlass_conv_bn_act(*args, i),
-        default=heuristic(problem, names),
+        default=heuristic(problem, names, usable),
     )
     return torch.ops.fastres.cutlass_conv_bn_act(*args, config)
