@@ -8,10 +8,9 @@
 #   bash benchmarks/gpu_session.sh setup models          # whole models, no max-autotune (~8 min)
 #   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
 #
-# The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks
-# (here: `echo /.whl/ >> .git/info/exclude`, then pip download nvidia-cutlass==4.2.0.0 and
-# expecttest==0.3.0 for cp312 manylinux into .whl/, see the device tool's README) and name `.whl`
-# in the call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and plots go
+# The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks:
+# on this (networked) machine run `bash benchmarks/gpu_session.sh wheels` once, then name `.whl`
+# in each device call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and plots go
 # to $OUT (8 files come back at most), a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +19,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export FASTRES_CACHE_DIR=${FASTRES_CACHE_DIR:-$OUT/tuning-cache}
 PY=${PY:-python3}
+
+stage_wheels() {
+    # Runs HERE, not on the GPU machine: the wheels the GPU machine lacks, for its Python 3.12.
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+    $PY -m pip download -q --dest .whl --only-binary=:all: --no-deps --python-version 3.12 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+        -c constraints.txt nvidia-cutlass expecttest && ls .whl
+}
 
 stage_setup() {
     if ls .whl/*.whl >/dev/null 2>&1; then

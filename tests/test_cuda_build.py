@@ -165,3 +165,81 @@ def test_heuristic_prefers_the_device_family_then_the_tile(layer, usable, expect
                           has_residual=case.residual, act=case.act)
     assert HOPPER_NAMES[cuda.heuristic(problem, HOPPER_NAMES, tuple(usable))] == expected
 
+
+
+# The Ampere epilogue's arithmetic, on the host: the same header the kernels include, compiled
+# into a small program that reads fragments on stdin and prints what the op stores.
+OUTPUT_OP_PROGRAM = r"""
+#include <cstdio>
+#include "conv_sm80_epilogue.h"
+
+int main() {
+  constexpr int N = 8;
+  using Op = fastres::ScaleShiftResidualClamp<ELEMENT, N>;
+  typename Op::Params params;
+  int residual;
+  while (std::scanf("%f %f %d", &params.lower, &params.upper, &residual) == 3) {
+    params.residual = residual != 0;
+    typename Op::FragmentAccumulator acc;
+    typename Op::FragmentCompute affine;
+    typename Op::FragmentC c;
+    for (int i = 0; i < N; ++i) std::scanf("%f", &acc[i]);
+    for (int i = 0; i < N; ++i) std::scanf("%f %f", &affine[i].scale, &affine[i].shift);
+    for (int i = 0; i < N; ++i) { float v; std::scanf("%f", &v); c[i] = ELEMENT(v); }
+    Op op(params);
+    typename Op::FragmentZ z;
+    typename Op::FragmentT unused;
+    if (op.is_source_needed()) op(z, unused, acc, c, affine); else op(z, unused, acc, affine);
+    for (int i = 0; i < N; ++i) std::printf("%.9g ", float(z[i]));
+    std::printf("\n");
+  }
+}
+"""
+
+
+def _nvcc() -> str | None:
+    return shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc here")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ampere_output_op_arithmetic_on_the_host(tmp_path, dtype):
+    """clamp(scale * acc + shift [+ residual]) in fp32, rounded once to the output dtype, NaN and
+    Inf propagating, for every clamp the binding uses and with / without the residual."""
+    import importlib.util
+    import math
+    import subprocess
+    from pathlib import Path
+
+    cutlass = Path(importlib.util.find_spec("cutlass_library").origin).parent / "source" / "include"
+    root = Path(__file__).resolve().parents[1]
+    element = "cutlass::half_t" if dtype == torch.float16 else "cutlass::bfloat16_t"
+    (tmp_path / "op.cu").write_text(OUTPUT_OP_PROGRAM)
+    includes = [f"-I{root / 'csrc'}", f"-I{cutlass}"]
+    subprocess.run([_nvcc(), "-std=c++17", f"-DELEMENT={element}", *includes, "-o", str(tmp_path / "op"),
+                    str(tmp_path / "op.cu")], check=True, capture_output=True, text=True)
+
+    gen = torch.Generator().manual_seed(0)
+    inf = math.inf
+    lines, expected = [], []
+    for lower, upper in ((-inf, inf), (0.0, inf), (0.0, 6.0)):
+        for residual in (0, 1):
+            acc = torch.randn(8, generator=gen) * 4
+            acc[0], acc[1] = math.nan, inf
+            scale = torch.rand(8, generator=gen) * 3
+            shift = torch.randn(8, generator=gen)
+            c = (torch.randn(8, generator=gen) * 2).to(dtype).float()
+            c[2] = -inf
+            y = scale * acc + shift + (c if residual else 0)
+            y = torch.where(y.isnan(), y, y.clamp(lower, upper))
+            expected.append(y.to(dtype).float())
+            fields = [lower, upper, residual, *acc.tolist(), *[v for pair in zip(scale.tolist(), shift.tolist()) for v in pair], *c.tolist()]
+            lines.append(" ".join(repr(float(v)) if not isinstance(v, int) else str(v) for v in fields))
+    run = subprocess.run([str(tmp_path / "op")], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
+    got = [torch.tensor([float(v) for v in row.split()]) for row in run.stdout.strip().splitlines()]
+    assert len(got) == len(expected)
+    for out, ref in zip(got, expected):
+        # One rounding step apart at most (the compiler may fuse scale * acc + shift into an FMA).
+        assert torch.equal(out.isnan(), ref.isnan()), (out, ref)
+        one_step = (out - ref).abs() <= torch.finfo(dtype).eps * ref.abs()
+        assert ((out == ref) | one_step | ref.isnan()).all(), (out, ref)
