@@ -119,6 +119,12 @@ std::string static_reason(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef 
   for (int64_t v : {x[0], x[1], x[2], x[3], w[0], w[2], w[3]}) {
     if (v > int_max) return "an extent exceeds the 32-bit range of CUTLASS's conv problem shape";
   }
+  // Past 2**31 elements only the Triton backend's int64 indexing is tested, so leave those to it.
+  const int64_t p = out_extent(x[2], w[2], stride[0], padding[0], dilation[0]);
+  const int64_t q = out_extent(x[3], w[3], stride[1], padding[1], dilation[1]);
+  if (x[0] * x[1] * x[2] * x[3] > int_max || x[0] * w[0] * p * q > int_max) {
+    return "x or the output has 2**31 elements or more; the CUTLASS kernels are not tested past 32-bit offsets";
+  }
   return "";
 }
 
