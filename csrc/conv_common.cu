@@ -1,8 +1,11 @@
 // What every kernel family shares: which device architectures this build compiled, and the
 // (scale, shift) packing the Ampere epilogue broadcasts.
 #include <initializer_list>
+#include <string>
+#include <vector>
 
-#include "conv_sm80.cuh"
+#include "conv_kernels.h"
+#include "conv_sm80_epilogue.h"
 
 namespace fastres {
 

@@ -1,5 +1,6 @@
 // The seam between the torch binding (fastres.cpp, ATen, no CUTLASS) and the CUTLASS kernels
-// (conv_sm80_*.cu and conv_sm90_*.cu, CUTLASS, no ATen). Keeping the two apart halves compile time and memory.
+// (conv_sm80_*.cu and conv_sm90_*.cu, CUTLASS, no ATen). Keeping the two apart halves compile
+// time and memory.
 #pragma once
 
 #include <cstddef>
@@ -50,7 +51,8 @@ KernelList sm80_kernels_f16();
 KernelList sm80_kernels_bf16();
 
 inline std::string kernel_name(const char* family, const char* dtype, int m, int n, int k) {
-  return std::string(family) + "_" + dtype + "_" + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k);
+  return std::string(family) + "_" + dtype + "_" + std::to_string(m) + "x" + std::to_string(n) + "x" +
+         std::to_string(k);
 }
 
 // The device architectures this build has machine code for, as SM numbers (TORCH_CUDA_ARCH_LIST

@@ -17,11 +17,14 @@
 
 #include "conv_kernels.h"
 #include "conv_sm80_epilogue.h"
+#include "cutlass_status.h"
 
 namespace fastres {
 
 // The workspace: the packed pairs first, then CUTLASS's own workspace at a 256-byte boundary.
-inline std::size_t affine_bytes(int k) { return (static_cast<std::size_t>(k) * sizeof(ChannelAffine) + 255) / 256 * 256; }
+inline std::size_t affine_bytes(int k) {
+  return (static_cast<std::size_t>(k) * sizeof(ChannelAffine) + 255) / 256 * 256;
+}
 
 // Packs (scale or 1, shift or 0) per channel into the workspace's pairs (conv_common.cu).
 std::string pack_affine(const ConvArgs& a, void* workspace, cudaStream_t stream);
@@ -60,11 +63,7 @@ struct Sm80ConvBnAct {
   }
 
   static std::string check(const ConvArgs& a) {
-    cutlass::Status status = Conv::can_implement(arguments(a, nullptr));
-    if (status != cutlass::Status::kSuccess) {
-      return std::string("CUTLASS can_implement rejected the problem: ") + cutlass::cutlassGetStatusString(status);
-    }
-    return "";
+    return can_implement_reason(Conv::can_implement(arguments(a, nullptr)));
   }
 
   static std::size_t workspace_bytes(const ConvArgs& a) {
@@ -79,12 +78,7 @@ struct Sm80ConvBnAct {
     Conv conv;
     cutlass::Status status = conv.initialize(arguments(a, affine), conv_workspace, stream);
     if (status == cutlass::Status::kSuccess) status = conv(stream);
-    if (status != cutlass::Status::kSuccess) {
-      return std::string("CUTLASS conv failed: ") + cutlass::cutlassGetStatusString(status);
-    }
-    cudaError_t launch = cudaGetLastError();
-    if (launch != cudaSuccess) return std::string("CUDA error after the CUTLASS conv launch: ") + cudaGetErrorString(launch);
-    return "";
+    return launch_result(status);
   }
 
   static ConvKernel entry(const char* dtype) {

@@ -25,6 +25,7 @@
 #include "cutlass/epilogue/thread/activation.h"
 
 #include "conv_kernels.h"
+#include "cutlass_status.h"
 
 namespace fastres {
 
@@ -84,27 +85,15 @@ struct Sm90ConvBnAct {
     return args;
   }
 
-  static std::string check(const ConvArgs& a) {
-    cutlass::Status status = Conv::can_implement(arguments(a));
-    if (status != cutlass::Status::kSuccess) {
-      return std::string("CUTLASS can_implement rejected the problem: ") + cutlass::cutlassGetStatusString(status);
-    }
-    return "";
-  }
+  static std::string check(const ConvArgs& a) { return can_implement_reason(Conv::can_implement(arguments(a))); }
 
   static std::size_t workspace_bytes(const ConvArgs& a) { return Conv::get_workspace_size(arguments(a)); }
 
   static std::string run(const ConvArgs& a, void* workspace, cudaStream_t stream) {
     Conv conv;
-    auto args = arguments(a);
-    cutlass::Status status = conv.initialize(args, workspace, stream);
+    cutlass::Status status = conv.initialize(arguments(a), workspace, stream);
     if (status == cutlass::Status::kSuccess) status = conv.run(stream);
-    if (status != cutlass::Status::kSuccess) {
-      return std::string("CUTLASS conv failed: ") + cutlass::cutlassGetStatusString(status);
-    }
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return std::string("CUDA error after the CUTLASS conv launch: ") + cudaGetErrorString(err);
-    return "";
+    return launch_result(status);
   }
 
   static ConvKernel entry(const char* dtype) {

@@ -108,8 +108,8 @@ std::string static_reason(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef 
   }
   if (groups != 1) return "grouped convolution (groups=" + std::to_string(groups) + ") is not covered by the CUTLASS kernels";
   if (x[1] % 8 != 0 || w[0] % 8 != 0) {
-    return "CUTLASS's 16-byte vector loads (TMA on Hopper, cp.async on Ampere) need C and K to be multiples of 8, got C=" + std::to_string(x[1]) +
-           ", K=" + std::to_string(w[0]);
+    return "CUTLASS's 16-byte vector loads (TMA on Hopper, cp.async on Ampere) need C and K to be "
+           "multiples of 8, got C=" + std::to_string(x[1]) + ", K=" + std::to_string(w[0]);
   }
   float lower, upper;
   if (!clamp_bounds(act, &lower, &upper)) {
@@ -128,31 +128,42 @@ std::string static_reason(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef 
   return "";
 }
 
+// Which kernels for (dtype, arch) cover a problem: the shared rules first, then each kernel's own
+// can_implement. `reason` is why none does ("" when one does), `usable` the ids of those that do.
+struct Coverage {
+  std::string reason;
+  std::vector<int64_t> usable;
+};
+
+Coverage coverage(at::IntArrayRef x_size, at::IntArrayRef w_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype, c10::string_view act, int64_t arch) {
+  Coverage result{static_reason(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch), {}};
+  if (!result.reason.empty()) return result;
+  const ConvArgs args = make_args(x_size, w_size, stride, padding, dilation, act);
+  const std::vector<ConvKernel>& kernels = kernels_for(dtype, arch);
+  std::string first_rejection;
+  for (std::size_t i = 0; i < kernels.size(); ++i) {
+    std::string why = kernels[i].check(args);
+    if (why.empty()) {
+      result.usable.push_back(static_cast<int64_t>(i));
+    } else if (first_rejection.empty()) {
+      first_rejection = "no tile config accepts the problem (" + kernels[i].name + ": " + why + ")";
+    }
+  }
+  if (result.usable.empty()) result.reason = first_rejection;
+  return result;
+}
+
 std::vector<int64_t> cutlass_usable_configs(at::IntArrayRef x_size, at::IntArrayRef w_size, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                             at::ScalarType dtype, c10::string_view act, int64_t arch) {
-  std::vector<int64_t> usable;
-  if (!static_reason(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch).empty()) return usable;
-  const ConvArgs args = make_args(x_size, w_size, stride, padding, dilation, act);
-  const std::vector<ConvKernel>& kernels = kernels_for(dtype, arch);
-  for (std::size_t i = 0; i < kernels.size(); ++i) {
-    if (kernels[i].check(args).empty()) usable.push_back(static_cast<int64_t>(i));
-  }
-  return usable;
+  return coverage(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch).usable;
 }
 
 std::string cutlass_unsupported_reason(at::IntArrayRef x_size, at::IntArrayRef w_size, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                        at::ScalarType dtype, c10::string_view act, int64_t arch) {
-  std::string reason = static_reason(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch);
-  if (!reason.empty()) return reason;
-  const ConvArgs args = make_args(x_size, w_size, stride, padding, dilation, act);
-  for (const ConvKernel& kernel : kernels_for(dtype, arch)) {
-    std::string why = kernel.check(args);
-    if (why.empty()) return "";
-    if (reason.empty()) reason = "no tile config accepts the problem (" + kernel.name + ": " + why + ")";
-  }
-  return reason;
+  return coverage(x_size, w_size, stride, padding, dilation, groups, dtype, act, arch).reason;
 }
 
 std::string cutlass_configs(at::ScalarType dtype, int64_t arch) {
@@ -184,8 +195,8 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast),
               "cutlass_conv_bn_act: ", name, " must be a 4-D channels_last-contiguous tensor");
   TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, "cutlass_conv_bn_act: ", name,
-              " must start on a 16-byte boundary (the kernels' vector loads need it); got a view at storage offset ",
-              t.storage_offset());
+              " must start on a 16-byte boundary (the kernels' vector loads need it); got a view at storage ",
+              "offset ", t.storage_offset());
 }
 
 void check_vector(const std::optional<at::Tensor>& v, const char* name, const at::Tensor& x, int64_t k) {
