@@ -125,7 +125,7 @@ def test_gpu_non_default_stream_and_layouts(backend):
 
 
 def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
-    """The same values, dense in t's layout, but starting 2 bytes past a 16-byte boundary."""
+    """The same values, dense in t's layout, but starting one element past a 16-byte boundary."""
     flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
     if t.dim() == 1:
         return flat.copy_(t)
