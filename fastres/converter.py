@@ -12,7 +12,9 @@ fused. In each graph a chain is fused when every link has exactly one user:
 
 nn.Identity nodes are dropped first (timm puts them between BN and ReLU). The conv and BN modules
 stay where they were (the state_dict keys do not change); a FusedConvBN module that refers to
-them replaces the chain in the graph. It runs the eager chain in train mode and whenever a call
+them replaces the chain in the graph. A fused 1x1 conv + BN without activation whose only use is
+another fused chain's residual (a ResNet downsample branch) then becomes that chain's residual
+projection: both convs in one op, the branch's output never stored. It runs the eager chain in train mode and whenever a call
 is outside the op's contract (a broadcasting residual, mixed dtypes), so the answer never changes.
 """
 
@@ -29,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn
+from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_projection_conv
 from fastres.problem import output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
@@ -76,7 +78,13 @@ class FusedConvBN(nn.Module):
         # A tuple keeps conv/bn out of this module's children: no duplicate state_dict keys.
         self._modules_ref = (conv, bn)
         self.conv_name, self.padding, self.act, self.backend = name, padding, act, backend
+        self.projection_name: str | None = None
+        self._projection_ref: tuple[nn.Conv2d, nn.Module] | None = None
         self._warned = False
+
+    def project_residual(self, name: str, conv: nn.Conv2d, bn: nn.Module) -> None:
+        """Take the residual through `conv` (1x1) and `bn` inside this module's op."""
+        self.projection_name, self._projection_ref = name, (conv, bn)
 
     def _fallback(self, why: str) -> None:
         if not self._warned:
@@ -86,25 +94,38 @@ class FusedConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self._modules_ref
-        if bn.training or conv.training:
-            return eager_conv_bn(conv, bn, x, residual, self.act)
-        why = None
-        if x.dim() != 4 or x.dtype != conv.weight.dtype:
-            why = f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
-        elif residual is not None:
-            p, q = output_hw(x.shape[2], x.shape[3], *conv.kernel_size, conv.stride, self.padding, conv.dilation)
-            expected = (x.shape[0], conv.out_channels, p, q)
-            if tuple(residual.shape) != expected or residual.dtype != x.dtype or residual.device != x.device:
-                why = f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {x.dtype}"
+        projection = self._projection_ref
+        if bn.training or conv.training or (projection is not None and (projection[0].training or projection[1].training)):
+            return eager_conv_bn(conv, bn, x, residual, self.act, projection)
+        why = self._outside_contract(x, residual)
         if why is not None:
             self._fallback(why)
-            return eager_conv_bn(conv, bn, x, residual, self.act)
+            return eager_conv_bn(conv, bn, x, residual, self.act, projection)
         if self.padding != conv.padding:
             conv = _PaddedView(conv, self.padding)
-        return fused_conv_bn(conv, bn, x, residual, self.act, self.backend)
+        return fused_conv_bn(conv, bn, x, residual, self.act, self.backend, projection)
+
+    def _outside_contract(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
+        conv = self._modules_ref[0]
+        if x.dim() != 4 or x.dtype != conv.weight.dtype:
+            return f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
+        if residual is None:
+            return None
+        p, q = output_hw(x.shape[2], x.shape[3], *conv.kernel_size, conv.stride, self.padding, conv.dilation)
+        expected = (x.shape[0], conv.out_channels, p, q)
+        got = tuple(residual.shape)
+        if self._projection_ref is not None:
+            pconv = self._projection_ref[0]
+            if residual.dim() != 4 or residual.shape[1] != pconv.in_channels:
+                return f"residual {got} is not the {pconv.in_channels}-channel input of {self.projection_name}"
+            got = (got[0], pconv.out_channels, *output_hw(got[2], got[3], 1, 1, pconv.stride, (0, 0), (1, 1)))
+        if got != expected or residual.dtype != x.dtype or residual.device != x.device:
+            return f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {x.dtype}"
+        return None
 
     def extra_repr(self) -> str:
-        return f"{self.conv_name}, act={self.act!r}, backend={self.backend!r}"
+        projected = "" if self.projection_name is None else f", residual projected by {self.projection_name}"
+        return f"{self.conv_name}, act={self.act!r}, backend={self.backend!r}{projected}"
 
 
 class _PaddedView:
@@ -240,9 +261,54 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         parts = "conv+bn" + ("+add" if residual is not None else "") + ("" if act == "none" else f"+{act}")
         report.entries[name] = f"fused: {parts}"
         fused += 1
+    _fuse_projections(gm, report)
     gm.graph.lint()
     gm.recompile()
     return fused
+
+
+def _fused_module(gm: fx.GraphModule, node: object) -> FusedConvBN | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FusedConvBN):
+            return module
+    return None
+
+
+def _fuse_projections(gm: fx.GraphModule, report: OptimizeReport) -> None:
+    """Fold each fused 1x1 conv + BN whose output is only another fused chain's residual (a ResNet
+    downsample branch) into that chain's op as its residual projection. When the 1x1 branch is
+    the chain that took the add (it came first in the graph), the roles swap: the other branch,
+    a plain conv + BN, becomes the op's main conv and the 1x1 branch its projection."""
+    for node in list(gm.graph.nodes):
+        outer = _fused_module(gm, node)
+        inner_node = node.args[1] if outer is not None and len(node.args) == 2 else None
+        inner = _fused_module(gm, inner_node)
+        if (inner is None or outer.projection_name is not None or len(inner_node.args) != 1
+                or len(inner_node.users) != 1 or inner.act != "none" or inner.projection_name is not None):
+            continue
+        if _projectable(inner):
+            main, main_input, branch, branch_input = outer, node.args[0], inner, inner_node.args[0]
+        elif _projectable(outer):
+            main, main_input, branch, branch_input = inner, inner_node.args[0], outer, node.args[0]
+            main.act = outer.act
+        else:
+            continue
+        main.project_residual(branch.conv_name, *branch._modules_ref)
+        main_target = node.target if main is outer else inner_node.target
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_module(main_target, (main_input, branch_input))
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(inner_node)
+        gm.delete_submodule(inner_node.target if main is outer else node.target)
+        parts = "conv+bn+add" + ("" if main.act == "none" else f"+{main.act}")
+        report.entries[main.conv_name] = f"fused: {parts}"
+        report.entries[branch.conv_name] = f"fused: conv+bn, the projected residual of {main.conv_name} (one op)"
+
+
+def _projectable(module: FusedConvBN) -> bool:
+    return module.padding == (0, 0) and is_projection_conv(module._modules_ref[0])
 
 
 def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport) -> nn.Module:

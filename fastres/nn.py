@@ -1,4 +1,5 @@
 """Fused modules: conv -> BN -> (+ residual) -> activation as one fastres op in eval mode.
+A block's downsample branch (1x1 conv + BN) is the residual's projection inside its last op.
 
 The modules keep ordinary nn.Conv2d / nn.BatchNorm2d children (state_dict keys, .to(), .half(),
 DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torchvision's exact
@@ -59,6 +60,20 @@ def bn_scale_shift(
     return scale, shift
 
 
+Projection = tuple[nn.Conv2d, nn.Module]  # a residual's (1x1 conv, BN): a ResNet downsample branch
+
+
+def is_projection_conv(conv: nn.Module) -> bool:
+    """Whether the op can take `conv` as a residual projection: a plain unpadded 1x1 nn.Conv2d
+    (any stride; dilation means nothing for 1x1; a bias is folded into the BN shift)."""
+    return (type(conv).forward is nn.Conv2d.forward and tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
+            and conv.padding in ((0, 0), "valid", "same"))
+
+
+def _fold_dtype(conv: nn.Conv2d) -> torch.dtype:
+    return torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+
+
 def fused_conv_bn(
     conv: nn.Conv2d,
     bn: nn.Module,
@@ -66,22 +81,32 @@ def fused_conv_bn(
     residual: torch.Tensor | None = None,
     act: str = "relu",
     backend: str = "auto",
+    projection: Projection | None = None,
 ) -> torch.Tensor:
-    """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form)."""
-    fold_dtype = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
-    scale, shift = bn_scale_shift(bn, conv.bias, fold_dtype)
+    """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form); with
+    `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call."""
+    scale, shift = bn_scale_shift(bn, conv.bias, _fold_dtype(conv))
+    extra = {}
+    if projection is not None:
+        pconv, pbn = projection
+        pscale, pshift = bn_scale_shift(pbn, pconv.bias, _fold_dtype(pconv))
+        extra = dict(residual_weight=pconv.weight, residual_scale=pscale, residual_shift=pshift,
+                     residual_stride=pconv.stride)
     return conv_bn_act(
         x, conv.weight, scale, shift, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        act=act, backend=backend,
+        act=act, backend=backend, **extra,
     )
 
 
 def eager_conv_bn(
-    conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu"
+    conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
+    projection: Projection | None = None,
 ) -> torch.Tensor:
     """The same computation as separate eager modules (train mode, and the ground truth)."""
     y = bn(conv(x))
+    if projection is not None:
+        residual = projection[1](projection[0](residual))
     if residual is not None:
         y = y + residual
     return ACT_FUNCTIONS[act](y)
@@ -93,11 +118,22 @@ class _Fused(nn.Module):
     backend: str = "auto"
 
     def _conv_bn(
-        self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu"
+        self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
+        projection: Projection | None = None,
     ) -> torch.Tensor:
         if self.training:
-            return eager_conv_bn(conv, bn, x, residual, act)
-        return fused_conv_bn(conv, bn, x, residual, act, self.backend)
+            return eager_conv_bn(conv, bn, x, residual, act, projection)
+        return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection)
+
+    def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, Projection | None]:
+        """The block's residual and its projection: the downsample's 1x1 conv + BN go into the
+        block's last op (eval) when the op can take them, else run first, as their own op."""
+        if self.downsample is None:
+            return x, None
+        conv, bn = self.downsample[0], self.downsample[1]
+        if is_projection_conv(conv) and len(self.downsample) == 2:
+            return x, (conv, bn)
+        return self._conv_bn(conv, bn, x, act="none"), None
 
 
 class ConvBNAct(_Fused):
@@ -148,9 +184,9 @@ class BasicBlock(_Fused):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self._conv_bn(self.downsample[0], self.downsample[1], x, act="none")
+        residual, projection = self._shortcut(x)
         out = self._conv_bn(self.conv1, self.bn1, x)
-        return self._conv_bn(self.conv2, self.bn2, out, residual=identity)
+        return self._conv_bn(self.conv2, self.bn2, out, residual, projection=projection)
 
 
 class Bottleneck(_Fused):
@@ -176,10 +212,10 @@ class Bottleneck(_Fused):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self._conv_bn(self.downsample[0], self.downsample[1], x, act="none")
+        residual, projection = self._shortcut(x)
         out = self._conv_bn(self.conv1, self.bn1, x)
         out = self._conv_bn(self.conv2, self.bn2, out)
-        return self._conv_bn(self.conv3, self.bn3, out, residual=identity)
+        return self._conv_bn(self.conv3, self.bn3, out, residual, projection=projection)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

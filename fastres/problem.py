@@ -7,6 +7,7 @@ way PyTorch's own conv2d words them where it has a message for the case.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
@@ -54,6 +55,42 @@ def output_hw(h: int, w: int, r: int, s: int, stride: IntPair, padding: IntPair,
     return p, q
 
 
+@dataclass(frozen=True)
+class Projection:
+    """The optional 1x1 conv + BN the residual goes through before the add (a ResNet downsample
+    branch): residual' = conv1x1(residual, weight, stride) * scale + shift."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    stride: IntPair = (1, 1)
+
+
+def _check_projection(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, projection: Projection) -> None:
+    pw = projection.weight
+    if residual is None:
+        raise RuntimeError("residual_weight was given without a residual to project")
+    if residual.dim() != 4:
+        raise RuntimeError(f"Expected 4D (batched) residual to project, but got residual of size: {list(residual.shape)}")
+    if pw.dim() != 4 or pw.shape[0] != weight.shape[0] or pw.shape[1] != residual.shape[1] or tuple(pw.shape[2:]) != (1, 1):
+        raise RuntimeError(
+            f"Expected residual_weight of size {[weight.shape[0], residual.shape[1], 1, 1]} (a 1x1 conv from the "
+            f"residual's {residual.shape[1]} channels to the output's {weight.shape[0]}), but got residual_weight of "
+            f"size {list(pw.shape)}"
+        )
+    if pw.dtype != x.dtype:
+        raise RuntimeError(f"Input type ({_dtype_name(x.dtype)}) and residual_weight type ({_dtype_name(pw.dtype)}) should be the same")
+    for t in (pw, projection.scale, projection.shift):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {t.device}!"
+            )
+    if any(v <= 0 for v in projection.stride):
+        raise RuntimeError("non-positive residual_stride is not supported")
+    _check_vector("residual_scale", projection.scale, pw)
+    _check_vector("residual_shift", projection.shift, pw)
+
+
 def check_inputs(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -65,6 +102,7 @@ def check_inputs(
     dilation: IntPair,
     groups: int,
     act: str,
+    projection: Projection | None = None,
 ) -> list[int]:
     """Validate one call and return the output size [N, K, P, Q]. Raises on any bad input."""
     if x.dim() != 4:
@@ -79,6 +117,8 @@ def check_inputs(
         raise NotImplementedError(f'"conv_bn_act" not implemented for \'{_dtype_name(x.dtype)}\' (supported: {supported})')
     if weight.dtype != x.dtype:
         raise RuntimeError(f"Input type ({_dtype_name(x.dtype)}) and weight type ({_dtype_name(weight.dtype)}) should be the same")
+    if projection is not None:
+        _check_projection(x, weight, residual, projection)
     if residual is not None and residual.dtype != x.dtype:
         raise RuntimeError(
             f"Input type ({_dtype_name(x.dtype)}) and residual type ({_dtype_name(residual.dtype)}) should be the same"
@@ -119,7 +159,15 @@ def check_inputs(
     _check_vector("shift", shift, weight)
     p, q = output_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
     out_shape = [x.shape[0], weight.shape[0], p, q]
-    if residual is not None and list(residual.shape) != out_shape:
+    if projection is not None:
+        projected = [residual.shape[0], weight.shape[0],
+                     *output_hw(residual.shape[2], residual.shape[3], 1, 1, projection.stride, (0, 0), (1, 1))]
+        if projected != out_shape:
+            raise RuntimeError(
+                f"Expected the projected residual to have the output's size {out_shape}, but residual of size "
+                f"{list(residual.shape)} with residual_stride={list(projection.stride)} gives {projected}"
+            )
+    elif residual is not None and list(residual.shape) != out_shape:
         raise RuntimeError(
             f"Expected residual of size {out_shape} (the output's size), but got residual of size {list(residual.shape)}"
         )
@@ -151,6 +199,8 @@ class ConvProblem:
     has_shift: bool
     has_residual: bool
     act: str
+    # The residual's 1x1 conv + BN, itself a conv_bn_act problem (no residual, no activation).
+    projection: ConvProblem | None = None
 
     # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass;
     # these are read several times per op call (dispatch, tuning keys, launch).
@@ -180,8 +230,9 @@ class ConvProblem:
 
     @property
     def flops(self) -> int:
-        """2 * MACs of the convolution (the epilogue's few ops per output are not counted)."""
-        return 2 * self.n * self.p * self.q * self.k * self.c_per_group * self.r * self.s
+        """2 * MACs of the convolution and its projection (the epilogue's few ops per output are not counted)."""
+        own = 2 * self.n * self.p * self.q * self.k * self.c_per_group * self.r * self.s
+        return own + (0 if self.projection is None else self.projection.flops)
 
     @cached_property
     def key(self) -> str:
@@ -192,7 +243,13 @@ class ConvProblem:
             f"st{self.stride[0]}x{self.stride[1]}pd{self.padding[0]}x{self.padding[1]}"
             f"dl{self.dilation[0]}x{self.dilation[1]}g{self.groups}"
             f"-{_dtype_name(self.dtype)}-{flags or 'plain'}-{self.act}"
+            + ("" if self.projection is None else f"-proj[{self.projection.key}]")
         )
+
+    @property
+    def main(self) -> ConvProblem:
+        """This conv with its residual taken as given: what runs after the projection, split apart."""
+        return dataclasses.replace(self, projection=None)
 
     @classmethod
     def from_tensors(
@@ -207,12 +264,19 @@ class ConvProblem:
         dilation: IntPair,
         groups: int,
         act: str,
+        projection: Projection | None = None,
     ) -> ConvProblem:
         """Validate (see check_inputs) and describe one call."""
-        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act)
+        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, projection)
         n, c, h, w = (int(v) for v in x.shape)
         k, _, r, s = (int(v) for v in weight.shape)
+        projected = None
+        if projection is not None:
+            projected = cls(
+                n, *(int(v) for v in residual.shape[1:]), k, 1, 1, tuple(projection.stride), (0, 0), (1, 1), 1, x.dtype,
+                projection.scale is not None, projection.shift is not None, False, "none",
+            )
         return cls(
             n, c, h, w, k, r, s, tuple(stride), tuple(padding), tuple(dilation), int(groups), x.dtype,
-            scale is not None, shift is not None, residual is not None, act,
+            scale is not None, shift is not None, residual is not None, act, projected,
         )

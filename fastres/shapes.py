@@ -5,6 +5,10 @@ resnet18 / resnet50 / resnext50_32x4d make, recorded on the meta device (no memo
 with a TorchDispatchMode. The same layers at a smaller input image give the CPU tests' cases:
 every channel count and kernel shape, small spatial extents. ODD_CASES add the shapes a model
 zoo never makes but a user's net may.
+
+A call with a projected residual (a block's downsample fused into its last conv) is one case
+with `projection` set in `model_projection_cases`, and its two convs (the projection, then the
+conv with a plain residual) in `model_calls` / `model_cases`, the per-conv list.
 """
 
 from __future__ import annotations
@@ -17,9 +21,19 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastres.problem import IntPair, output_hw
+from fastres.problem import IntPair, Projection, output_hw
 
 MODEL_ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "resnext50_32x4d")
+
+
+@dataclass(frozen=True)
+class ProjectionCase:
+    """The residual input of a projected case, (N, c, h, w), and its 1x1 conv's stride."""
+
+    c: int
+    h: int
+    w: int
+    stride: IntPair = (1, 1)
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class ConvCase:
     groups: int = 1
     residual: bool = False
     act: str = "relu"
+    projection: ProjectionCase | None = None  # the residual's 1x1 conv (residual must be True)
 
     @property
     def output_hw(self) -> IntPair:
@@ -47,12 +62,23 @@ class ConvCase:
 
     @property
     def reduction(self) -> int:
+        """This conv's reduction length C/groups * R * S (its fan-in)."""
         return self.c // self.groups * self.r * self.s
+
+    @property
+    def accumulated(self) -> int:
+        """Products summed into each output: the reduction, plus the projection's channels."""
+        return self.reduction + (0 if self.projection is None else self.projection.c)
 
     @property
     def flops(self) -> int:
         p, q = self.output_hw
-        return 2 * self.n * p * q * self.k * self.reduction
+        return 2 * self.n * p * q * self.k * self.accumulated
+
+    def projection_case(self) -> ConvCase:
+        """The projection as a conv of its own: 1x1 over the residual input, no residual, no activation."""
+        pr = self.projection
+        return ConvCase(f"{self.name}/projection", self.n, pr.c, pr.h, pr.w, self.k, 1, 1, pr.stride, act="none")
 
     def replace(self, **changes) -> ConvCase:
         return dataclasses.replace(self, **changes)
@@ -63,7 +89,8 @@ class ConvCase:
 
 @dataclass
 class ConvInputs:
-    """Random inputs for a case: x, weight (Kaiming scale), a BN in eval mode and its folded form."""
+    """Random inputs for a case: x, weight (Kaiming scale), a BN in eval mode and its folded form;
+    for a projected case also the projection's weight, BN and folded form (residual is its input)."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -71,9 +98,48 @@ class ConvInputs:
     scale: torch.Tensor
     shift: torch.Tensor
     residual: torch.Tensor | None
+    projection: Projection | None = None
+    projection_bn: nn.BatchNorm2d | None = None
 
     def op_args(self) -> tuple:
         return (self.x, self.weight, self.scale, self.shift, self.residual)
+
+    def op_kwargs(self) -> dict:
+        """The op's residual_* keyword arguments (none without a projection)."""
+        if self.projection is None:
+            return {}
+        pr = self.projection
+        return dict(residual_weight=pr.weight, residual_scale=pr.scale, residual_shift=pr.shift, residual_stride=pr.stride)
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """Per-channel |scale| for fastres.numerics.compare: the larger of the two branches' scales."""
+        if self.projection is None:
+            return self.scale
+        return torch.maximum(self.scale.abs(), self.projection.scale.abs())
+
+    def reference(self, case: ConvCase, act: str | None = None) -> torch.Tensor:
+        """The float64 ground truth for these inputs: the unfused chain (bn None: no scale/shift)."""
+        from fastres.numerics import reference_conv_bn_act
+
+        residual = self.residual
+        if self.projection is not None:
+            residual = reference_conv_bn_act(residual, self.projection.weight, bn=self.projection_bn,
+                                             stride=self.projection.stride, act="none")
+        return reference_conv_bn_act(
+            self.x, self.weight, bn=self.bn, residual=residual, stride=case.stride,
+            padding=case.padding, dilation=case.dilation, groups=case.groups, act=case.act if act is None else act,
+        )
+
+
+def _random_bn(k: int, gen: torch.Generator) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(k).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0.0, 0.5, generator=gen)
+        bn.running_var.copy_(10.0 ** (torch.rand(k, generator=gen) * 6.0 - 4.0))
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.normal_(0.0, 0.5, generator=gen)
+    return bn
 
 
 def make_inputs(
@@ -88,16 +154,21 @@ def make_inputs(
     x = torch.randn(case.n, case.c, case.h, case.w, generator=gen)
     fan_in = case.reduction
     weight = torch.randn(case.k, case.c // case.groups, case.r, case.s, generator=gen) * (2.0 / max(fan_in, 1)) ** 0.5
-    bn = nn.BatchNorm2d(case.k).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_(0.0, 0.5, generator=gen)
-        bn.running_var.copy_(10.0 ** (torch.rand(case.k, generator=gen) * 6.0 - 4.0))
-        bn.weight.uniform_(0.5, 1.5, generator=gen)
-        bn.bias.normal_(0.0, 0.5, generator=gen)
+    bn = _random_bn(case.k, gen)
     residual = torch.randn(case.n, case.k, p, q, generator=gen) if case.residual else None
     fold_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     scale, shift = fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, dtype=fold_dtype)
     cl = torch.channels_last
+    projection = projection_bn = None
+    if case.projection is not None:
+        pr = case.projection
+        residual = torch.randn(case.n, pr.c, pr.h, pr.w, generator=gen)
+        pweight = torch.randn(case.k, pr.c, 1, 1, generator=gen) * (2.0 / pr.c) ** 0.5
+        projection_bn = _random_bn(case.k, gen)
+        pscale, pshift = fold_bn(projection_bn.running_mean, projection_bn.running_var, projection_bn.weight,
+                                 projection_bn.bias, projection_bn.eps, dtype=fold_dtype)
+        projection = Projection(pweight.to(device=device, dtype=dtype).contiguous(memory_format=cl),
+                                pscale.to(device), pshift.to(device), pr.stride)
     return ConvInputs(
         x=x.to(device=device, dtype=dtype).contiguous(memory_format=cl),
         weight=weight.to(device=device, dtype=dtype).contiguous(memory_format=cl),
@@ -105,6 +176,8 @@ def make_inputs(
         scale=scale.to(device),
         shift=shift.to(device),
         residual=None if residual is None else residual.to(device=device, dtype=dtype).contiguous(memory_format=cl),
+        projection=projection,
+        projection_bn=projection_bn,
     )
 
 
@@ -126,45 +199,80 @@ def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-class _RecordConvCalls(TorchDispatchMode):
-    def __init__(self) -> None:
+class ConvCallRecorder(TorchDispatchMode):
+    """Records every fastres::conv_bn_act call made inside it as a ConvCase (`prefix` starts its name)."""
+
+    def __init__(self, prefix: str = "") -> None:
         super().__init__()
-        self.calls: list[tuple] = []
+        self.prefix = prefix
+        self.cases: list[ConvCase] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.fastres.conv_bn_act.default:
-            self.calls.append(args)
+            self.cases.append(self._case(*args, **(kwargs or {})))
         return func(*args, **(kwargs or {}))
+
+    def _case(self, x, w, _scale, _shift, residual, stride, padding, dilation, groups, act, _backend,
+              residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None) -> ConvCase:
+        n, c, h, wd = x.shape
+        k, _, r, s = w.shape
+        tag = f"{self.prefix}c{c}h{h}-k{k}:{r}x{s}s{stride[0]}" + (f"g{groups}" if groups > 1 else "")
+        projection = None
+        if residual_weight is not None:
+            st = tuple(residual_stride or (1, 1))
+            projection = ProjectionCase(residual.shape[1], residual.shape[2], residual.shape[3], st)
+            tag += f"+proj(c{projection.c}h{projection.h}s{st[0]})"
+        tag += ("+res" if residual is not None and projection is None else "") + ("" if act == "relu" else f"-{act}")
+        return ConvCase(tag, n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
+                        residual is not None, act, projection)
 
 
 @functools.cache
-def model_calls(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
-    """Every conv_bn_act call fastres.models.<arch> makes on a batch x 3 x image x image input, in order."""
+def _recorded_calls(arch: str, batch: int, image: int) -> tuple[ConvCase, ...]:
     from fastres.models import ARCHITECTURES
 
     with torch.device("meta"):
         model = ARCHITECTURES[arch]().eval()
         x = torch.empty(batch, 3, image, image)
-    recorder = _RecordConvCalls()
+    recorder = ConvCallRecorder(f"{arch}:")
     with recorder, torch.no_grad():
         model(x)
-    calls = []
-    for x, w, _scale, _shift, residual, stride, padding, dilation, groups, act, _backend in recorder.calls:
-        n, c, h, wd = x.shape
-        k, _, r, s = w.shape
-        tag = f"{arch}:c{c}h{h}-k{k}:{r}x{s}s{stride[0]}" + (f"g{groups}" if groups > 1 else "")
-        tag += ("+res" if residual is not None else "") + ("" if act == "relu" else f"-{act}")
-        calls.append(ConvCase(tag, n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
-                              residual is not None, act))
-    return tuple(calls)
+    return tuple(recorder.cases)
+
+
+def _split(case: ConvCase) -> tuple[ConvCase, ...]:
+    """A projected case as its two convs, named as the unfused model would name them."""
+    if case.projection is None:
+        return (case,)
+    arch = case.name.split(":", 1)[0]
+    first = case.projection_case()
+    tag = f"{arch}:c{first.c}h{first.h}-k{first.k}:1x1s{first.stride[0]}-none"
+    main_tag = f"{arch}:c{case.c}h{case.h}-k{case.k}:{case.r}x{case.s}s{case.stride[0]}" + (
+        f"g{case.groups}" if case.groups > 1 else "") + "+res" + ("" if case.act == "relu" else f"-{case.act}")
+    return (first.replace(name=tag), case.replace(name=main_tag, projection=None))
+
+
+def model_calls(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
+    """Every conv of fastres.models.<arch> on a batch x 3 x image x image input, in call order (a
+    projected call's projection just before its conv): the per-conv view, each one a conv_bn_act."""
+    return tuple(conv for call in _recorded_calls(arch, batch, image) for conv in _split(call))
+
+
+def _distinct(cases) -> tuple[ConvCase, ...]:
+    distinct: dict[ConvCase, ConvCase] = {}
+    for case in cases:
+        distinct.setdefault(case.replace(name=""), case)
+    return tuple(distinct.values())
 
 
 def model_cases(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
-    """The distinct conv_bn_act calls of fastres.models.<arch> (first occurrence of each)."""
-    distinct: dict[ConvCase, ConvCase] = {}
-    for case in model_calls(arch, batch, image):
-        distinct.setdefault(case.replace(name=""), case)
-    return tuple(distinct.values())
+    """The distinct convs of fastres.models.<arch> (first occurrence of each)."""
+    return _distinct(model_calls(arch, batch, image))
+
+
+def model_projection_cases(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
+    """The distinct calls of fastres.models.<arch> whose residual is projected (downsampling blocks)."""
+    return _distinct(c for c in _recorded_calls(arch, batch, image) if c.projection is not None)
 
 
 ODD_CASES: tuple[ConvCase, ...] = (
@@ -180,4 +288,17 @@ ODD_CASES: tuple[ConvCase, ...] = (
     ConvCase("odd:depthwise-mult2-5x5", 1, 8, 9, 9, 16, 5, 5, stride=(2, 2), padding=(2, 2), groups=8),
     ConvCase("odd:rect-3x1", 1, 8, 10, 6, 8, 3, 1, stride=(2, 1), padding=(1, 0)),
     ConvCase("odd:valid-no-pad", 2, 16, 5, 5, 16, 3, 3),
+)
+
+
+# Projected residuals a model zoo never makes: strides that differ per axis, a grouped or 3x3
+# main conv, projection channels that take several masked BLOCK_K steps, other activations.
+PROJECTION_ODD_CASES: tuple[ConvCase, ...] = (
+    ConvCase("odd:proj-3x3-C20-from-C12s2", 2, 20, 7, 7, 36, 3, 3, padding=(1, 1), residual=True,
+             projection=ProjectionCase(12, 13, 13, (2, 2))),
+    ConvCase("odd:proj-1x1-stride2x1", 1, 24, 5, 9, 40, 1, 1, residual=True, projection=ProjectionCase(8, 9, 9, (2, 1))),
+    ConvCase("odd:proj-groups4-relu6", 2, 16, 6, 6, 32, 3, 3, padding=(1, 1), groups=4, residual=True, act="relu6",
+             projection=ProjectionCase(8, 6, 6)),
+    ConvCase("odd:proj-C72-K20-none", 2, 12, 4, 6, 20, 1, 1, residual=True, act="none",
+             projection=ProjectionCase(72, 7, 11, (2, 2))),
 )

@@ -5,7 +5,8 @@ swapped for a recorder, so the exact arguments a GPU launch would pass are captu
 then specialised as Triton's JIT does (ints equal to 1 become constants, pointers and multiples
 of 16 get the divisibility hint, as triton.tools.compile does) and compiled with triton.compile
 for the target architecture, ptxas included. The report says whether tl.dot became wgmma
-(Hopper) or mma.sync (Ampere) and how much shared memory a program takes.
+(Hopper) or mma.sync (Ampere), how much shared memory a program takes, and its registers per
+thread and its stack bytes (where ptxas puts spilled registers).
 
     python -m fastres.kernels.aot [--arch 90] [--json]
 
@@ -24,8 +25,8 @@ from typing import Callable, Iterator
 import torch
 
 from fastres.numerics import conv_tf32
-from fastres.problem import ConvProblem, empty_output
-from fastres.shapes import ConvCase, model_cases
+from fastres.problem import ConvProblem, Projection, empty_output
+from fastres.shapes import ConvCase, model_cases, model_projection_cases
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 META = torch.device("meta")
@@ -78,6 +79,25 @@ def compile_call(kernel, args: tuple, kwargs: dict, arch: int):
     return triton.compile(source, target=target, options=backend.parse_options(options).__dict__)
 
 
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and the per-thread stack and local bytes of a cubin (cuobjdump -res-usage).
+    ptxas puts spilled registers on the stack: stack_bytes > 0 means the kernel spills."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    return {"registers": int(found[1]), "stack_bytes": int(found[2]), "local_bytes": int(found[3])}
+
+
 def _meta_inputs(case: ConvCase, dtype: torch.dtype):
     cl = torch.channels_last
     x = torch.empty(case.n, case.c, case.h, case.w, dtype=dtype, device=META).contiguous(memory_format=cl)
@@ -85,8 +105,15 @@ def _meta_inputs(case: ConvCase, dtype: torch.dtype):
     scale, shift = (torch.empty(case.k, device=META) for _ in range(2))
     p, q = case.output_hw
     residual = torch.empty(case.n, case.k, p, q, dtype=dtype, device=META).contiguous(memory_format=cl) if case.residual else None
-    problem = ConvProblem.from_tensors(x, w, scale, shift, residual, case.stride, case.padding, case.dilation, case.groups, case.act)
-    return problem, (x, w, scale, shift, residual, empty_output(x, problem.output_shape))
+    projection = None
+    if case.projection is not None:
+        pr = case.projection
+        residual = torch.empty(case.n, pr.c, pr.h, pr.w, dtype=dtype, device=META).contiguous(memory_format=cl)
+        pw = torch.empty(case.k, pr.c, 1, 1, dtype=dtype, device=META).contiguous(memory_format=cl)
+        projection = Projection(pw, torch.empty(case.k, device=META), torch.empty(case.k, device=META), pr.stride)
+    problem = ConvProblem.from_tensors(x, w, scale, shift, residual, case.stride, case.padding, case.dilation,
+                                       case.groups, case.act, projection)
+    return problem, (x, w, scale, shift, residual, empty_output(x, problem.output_shape)), projection
 
 
 @dataclass(frozen=True)
@@ -113,8 +140,8 @@ def _capture(variant: Variant) -> tuple:
                 epilogue.apply_epilogue_(y, scale, shift, torch.empty_like(y), variant.case.act)
         else:
             module = conv_bn_act if variant.kernel == "conv_bn_act" else depthwise
-            problem, tensors = _meta_inputs(variant.case, variant.dtype)
-            extra = {"index_64": variant.index_64} if variant.kernel == "conv_bn_act" else {}
+            problem, tensors, projection = _meta_inputs(variant.case, variant.dtype)
+            extra = {"index_64": variant.index_64, "projection": projection} if variant.kernel == "conv_bn_act" else {}
             with _recording(module, f"{variant.kernel}_kernel") as rec:
                 module.launch(problem, variant.config or module.heuristic(problem), *tensors, **extra)
     (args, kwargs), = rec.calls
@@ -127,12 +154,15 @@ def variants() -> list[Variant]:
     r50 = {c.name.split(":", 1)[1]: c for c in model_cases("resnet50", 128, 224)}
     grouped = next(c for c in model_cases("resnext50_32x4d", 128, 224) if c.groups > 1)
     conv3x3, conv1x1, stem = r50["c64h56-k64:3x3s1"], r50["c256h56-k64:1x1s1"], r50["c3h224-k64:7x7s2"]
+    tail = next(c for c in model_projection_cases("resnet50", 128, 224) if c.name.endswith("k512:1x1s1+proj(c256h56s2)"))
     huge = ConvCase("huge", 1, 8, 2**14, 2**14 + 64, 8, 1, 1)
     return [
         Variant("gemm fp16 3x3", "conv_bn_act", conv3x3, torch.float16),
         Variant("gemm bf16 3x3", "conv_bn_act", conv3x3, torch.bfloat16),
         Variant("gemm fp16 1x1 (plain GEMM)", "conv_bn_act", conv1x1, torch.float16),
         Variant("gemm fp16 1x1 +res", "conv_bn_act", r50["c64h56-k256:1x1s1+res"], torch.float16),
+        Variant("gemm fp16 1x1 +projection", "conv_bn_act", tail, torch.float16),
+        Variant("gemm bf16 1x1 +projection", "conv_bn_act", tail, torch.bfloat16),
         Variant("gemm fp16 stem C=3", "conv_bn_act", stem, torch.float16),
         Variant("gemm fp16 grouped g=32", "conv_bn_act", grouped, torch.float16),
         Variant("gemm fp16 int64 offsets", "conv_bn_act", huge, torch.float16, index_64=True),
@@ -145,6 +175,11 @@ def variants() -> list[Variant]:
     ] + [
         Variant(f"gemm fp16 config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}", "conv_bn_act",
                 r50["c256h28-k256:3x3s2"], torch.float16, config=c)
+        for c in conv_bn_act.CONFIGS
+    ] + [
+        # every config, also those tuning skips for a projection: the report shows their spills
+        Variant(f"gemm fp16 +projection config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}",
+                "conv_bn_act", tail, torch.float16, config=c)
         for c in conv_bn_act.CONFIGS
     ]
 
@@ -160,6 +195,7 @@ def report(arch: int, progress: Callable[[str], None] = lambda _: None) -> list[
             ptx = compiled.asm["ptx"]
             row.update(ok=True, wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync.aligned"),
                        shared_bytes=int(compiled.metadata.shared), cubin_bytes=len(compiled.asm["cubin"]),
+                       **resource_usage(compiled.asm["cubin"]),
                        constexprs={k: v for k, v in kwargs.items() if k.isupper() and isinstance(v, (int, str, bool))})
         except Exception as exc:  # noqa: BLE001 - the report says what failed to compile
             row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
@@ -177,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
-            what = (f"wgmma {r['wgmma']:3d}  mma.sync {r['mma_sync']:3d}  smem {r['shared_bytes']:6d} B"
-                    if r["ok"] else f"FAILED {r['error']}")
-            print(f"sm_{r['arch']}  {r['name']:<28} {what}")
+            what = (f"wgmma {r['wgmma']:3d}  mma.sync {r['mma_sync']:3d}  smem {r['shared_bytes']:6d} B  "
+                    f"regs {r['registers']:3d}  stack {r['stack_bytes']:5d} B" if r["ok"] else f"FAILED {r['error']}")
+            print(f"sm_{r['arch']}  {r['name']:<48} {what}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -11,6 +11,12 @@ views need no copy; channels_last (C innermost) is the fast layout because each 
 then one contiguous run of channels. PLAIN_GEMM (1x1, stride 1, no padding, pixel-dense x)
 drops the im2col index math: the conv is a [N*H*W, C] x [C, K] GEMM. INDEX_64 switches the
 pixel offsets to int64 when a tensor spans more than 2**31 elements.
+
+HAS_PROJECTION (a ResNet block's downsample branch fused into its last conv): the residual is then
+the block's input, and a second GEMM phase computes its strided 1x1 conv into a second fp32
+accumulator with its own BN scale and shift before the add. Two accumulators rather than one GEMM
+over concatenated K: each branch's scale stays an exact fp32 multiply (folding it into fp16
+weights would round them), and a zero BN scale needs no special case.
 """
 
 from __future__ import annotations
@@ -23,23 +29,40 @@ import triton.language as tl
 
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
 from fastres.numerics import conv_tf32_enabled
-from fastres.problem import ConvProblem
+from fastres.problem import ConvProblem, Projection
 
 INT32_MAX = 2**31 - 1
 TUNING_KIND = "triton.conv_bn_act"
 
 
 @triton.jit
+def dot_over_channels(acc, a_rows, sa_c, mask_m, b_cols, sb_c, mask_n, C, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """acc + A[rows, :C] @ B[:C, cols], BLOCK_K channels per step; A rows and B columns are base
+    pointers, channels advance by their strides (a 1x1 conv over pixel rows is this GEMM)."""
+    offs_c = tl.arange(0, BLOCK_K)
+    for c0 in range(0, C, BLOCK_K):
+        cs = c0 + offs_c
+        mask_c = cs < C
+        a = tl.load(a_rows[:, None] + cs[None, :] * sa_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        b = tl.load(b_cols[None, :] + cs[:, None] * sb_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def conv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
-    BATCH, H, W, P, Q, CG, KG,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, pw_ptr, pscale_ptr, pshift_ptr,
+    BATCH, H, W, P, Q, CG, KG, CP,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, pstride_h, pstride_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
     sr_n, sr_c, sr_h, sr_w,
     so_n, so_c, so_h, so_w,
+    spw_k, spw_c,
     R: tl.constexpr, S: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    HAS_PROJECTION: tl.constexpr, HAS_PSCALE: tl.constexpr, HAS_PSHIFT: tl.constexpr,
     PLAIN_GEMM: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -76,12 +99,7 @@ def conv_bn_act_kernel(
     w_cols = w_ptr + k * sw_k
     if PLAIN_GEMM:
         a_rows = x_ptr + offs_m * sx_w + c_base * sx_c
-        for c0 in range(0, CG, BLOCK_K):
-            cs = c0 + offs_c
-            mask_c = cs < CG
-            a = tl.load(a_rows[:, None] + cs[None, :] * sx_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            b = tl.load(w_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = dot_over_channels(acc, a_rows, sx_c, mask_m, w_cols, sw_c, mask_n, CG, BLOCK_K, DOT_PRECISION)
     else:
         x_imgs = x_ptr + n * sx_n + c_base * sx_c
         ih0 = p * stride_h - pad_h
@@ -108,7 +126,14 @@ def conv_bn_act_kernel(
 
     acc = scale_shift(acc, k[None, :], mask_n[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
     mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RESIDUAL:
+    if HAS_PROJECTION:
+        # residual[n, :, p*ps_h, q*ps_w] x w_p[k, :]: always in the image (1x1, no padding).
+        r_rows = res_ptr + n * sr_n + (p * pstride_h) * sr_h + (q * pstride_w) * sr_w
+        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_p = dot_over_channels(acc_p, r_rows, sr_c, mask_m, pw_ptr + k * spw_k, spw_c, mask_n, CP, BLOCK_K,
+                                  DOT_PRECISION)
+        acc = acc + scale_shift(acc_p, k[None, :], mask_n[None, :], pscale_ptr, pshift_ptr, HAS_PSCALE, HAS_PSHIFT)
+    elif HAS_RESIDUAL:
         res = tl.load(res_ptr + (n * sr_n + p * sr_h + q * sr_w)[:, None] + k[None, :] * sr_c, mask=mask, other=0.0)
         acc = acc + res.to(tl.float32)
     acc = activation(acc, ACT)
@@ -174,13 +199,23 @@ def heuristic(problem: ConvProblem) -> Config:
     block_k = 32 if problem.dtype == torch.float32 else 64
     block_k = max(16, min(block_k, triton.next_power_of_2(problem.c_per_group)))
     block_m = 128 if m >= 128 * 64 else 64
+    if problem.projection is not None:
+        # Two live accumulators: 64x128 on 4 warps compiles without spills for sm_90 and sm_80
+        # (python -m fastres.kernels.aot); 128x128 on 8 warps spills 104 B per thread on sm_90.
+        block_m = 64
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return Config(block_m, block_n, block_k, 8, warps, 3)
 
 
+def _accumulators_fit(cfg: Config, problem: ConvProblem) -> bool:
+    """A projection keeps two fp32 accumulators live: at most 64 values each per thread, else
+    both no longer fit in the 255 registers next to the operand fragments and the kernel spills."""
+    return problem.projection is None or cfg.BLOCK_M * cfg.BLOCK_N <= 64 * 32 * cfg.num_warps
+
+
 def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
     smem = _shared_mem(device)
-    return [c for c in CONFIGS if _fits(c, problem, smem)]
+    return [c for c in CONFIGS if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
 
 
 def _pixel_dense(t: torch.Tensor) -> bool:
@@ -211,8 +246,10 @@ def launch(
     residual: torch.Tensor | None,
     out: torch.Tensor,
     index_64: bool | None = None,
+    projection: Projection | None = None,
 ) -> torch.Tensor:
-    """Run the kernel with one config into `out` (any strides). Scale/shift must be float32."""
+    """Run the kernel with one config into `out` (any strides). Scale/shift must be float32.
+    With `projection`, `residual` is the tensor it projects (problem.projection describes it)."""
     plain = (
         problem.r == problem.s == 1 and problem.stride == (1, 1) and problem.padding == (0, 0) and _pixel_dense(x)
     )
@@ -227,14 +264,23 @@ def launch(
         problem.groups,
     )
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    pw = projection.weight if projection is not None else None
     conv_bn_act_kernel[grid](
         x, weight, scale, shift, residual, out,
+        pw, *((projection.scale, projection.shift) if projection is not None else (None, None)),
         problem.n, problem.h, problem.w, problem.p, problem.q, problem.c_per_group, problem.k_per_group,
+        pw.shape[1] if pw is not None else 0,
         *problem.stride, *problem.padding, *problem.dilation,
+        *(projection.stride if projection is not None else (1, 1)),
         *x.stride(), *weight.stride(), *res_strides, *out.stride(),
+        *(pw.stride()[:2] if pw is not None else (0, 0)),
         R=problem.r, S=problem.s,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        ACT=ACT_CODES[problem.act], PLAIN_GEMM=plain, INDEX_64=index_64, DOT_PRECISION=precision,
+        ACT=ACT_CODES[problem.act],
+        HAS_PROJECTION=pw is not None,
+        HAS_PSCALE=pw is not None and projection.scale is not None,
+        HAS_PSHIFT=pw is not None and projection.shift is not None,
+        PLAIN_GEMM=plain, INDEX_64=index_64, DOT_PRECISION=precision,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -14,7 +14,7 @@ import torch
 
 import fastres
 from fastres import tuning
-from fastres.shapes import ODD_CASES, model_cases, make_inputs
+from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, make_inputs, model_cases, model_projection_cases
 from helpers import INTERPRETER, assert_matches, poison_cuda_allocator, reference_for, run_op_case
 
 CPU = torch.device("cpu")
@@ -35,11 +35,71 @@ def test_cudnn_backend_activations(act):
     run_op_case(ODD_CASES[1].replace(act=act, residual=True), torch.float32, "cudnn", CPU)
 
 
+# --- projected residuals: fused where a backend can, two calls where it cannot ---------------
+
+PROJECTION_CASES = list(model_projection_cases("resnet50", 2, 32)[:2]) + list(PROJECTION_ODD_CASES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", PROJECTION_CASES, ids=str)
+def test_reference_backend_projected_residual(case, dtype):
+    run_op_case(case, dtype, "reference", CPU)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", PROJECTION_CASES, ids=str)
+def test_cudnn_backend_runs_a_projection_as_two_calls(case, monkeypatch):
+    from fastres.backends import cudnn
+
+    calls = []
+    real = cudnn.run
+    monkeypatch.setattr(cudnn, "run", lambda problem, *args: calls.append(problem) or real(problem, *args))
+    run_op_case(case, torch.float32, "cudnn", CPU)
+    assert [c.projection for c in calls] == [None, None] and [c.has_residual for c in calls] == [False, True]
+    assert (calls[0].c, calls[0].k, calls[0].r, calls[0].act) == (case.projection.c, case.k, 1, "none")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("candidates", [["split", "triton"], ["triton", "split"]])
+def test_auto_times_the_fused_kernel_against_two_calls(candidates, monkeypatch):
+    """A projected call's "auto" candidates are the two calls (each by "auto") and every backend that
+    fuses it; the faster is remembered under the projected problem's key, and then reused."""
+    from fastres import backends, tuning
+    from fastres.problem import ConvProblem
+
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(backends, "_auto_candidates", lambda device, problem: list(candidates)
+                        if problem.projection is not None else ["reference"])
+    case = PROJECTION_ODD_CASES[0]
+    run_op_case(case, torch.float32, "auto", CPU)
+    inputs = make_inputs(case, torch.float32)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
+                                       case.act, inputs.projection)
+    chosen = tuning.lookup(CPU, "auto", problem.key)
+    assert chosen in candidates
+    other = next(c for c in candidates if c != chosen)
+    monkeypatch.setattr(backends, "_auto_candidates", lambda device, problem: [other])
+    assert backends.choose(problem, CPU, ()) == chosen
+
+
+def test_auto_on_cpu_fuses_the_projection_in_the_reference():
+    from fastres import backends
+
+    case = PROJECTION_ODD_CASES[0]
+    inputs = make_inputs(case, torch.float32)
+    from fastres.problem import ConvProblem
+
+    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
+                                       case.act, inputs.projection)
+    assert backends._auto_candidates(CPU, problem) == ["reference"]
+    assert "-proj[" in problem.key and problem.projection.key in problem.key and problem.main.projection is None
+
+
 # --- GPU matrix ----------------------------------------------------------------------------
 
 GPU_CASES = list(model_cases("resnet50", 32, 224)) + list(model_cases("resnext50_32x4d", 32, 224)) + [
     c.replace(residual=True) for c in ODD_CASES
-]
+] + list(model_projection_cases("resnet50", 32, 224)) + list(PROJECTION_ODD_CASES)
 
 
 def _run_gpu(case, dtype, backend):
@@ -48,9 +108,9 @@ def _run_gpu(case, dtype, backend):
     poison_cuda_allocator(case.n * case.k * p * q * inputs.x.element_size(), GPU)
     out = fastres.ops.conv_bn_act(
         *inputs.op_args(), stride=case.stride, padding=case.padding, dilation=case.dilation,
-        groups=case.groups, act=case.act, backend=backend,
+        groups=case.groups, act=case.act, backend=backend, **inputs.op_kwargs(),
     )
-    assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.scale)
+    assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.gain)
 
 
 @pytest.mark.gpu
@@ -65,8 +125,11 @@ def test_gpu_backend_matrix(case, dtype, backend):
         from fastres.problem import ConvProblem
 
         inputs = make_inputs(case, dtype, GPU)
-        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups, case.act)
-        problem_reason = _BACKENDS[backend].unsupported_reason(problem, GPU)
+        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
+                                           case.act, inputs.projection)
+        # A backend that does not fuse a projection runs it as two calls: either may be unsupported.
+        halves = [problem] if problem.projection is None else [problem.projection, problem.main]
+        problem_reason = next((r for h in halves if (r := _BACKENDS[backend].unsupported_reason(h, GPU))), None)
     if problem_reason is not None:
         with pytest.raises(NotImplementedError, match="does not support"):
             _run_gpu(case, dtype, backend)

@@ -29,6 +29,7 @@ def test_layers_smoke_writes_table_json_and_plot(tmp_path):
                                              "fastres-triton", "fastres-cudnn", "fastres-auto"}
     assert all(r["correct"] for r in rows) and all(r["median_ms"] > 0 for r in rows)
     assert all(set(r["speedup"]) >= {"eager-cl"} for r in rows if r["contender"].startswith("fastres"))
+    assert len({r["name"] for r in rows if "+proj(" in r["name"]}) == 1  # a block tail with its downsample
     assert next(tmp_path.glob("layers-*-smoke.png")).stat().st_size > 10_000
     assert "fastres-triton" in run.stdout and "median ms" in run.stdout
 

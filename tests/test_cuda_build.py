@@ -74,7 +74,7 @@ def test_unsupported_cases_name_the_reason():
     assert _reason(plain, arch=80) == "" and _reason(plain, arch=89) == ""
     assert "float32" in _reason(plain, dtype=torch.float32) or "Float" in _reason(plain, dtype=torch.float32)
     assert _reason(plain, act="relu6") == "" and _reason(plain, act="none") == ""
-    widening = model_cases("resnet50", 8, 224)[1]  # 64 -> 256 channels
+    widening = next(c for c in model_cases("resnet50", 8, 224) if c.name.endswith("c64h56-k256:1x1s1-none"))
     huge_output = widening.replace(n=8 * 512)  # 3.3e9 output elements from 8.2e8 input elements
     assert "2**31 elements" in _reason(huge_output) and _reason(widening) == ""
 

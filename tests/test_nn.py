@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import fastres
 from fastres.nn import ConvBNAct, bn_scale_shift, eager_conv_bn, set_backend
+from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
 from helpers import INTERPRETER
 
 
@@ -181,3 +182,37 @@ def test_many_threads_share_one_fused_model():
     for i, outs in results.items():
         for out in outs:
             torch.testing.assert_close(out, expected[i], rtol=0, atol=0)
+
+
+def _downsampling_block(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "bottleneck":
+        down = nn.Sequential(nn.Conv2d(32, 64, 1, stride=2, bias=False), nn.BatchNorm2d(64))
+        block = fastres.nn.Bottleneck(32, 16, stride=2, downsample=down)
+    else:
+        down = nn.Sequential(nn.Conv2d(32, 48, 1, stride=2, bias=False), nn.BatchNorm2d(48))
+        block = fastres.nn.BasicBlock(32, 48, stride=2, downsample=down)
+    return randomize_batchnorm_(block).eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cudnn"])
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_a_downsampling_block_projects_its_residual_in_the_last_op(kind, backend):
+    """The downsample branch (1x1 conv + BN) rides in the block's last op: one call fewer, same answer."""
+    if backend != "reference" and not INTERPRETER:
+        pytest.skip("CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+    block = set_backend(_downsampling_block(kind), backend)
+    x = torch.randn(2, 32, 9, 9)
+    with ConvCallRecorder() as calls, torch.no_grad():
+        out = block(x)
+    assert len(calls.cases) == (3 if kind == "bottleneck" else 2)
+    assert calls.cases[-1].projection == ProjectionCase(32, 9, 9, (2, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(out, _eager_forward(block, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_downsampling_block_trains_its_projection_bn():
+    block = _downsampling_block("bottleneck").train()
+    before = block.downsample[1].running_mean.clone()
+    block(torch.randn(2, 32, 9, 9))
+    assert not torch.equal(before, block.downsample[1].running_mean)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastres
 from fastres.numerics import reference_conv_bn_act
-from fastres.shapes import ODD_CASES, ConvCase, make_inputs
+from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs
 from helpers import DEVICE, INTERPRETER, assert_matches, run_op_case
 
 CASE = ConvCase("api", 2, 8, 6, 6, 16, 3, 3, padding=(1, 1), residual=True)
@@ -22,12 +22,15 @@ def test_wrapper_signature_is_the_documented_one():
     assert list(sig.parameters) == [
         "x", "weight", "scale", "shift", "residual",
         "stride", "padding", "dilation", "groups", "act", "backend",
+        "residual_weight", "residual_scale", "residual_shift", "residual_stride",
     ]
     kw_only = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert kw_only == ["stride", "padding", "dilation", "groups", "act", "backend"]
+    assert kw_only == ["stride", "padding", "dilation", "groups", "act", "backend",
+                       "residual_weight", "residual_scale", "residual_shift", "residual_stride"]
     defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
     assert defaults == {"scale": None, "shift": None, "residual": None, "stride": 1, "padding": 0,
-                        "dilation": 1, "groups": 1, "act": "relu", "backend": "auto"}
+                        "dilation": 1, "groups": 1, "act": "relu", "backend": "auto", "residual_weight": None,
+                        "residual_scale": None, "residual_shift": None, "residual_stride": None}
     assert fastres.conv_bn_act is fastres.ops.conv_bn_act
     assert torch.ops.fastres.conv_bn_act.default is not None
 
@@ -123,6 +126,28 @@ BAD_INPUTS = [
      r"expected stride to be a single integer value or a list of 2 values"),
     ("unknown activation", dict(act="gelu"), ValueError, r"act must be one of 'none', 'relu', 'relu6', 'silu', but got 'gelu'"),
     ("unknown backend", dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),
+    # a projected residual: (2, 4, 12, 12) through a stride-2 1x1 conv to the (2, 6, 6, 6) output
+    ("residual_weight without a residual", dict(residual_weight=torch.randn(6, 4, 1, 1)), RuntimeError,
+     r"residual_weight was given without a residual to project"),
+    ("residual_scale without residual_weight", dict(residual=torch.randn(2, 6, 6, 6), residual_scale=torch.ones(6)),
+     RuntimeError, r"residual_scale given without residual_weight"),
+    ("residual_weight not 1x1", dict(residual=torch.randn(2, 4, 12, 12), residual_weight=torch.randn(6, 4, 3, 3),
+                                     residual_stride=2), RuntimeError,
+     r"Expected residual_weight of size \[6, 4, 1, 1\] .* but got residual_weight of size \[6, 4, 3, 3\]"),
+    ("residual_weight channels not the residual's", dict(residual=torch.randn(2, 5, 12, 12),
+                                                         residual_weight=torch.randn(6, 4, 1, 1), residual_stride=2),
+     RuntimeError, r"Expected residual_weight of size \[6, 5, 1, 1\]"),
+    ("projected residual of wrong size", dict(residual=torch.randn(2, 4, 12, 12), residual_weight=torch.randn(6, 4, 1, 1)),
+     RuntimeError, r"Expected the projected residual to have the output's size \[2, 6, 6, 6\], but residual of size "
+                   r"\[2, 4, 12, 12\] with residual_stride=\[1, 1\] gives \[2, 6, 12, 12\]"),
+    ("residual_weight dtype differs", dict(residual=torch.randn(2, 4, 12, 12), residual_stride=2,
+                                           residual_weight=torch.randn(6, 4, 1, 1, dtype=torch.float16)),
+     RuntimeError, r"Input type \(float32\) and residual_weight type \(float16\) should be the same"),
+    ("residual_scale of wrong length", dict(residual=torch.randn(2, 4, 12, 12), residual_weight=torch.randn(6, 4, 1, 1),
+                                            residual_stride=2, residual_scale=torch.ones(4)), RuntimeError,
+     r"expected residual_scale to be 1-dimensional with 6 elements, but got residual_scale of size \[4\]"),
+    ("non-positive residual_stride", dict(residual=torch.randn(2, 4, 12, 12), residual_weight=torch.randn(6, 4, 1, 1),
+                                          residual_stride=0), RuntimeError, r"non-positive residual_stride is not supported"),
 ]
 
 
@@ -171,26 +196,49 @@ def test_backend_status_names_every_backend_and_why():
 
 def test_opcheck_passes():
     inputs = make_inputs(CASE, torch.float32)
+    projected = make_inputs(PROJECTION_ODD_CASES[0], torch.float32)
+    pr = projected.projection
     for args in (
         (*inputs.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference"),
         (inputs.x, inputs.weight, None, None, None, [2, 2], [1, 1], [1, 1], 1, "none", "reference"),
+        (*projected.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference", pr.weight, pr.scale, pr.shift, [2, 2]),
+        (*projected.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference", pr.weight, None, None, [2, 2]),
     ):
         torch.library.opcheck(torch.ops.fastres.conv_bn_act.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PROJECTION_ODD_CASES, ids=str)
+def test_projected_residual_is_the_unfused_downsample(case, dtype):
+    """residual_weight & co. compute act(bn(conv(x)) + bn_p(conv1x1(residual))), the block with its
+    downsample branch, within the same tolerance as a plain call."""
+    run_op_case(case, dtype, "reference", torch.device("cpu"))
+
+
+def test_projection_without_scale_or_shift_is_a_plain_1x1_conv():
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    residual, pw = torch.randn(2, 3, 9, 10), torch.randn(6, 3, 1, 1)
+    out = fastres.ops.conv_bn_act(x, w, residual=residual, act="none", backend="reference",
+                                  residual_weight=pw, residual_stride=(3, 4))
+    torch.testing.assert_close(out, F.conv2d(x, w) + F.conv2d(residual, pw, stride=(3, 4)), rtol=1.3e-6, atol=1e-5)
+
+
 class _TinyBlock(torch.nn.Module):
-    """conv-bn-relu then conv-bn-add-relu, through the op."""
+    """conv-bn-relu, conv-bn-add-relu, then conv-bn-add-relu with a projected residual, through the op."""
 
     def __init__(self):
         super().__init__()
         self.w1 = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
         self.w2 = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+        self.wp = torch.nn.Parameter(torch.randn(8, 8, 1, 1) * 0.3)
         self.register_buffer("scale", torch.rand(8) + 0.5)
         self.register_buffer("shift", torch.randn(8))
 
     def forward(self, x):
         y = fastres.ops.conv_bn_act(x, self.w1, self.scale, self.shift, padding=1, backend="reference")
-        return fastres.ops.conv_bn_act(y, self.w2, self.scale, self.shift, x, padding=1, backend="reference")
+        y = fastres.ops.conv_bn_act(y, self.w2, self.scale, self.shift, x, padding=1, backend="reference")
+        return fastres.ops.conv_bn_act(y, self.w2, self.scale, self.shift, x, padding=1, backend="reference",
+                                       residual_weight=self.wp, residual_scale=self.scale, residual_stride=1)
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -208,7 +256,7 @@ def test_torch_export_keeps_the_op():
     x = torch.randn(2, 8, 6, 6)
     exported = torch.export.export(model, (x,))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.fastres.conv_bn_act.default) == 2
+    assert targets.count(torch.ops.fastres.conv_bn_act.default) == 3
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x))
 

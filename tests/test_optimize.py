@@ -14,7 +14,7 @@ import torchvision
 
 import fastres
 from fastres.converter import FusedConvBN
-from fastres.shapes import randomize_batchnorm_
+from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
@@ -30,8 +30,9 @@ def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = No
     if total is not None:
         assert len(report.entries) == total, str(report)
     assert set(optimized.state_dict()) == keys
-    assert sum(isinstance(m, FusedConvBN) for m in optimized.modules()) == sum(
-        w != "fused: already a fastres module" for w in [report.entries[n] for n in report.fused])
+    own_ops = [w for w in (report.entries[n] for n in report.fused)
+               if w != "fused: already a fastres module" and "projected residual" not in w]
+    assert sum(isinstance(m, FusedConvBN) for m in optimized.modules()) == len(own_ops)
     return optimized
 
 
@@ -41,9 +42,14 @@ def test_torchvision_resnets_are_fully_fused(arch, convs):
     optimized = _check(getattr(torchvision.models, arch)(), torch.randn(2, 3, 64, 64), fused=convs, total=convs)
     report = optimized.fastres_report
     assert report.entries["conv1"] == "fused: conv+bn+relu"
-    assert report.entries["layer2.0.downsample.0"] == "fused: conv+bn"
-    last = "layer1.0.conv3" if arch != "resnet18" else "layer1.0.conv2"
+    last = "layer2.0.conv3" if arch != "resnet18" else "layer2.0.conv2"
     assert report.entries[last] == "fused: conv+bn+add+relu"
+    assert report.entries["layer2.0.downsample.0"] == f"fused: conv+bn, the projected residual of {last} (one op)"
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(1, 3, 32, 32))
+    downsamples = 3 if arch == "resnet18" else 4
+    assert len(calls.cases) == convs - downsamples
+    assert sum(c.projection is not None for c in calls.cases) == downsamples
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet18d", "resnext50_32x4d", "seresnet50"])
@@ -152,6 +158,50 @@ def test_unfusable_chains_stay_eager_with_reasons():
     assert "running statistics" in eager["no_stats"]
 
 
+class Downsampling(nn.Module):
+    """A block whose shortcut is a 1x1 conv + BN; `shortcut` says what else happens to it."""
+
+    def __init__(self, shortcut: str):
+        super().__init__()
+        self.shortcut = shortcut
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        kernel = 3 if shortcut == "3x3" else 1
+        self.down = nn.Sequential(nn.Conv2d(8, 16, kernel, stride=2, padding=kernel // 2, bias=True), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        identity = self.down(x)
+        if self.shortcut == "relu":
+            identity = F.relu(identity)
+        out = F.relu(self.bn(self.conv(x)) + identity)
+        return out + identity if self.shortcut == "reused" else out
+
+
+def test_a_1x1_shortcut_becomes_the_projected_residual():
+    optimized = _check(Downsampling("1x1"), torch.randn(2, 8, 9, 9), fused=2, total=2)
+    assert optimized.fastres_report.entries["down.0"] == "fused: conv+bn, the projected residual of conv (one op)"
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(2, 8, 9, 9))
+    assert [c.projection for c in calls.cases] == [ProjectionCase(8, 9, 9, (2, 2))]
+
+
+@pytest.mark.parametrize("shortcut", ["3x3", "relu", "reused"])
+def test_shortcuts_that_are_not_a_plain_projection_stay_their_own_op(shortcut):
+    optimized = _check(Downsampling(shortcut), torch.randn(2, 8, 9, 9), fused=2, total=2)
+    assert "projected residual" not in str(optimized.fastres_report)
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(2, 8, 9, 9))
+    assert len(calls.cases) == 2 and all(c.projection is None for c in calls.cases)
+
+
+def test_a_projected_residual_of_another_shape_runs_eagerly_and_says_so():
+    optimized = fastres.optimize(randomize_batchnorm_(Downsampling("1x1")).eval())
+    module = next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.projection_name)
+    x, residual = torch.randn(2, 8, 9, 9), torch.randn(2, 8, 11, 11)
+    with pytest.warns(RuntimeWarning, match="ran eagerly"), torch.no_grad():
+        with pytest.raises(RuntimeError):  # the eager chain's own error: 5x5 + 6x6 does not add
+            module(x, residual)
+
+
 def test_a_model_with_nothing_to_fuse_comes_back_working():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     optimized = fastres.optimize(model.eval())
@@ -226,8 +276,13 @@ def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
 def test_train_mode_after_optimize_runs_eagerly():
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     optimized = fastres.optimize(model, channels_last=False).train()  # same layout: same summation order
+    eager = copy.deepcopy(model).train()
     x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(optimized(x), copy.deepcopy(model).train()(x))
+    torch.testing.assert_close(optimized(x), eager(x))
+    stats = {k: v for k, v in eager.state_dict().items() if "running" in k}
+    assert "layer2.0.downsample.1.running_mean" in stats  # a projected residual's BN learns too
+    for key, value in stats.items():
+        torch.testing.assert_close(optimized.state_dict()[key], value)
 
 
 def test_torch_compile_on_the_optimized_model():

@@ -20,7 +20,8 @@ from fastres.kernels import conv_bn_act as gemm_kernel
 from fastres.kernels import depthwise as depthwise_kernel
 from fastres.numerics import reference_conv_bn_act
 from fastres.problem import ConvProblem
-from fastres.shapes import MODEL_ARCHS, ODD_CASES, ConvCase, make_inputs, model_cases
+from fastres.shapes import (MODEL_ARCHS, ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs, model_cases,
+                            model_projection_cases)
 from fastres.numerics import conv_tf32
 from helpers import INTERPRETER, assert_matches, reference_for, relayout, run_op_case
 
@@ -37,6 +38,8 @@ def _distinct(cases) -> list[ConvCase]:
 
 CPU_MODEL_CASES = _distinct(c for arch in MODEL_ARCHS for c in model_cases(arch, batch=2, image=32))
 GPU_MODEL_CASES = _distinct(c for arch in MODEL_ARCHS for c in model_cases(arch, batch=32, image=224))
+CPU_PROJECTION_CASES = _distinct(c for arch in MODEL_ARCHS for c in model_projection_cases(arch, batch=2, image=32))
+GPU_PROJECTION_CASES = _distinct(c for arch in MODEL_ARCHS for c in model_projection_cases(arch, batch=32, image=224))
 CPU = torch.device("cpu")
 needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
 
@@ -55,15 +58,16 @@ def run_kernel_case(
     x = relayout(inputs.x, layout)
     problem = ConvProblem.from_tensors(
         x, inputs.weight, inputs.scale, inputs.shift, inputs.residual,
-        case.stride, case.padding, case.dilation, case.groups, case.act,
+        case.stride, case.padding, case.dilation, case.groups, case.act, inputs.projection,
     )
     out = torch.full(problem.output_shape, math.nan, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     args = (x, inputs.weight, inputs.scale, inputs.shift, inputs.residual, out)
     if problem.is_depthwise:
         depthwise_kernel.launch(problem, config or depthwise_kernel.heuristic(problem), *args)
     else:
-        gemm_kernel.launch(problem, config or gemm_kernel.heuristic(problem), *args, index_64=index_64)
-    assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.scale)
+        gemm_kernel.launch(problem, config or gemm_kernel.heuristic(problem), *args, index_64=index_64,
+                           projection=inputs.projection)
+    assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.gain)
 
 
 # --- CPU, Triton interpreter -------------------------------------------------------------
@@ -159,6 +163,57 @@ def test_random_problems(data):
                     seed=data.draw(st.integers(0, 2**16)))
 
 
+# --- projected residuals (a downsample branch in the same kernel) ---------------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CPU_PROJECTION_CASES + list(PROJECTION_ODD_CASES), ids=str)
+def test_projected_residual(case, dtype):
+    run_kernel_case(case, dtype, CPU, seed=5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("config", gemm_kernel.CONFIGS, ids=lambda c: f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}")
+def test_projected_residual_every_config(config):
+    """Also the configs tuning skips for projections (too many registers on a GPU): the
+    arithmetic is the same at every tile, edges in M, N and both reductions included."""
+    run_kernel_case(PROJECTION_ODD_CASES[0], torch.float16, CPU, config=config)
+
+
+def test_projection_tuning_keeps_both_accumulators_in_registers():
+    case = model_projection_cases("resnet50", batch=2, image=64)[1]  # 128 -> 512 channels, + 256 projected
+    inputs = make_inputs(case, torch.float16)
+    args = (inputs.x, inputs.weight, inputs.scale, inputs.shift, inputs.residual, (1, 1), (0, 0), (1, 1), 1, "relu")
+    projected = ConvProblem.from_tensors(*args, inputs.projection)
+    plain = ConvProblem.from_tensors(*args[:4], None, *args[5:])
+    fits = lambda c: c.BLOCK_M * c.BLOCK_N <= 64 * 32 * c.num_warps  # noqa: E731 - 64 fp32 values per thread
+    kept = gemm_kernel.candidates(projected, CPU)
+    assert kept and all(fits(c) for c in kept)
+    assert len(kept) < len(gemm_kernel.candidates(plain, CPU))
+    assert fits(gemm_kernel.heuristic(projected))
+
+
+@needs_interpreter
+def test_triton_backend_fuses_the_projection_into_one_launch(monkeypatch):
+    launches = []
+    real = gemm_kernel.launch
+    monkeypatch.setattr(gemm_kernel, "launch", lambda *a, **kw: launches.append(kw.get("projection")) or real(*a, **kw))
+    run_op_case(PROJECTION_ODD_CASES[0], torch.float32, "triton", CPU)
+    assert len(launches) == 1 and launches[0] is not None
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["nchw", "strided"])
+def test_projected_residual_layouts(layout):
+    run_op_case(PROJECTION_ODD_CASES[1], torch.float16, "triton", CPU, layout=layout, residual_layout=layout)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [PROJECTION_ODD_CASES[0], CPU_PROJECTION_CASES[1]], ids=str)
+def test_projected_residual_int64_indexing(case):
+    run_kernel_case(case, torch.float16, CPU, index_64=True)
+
+
 @needs_interpreter
 def test_bfloat16_in_the_interpreter_is_refused_not_wrong():
     inputs = make_inputs(ODD_CASES[0], torch.bfloat16)
@@ -176,6 +231,25 @@ GPU = torch.device("cuda")
 @pytest.mark.parametrize("case", GPU_MODEL_CASES, ids=str)
 def test_gpu_model_layers_full_size(case, dtype):
     run_kernel_case(case, dtype, GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_PROJECTION_CASES + list(PROJECTION_ODD_CASES), ids=str)
+def test_gpu_projected_residual(case, dtype):
+    with conv_tf32(False):
+        run_kernel_case(case, dtype, GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [GPU_PROJECTION_CASES[1], PROJECTION_ODD_CASES[0]], ids=str)
+def test_gpu_projected_residual_every_candidate(case):
+    """Each config tuning may pick for a projection compiles and runs (registers, shared memory)."""
+    inputs = make_inputs(case, torch.float16, GPU)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
+                                       case.act, inputs.projection)
+    for config in gemm_kernel.candidates(problem, GPU):
+        run_kernel_case(case, torch.float16, GPU, config=config)
 
 
 @pytest.mark.gpu

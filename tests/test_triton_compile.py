@@ -1,6 +1,7 @@
 """The Triton kernels compile for real GPUs on this GPU-less machine (Triton's AOT path, ptxas
 included), for the exact arguments the launchers pass at full ResNet sizes; and on Hopper every
-fp16 / bf16 / TF32 GEMM variant uses wgmma, on Ampere mma.sync (see fastres/kernels/aot.py)."""
+fp16 / bf16 / TF32 GEMM variant uses wgmma, on Ampere mma.sync; a projected residual's two
+accumulators stay in registers at the tiles it is run with (see fastres/kernels/aot.py)."""
 
 from __future__ import annotations
 
@@ -42,5 +43,20 @@ def test_ampere_gemms_use_mma_sync(compiled):
 
 def test_every_config_fits_hopper_shared_memory(compiled):
     configs = [r for r in compiled if r["arch"] == 90 and "config" in r["name"]]
-    assert len(configs) == 8
+    assert len(configs) == 16  # 8 plain, 8 with a projected residual
     assert all(r["shared_bytes"] <= H100_MAX_SHARED_BYTES for r in configs)
+
+
+def test_projection_keeps_its_two_accumulators_in_registers(compiled):
+    """The heuristic tile for a projected residual does not spill; the tiles tuning skips for it
+    (over 64 fp32 values per accumulator per thread) do, on Hopper."""
+    from fastres.kernels.conv_bn_act import CONFIGS
+
+    by_name = {(r["arch"], r["name"]): r for r in compiled}
+    for arch in (90, 80):
+        for dtype in ("fp16", "bf16"):
+            assert by_name[(arch, f"gemm {dtype} 1x1 +projection")]["stack_bytes"] == 0
+    for c in CONFIGS:
+        row = by_name[(90, f"gemm fp16 +projection config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}")]
+        if c.BLOCK_M * c.BLOCK_N > 64 * 32 * c.num_warps:
+            assert row["stack_bytes"] > 0, row

@@ -1,15 +1,21 @@
 """Backend registry and dispatch: which implementations exist, which can run a call, and "auto".
 
-Every backend module exposes the same four names:
+Every backend module exposes the same five names:
     NAME                                     -> str
     unavailable_reason(device)               -> why it cannot run on this device at all, or None
     unsupported_reason(problem, device)      -> why it cannot run this particular case, or None
-    run(problem, x, weight, scale, shift, residual) -> channels_last output
+    fuses_projection(problem)                -> whether run() also takes the residual's 1x1 projection
+    run(problem, x, weight, scale, shift, residual[, projection]) -> channels_last output
+
+A call whose residual is projected (problem.projection) runs in one kernel on a backend that fuses
+it, and as two calls (the projection, then the conv with that as its residual) on any other.
 
 "auto" runs the fastest backend that supports the case on the device: measured once per shape
 (fastres.tuning, cached on disk) and never while a CUDA graph is being captured. Until a shape
-has been measured it takes the first supported one in AUTO_DEFAULT_ORDER. On the CPU it is the
-reference: the Triton interpreter is a correctness tool, never a speed path.
+has been measured it takes the first supported one in AUTO_DEFAULT_ORDER. For a projected residual
+"auto" times the backends that fuse it against SPLIT, the two calls each with "auto"; SPLIT is
+the unmeasured default. On the CPU it is the reference: the Triton interpreter is a correctness
+tool, never a speed path.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from fastres import tuning
 from fastres.backends import cuda, cudnn, reference
 from fastres.backends import triton as triton_backend
-from fastres.problem import ConvProblem
+from fastres.problem import ConvProblem, Projection
 
 log = logging.getLogger("fastres")
 
@@ -31,6 +37,8 @@ _BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (triton_backend, cuda, cu
 # Unmeasured default: cuDNN's conv plus one fused epilogue pass is a known-good floor; the fused
 # kernels are chosen once timing has shown them faster on this device and shape.
 AUTO_DEFAULT_ORDER: tuple[str, ...] = ("cudnn", "cuda", "triton", "reference")
+# "auto"'s name for running a projected residual as two calls (never a user-facing backend).
+SPLIT = "split"
 
 
 def check_name(backend: str) -> None:
@@ -52,32 +60,35 @@ def status(device: torch.device | str | None = None) -> dict[str, str]:
 
 def supported(problem: ConvProblem, device: torch.device) -> list[str]:
     """Backends that can run this case on this device, in AUTO_DEFAULT_ORDER."""
-    names = []
-    for name in AUTO_DEFAULT_ORDER:
-        module = _BACKENDS[name]
-        if module.unavailable_reason(device) is None and module.unsupported_reason(problem, device) is None:
-            names.append(name)
-    return names
+    return [name for name in AUTO_DEFAULT_ORDER if _runs(name, problem, device)]
 
 
 def _auto_candidates(device: torch.device, problem: ConvProblem) -> list[str]:
     if device.type != "cuda":
         return ["reference"]
+    if problem.projection is not None:
+        fused = [n for n in supported(problem, device) if n != "reference" and _BACKENDS[n].fuses_projection(problem)]
+        return [SPLIT] + fused
     return [n for n in supported(problem, device) if n != "reference"] or ["reference"]
+
+
+def _runs(name: str, problem: ConvProblem, device: torch.device) -> bool:
+    if name == SPLIT:
+        return problem.projection is not None
+    module = _BACKENDS.get(name)
+    return module is not None and module.unavailable_reason(device) is None and module.unsupported_reason(problem, device) is None
 
 
 def choose(problem: ConvProblem, device: torch.device, args: tuple) -> str:
     """The backend "auto" runs for this call (see module docstring)."""
     remembered = tuning.lookup(device, "auto", problem.key)
-    if remembered in _BACKENDS:  # measured before: check that one backend only, not every candidate
-        module = _BACKENDS[remembered]
-        if module.unavailable_reason(device) is None and module.unsupported_reason(problem, device) is None:
-            return remembered
+    if remembered is not None and _runs(remembered, problem, device):  # measured before: no re-check of the others
+        return remembered
     candidates = _auto_candidates(device, problem)
     choice = tuning.pick(
         device, "auto", problem.key, candidates,
         encode=lambda name: name,
-        run=lambda name: _BACKENDS[name].run(problem, *args),
+        run=lambda name: run(name, problem, *args),
         default=candidates[0],
     )
     log.debug("fastres auto: %s -> %s (candidates %s)", problem.key, choice, candidates)
@@ -92,11 +103,15 @@ def run(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
+    projection: Projection | None = None,
 ) -> torch.Tensor:
     """Run one validated call on the named backend (or the one "auto" picks)."""
-    args = (x, weight, scale, shift, residual)
     if backend == "auto":
-        backend = choose(problem, x.device, args)
+        backend = choose(problem, x.device, (x, weight, scale, shift, residual, projection))
+    if problem.projection is not None and (backend == SPLIT or not _BACKENDS[backend].fuses_projection(problem)):
+        halves = "auto" if backend == SPLIT else backend
+        shortcut = run(halves, problem.projection, residual, projection.weight, projection.scale, projection.shift, None)
+        return run(halves, problem.main, x, weight, scale, shift, shortcut)
     module = _BACKENDS[backend]
     reason = module.unavailable_reason(x.device)
     if reason is not None:
@@ -107,4 +122,6 @@ def run(
             f"fastres backend {backend!r} does not support this case ({problem.key}): {reason}. "
             f"backend='auto' picks one that does."
         )
-    return module.run(problem, *args)
+    if problem.projection is not None:
+        return module.run(problem, x, weight, scale, shift, residual, projection)
+    return module.run(problem, x, weight, scale, shift, residual)

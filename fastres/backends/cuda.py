@@ -113,6 +113,11 @@ def _aligned(t: torch.Tensor, memory_format: torch.memory_format = torch.channel
     return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=memory_format)
 
 
+def fuses_projection(problem: ConvProblem) -> bool:
+    """No: the CUTLASS kernels have one mainloop; a projected residual runs as two calls."""
+    return False
+
+
 def run(
     problem: ConvProblem,
     x: torch.Tensor,

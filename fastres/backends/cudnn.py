@@ -30,6 +30,11 @@ def unsupported_reason(problem: ConvProblem, device: torch.device) -> str | None
     return None
 
 
+def fuses_projection(problem: ConvProblem) -> bool:
+    """No: as in eager PyTorch, the projection is a conv call of its own."""
+    return False
+
+
 def run(
     problem: ConvProblem,
     x: torch.Tensor,

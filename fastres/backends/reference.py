@@ -1,4 +1,5 @@
 """The reference backend: F.conv2d, then the epilogue with plain torch ops. Runs on any device.
+A projected residual is computed in the same precision and never rounded before the add.
 
 Computes in float32 on the CPU (float64 for float64 inputs) and in float64 on other devices,
 where float32 convolutions may silently use TF32: a reference must not.
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.numerics import ACT_FUNCTIONS
-from fastres.problem import ConvProblem
+from fastres.problem import ConvProblem, Projection
 
 NAME = "reference"
 
@@ -23,6 +24,20 @@ def unsupported_reason(problem: ConvProblem, device: torch.device) -> str | None
     return None
 
 
+def fuses_projection(problem: ConvProblem) -> bool:
+    return True
+
+
+def _conv_bn(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+             compute: torch.dtype, **conv_args) -> torch.Tensor:
+    y = F.conv2d(x.to(compute), weight.to(compute), None, **conv_args)
+    if scale is not None:
+        y = y * scale.to(compute).view(1, -1, 1, 1)
+    if shift is not None:
+        y = y + shift.to(compute).view(1, -1, 1, 1)
+    return y
+
+
 def run(
     problem: ConvProblem,
     x: torch.Tensor,
@@ -30,13 +45,14 @@ def run(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
+    projection: Projection | None = None,
 ) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" and x.dtype != torch.float64 else torch.float64
-    y = F.conv2d(x.to(compute), weight.to(compute), None, problem.stride, problem.padding, problem.dilation, problem.groups)
-    if scale is not None:
-        y = y * scale.to(compute).view(1, -1, 1, 1)
-    if shift is not None:
-        y = y + shift.to(compute).view(1, -1, 1, 1)
+    y = _conv_bn(x, weight, scale, shift, compute, stride=problem.stride, padding=problem.padding,
+                 dilation=problem.dilation, groups=problem.groups)
+    if projection is not None:
+        residual = _conv_bn(residual, projection.weight, projection.scale, projection.shift, compute,
+                            stride=projection.stride)
     if residual is not None:
         y = y + residual.to(compute)
     y = ACT_FUNCTIONS[problem.act](y)

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch
 
 from fastres import tuning
-from fastres.problem import ConvProblem, empty_output
+from fastres.problem import ConvProblem, Projection, empty_output
 
 NAME = "triton"
 
@@ -45,6 +45,15 @@ def unsupported_reason(problem: ConvProblem, device: torch.device) -> str | None
     return None
 
 
+def fuses_projection(problem: ConvProblem) -> bool:
+    """The implicit-GEMM kernel computes a projected residual as its second GEMM phase."""
+    return not problem.is_depthwise
+
+
+def _float32(v: torch.Tensor | None) -> torch.Tensor | None:
+    return None if v is None else v.float().contiguous()
+
+
 def run(
     problem: ConvProblem,
     x: torch.Tensor,
@@ -52,6 +61,7 @@ def run(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
+    projection: Projection | None = None,
 ) -> torch.Tensor:
     """Depthwise convs (groups == C) take the direct kernel, every other conv the implicit GEMM; each
     kernel module names its tuning candidates, its heuristic config and its launcher."""
@@ -59,11 +69,14 @@ def run(
 
     kernel = depthwise if problem.is_depthwise else conv_bn_act
     out = empty_output(x, problem.output_shape)
-    scale = None if scale is None else scale.float().contiguous()
-    shift = None if shift is None else shift.float().contiguous()
+    scale, shift = _float32(scale), _float32(shift)
+    extra = {}
+    if projection is not None:
+        extra["projection"] = Projection(projection.weight, _float32(projection.scale), _float32(projection.shift),
+                                         projection.stride)
     config = tuning.pick(
         x.device, kernel.TUNING_KIND, problem.key, kernel.candidates(problem, x.device),
-        encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, x, weight, scale, shift, residual, out),
+        encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, x, weight, scale, shift, residual, out, **extra),
         default=kernel.heuristic(problem),
     )
-    return kernel.launch(problem, config, x, weight, scale, shift, residual, out)
+    return kernel.launch(problem, config, x, weight, scale, shift, residual, out, **extra)

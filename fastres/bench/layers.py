@@ -1,9 +1,10 @@
-"""Per-layer benchmark: every distinct conv + BN + [residual] + ReLU of the chosen models.
+"""Per-layer benchmark: every distinct conv + BN + [residual] + ReLU of the chosen models, then
+every block tail with a projected residual (last conv + downsample branch + add + ReLU, one op).
 
 Baselines, timed in the same run on the same inputs:
     eager-nchw        nn.Conv2d, nn.BatchNorm2d, add, ReLU on NCHW tensors (cuDNN)
     eager-cl          the same on channels_last tensors
-    conv-only         cuDNN's conv alone on channels_last: the floor a fused kernel should reach
+    conv-only         cuDNN's conv(s) alone on channels_last: the floor a fused kernel should reach
     compile           torch.compile of the unfused layer (default mode)
 Contenders: fastres-{triton,cuda,cudnn,auto} (fastres.ops.conv_bn_act with that backend).
 Every output is checked against the float64 reference before it is timed.
@@ -11,6 +12,7 @@ Every output is checked against the float64 reference before it is timed.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable, Iterable
 
@@ -22,8 +24,8 @@ import fastres
 from fastres.bench.harness import Rotation, copies_to_exceed_l2, time_fn
 from fastres.bench.report import Row
 from fastres.nn import eager_conv_bn
-from fastres.numerics import compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
-from fastres.shapes import ODD_CASES, ConvCase, make_inputs, model_cases
+from fastres.numerics import compare, conv_tf32_enabled, tolerance
+from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs, model_cases, model_projection_cases
 
 BASELINES = ["eager-nchw", "eager-cl", "conv-only", "compile"]
 CONTENDERS = ["fastres-triton", "fastres-cuda", "fastres-cudnn", "fastres-auto"]
@@ -33,14 +35,15 @@ def layer_cases(models: Iterable[str], batch: int, image: int = 224) -> list[Con
     """Distinct conv layers of the given models at this batch size (a layer shared by two models once)."""
     seen: dict[ConvCase, ConvCase] = {}
     for arch in models:
-        for case in model_cases(arch, batch, image):
+        for case in model_cases(arch, batch, image) + model_projection_cases(arch, batch, image):
             seen.setdefault(case.replace(name=""), case)
     return list(seen.values())
 
 
 def smoke_cases() -> list[ConvCase]:
-    """A tiny case for CPU smoke runs (the Triton interpreter is slow)."""
-    return [ODD_CASES[1].replace(name="smoke:c24h7-k40:3x3s1+res", residual=True)]
+    """Tiny cases for CPU smoke runs (the Triton interpreter is slow): a residual, a projected one."""
+    return [ODD_CASES[1].replace(name="smoke:c24h7-k40:3x3s1+res", residual=True),
+            PROJECTION_ODD_CASES[0].replace(name="smoke:c20h7-k36:3x3s1+proj(c12h13s2)")]
 
 
 def _modules(case: ConvCase, weight: torch.Tensor, bn: nn.BatchNorm2d, memory_format) -> tuple[nn.Conv2d, nn.Module]:
@@ -57,24 +60,30 @@ def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callab
     conv_args = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
     if contender.startswith("fastres-"):
         backend = contender.removeprefix("fastres-")
-        scale, shift, weight = inputs.scale, inputs.shift, inputs.weight
+        scale, shift, weight, projection = inputs.scale, inputs.shift, inputs.weight, inputs.op_kwargs()
 
         def run():
             x, residual = rotation.next()
-            return fastres.ops.conv_bn_act(x, weight, scale, shift, residual, act=case.act, backend=backend, **conv_args)
+            return fastres.ops.conv_bn_act(x, weight, scale, shift, residual, act=case.act, backend=backend,
+                                           **conv_args, **projection)
 
         return run
     if contender == "conv-only":
-        weight = inputs.weight
+        weight, pr = inputs.weight, inputs.projection
 
         def run():
-            x, _ = rotation.next()
+            x, residual = rotation.next()
+            if pr is not None:  # both convs; the main one's output is what gets checked
+                F.conv2d(residual, pr.weight, None, pr.stride)
             return F.conv2d(x, weight, None, **conv_args)
 
         return run
     memory_format = torch.contiguous_format if contender == "eager-nchw" else torch.channels_last
     conv, bn = _modules(case, inputs.weight, inputs.bn, memory_format)
-    layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act)  # noqa: E731
+    projection = None
+    if case.projection is not None:
+        projection = _modules(case.projection_case(), inputs.projection.weight, inputs.projection_bn, memory_format)
+    layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act, projection)  # noqa: E731
     if contender == "compile":
         layer = torch.compile(layer)
     nchw = rotation if memory_format is torch.channels_last else Rotation(
@@ -88,11 +97,17 @@ def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callab
 
 
 def floor_ms(case: ConvCase, element_size: int, ceilings: dict[str, float] | None) -> float | None:
-    """Roofline floor: max(FLOPs / matmul rate, bytes moved / copy bandwidth), bytes = x + w + out (+ residual)."""
+    """Roofline floor: max(FLOPs / matmul rate, bytes moved / copy bandwidth), bytes = x + w + out
+    (+ residual, or + the projection's input and weight)."""
     if ceilings is None:
         return None
     p, q = case.output_hw
-    elements = case.n * case.c * case.h * case.w + case.k * case.reduction + case.n * case.k * p * q * (2 if case.residual else 1)
+    elements = case.n * case.c * case.h * case.w + case.k * case.reduction + case.n * case.k * p * q
+    if case.projection is not None:
+        pr = case.projection
+        elements += case.n * pr.c * pr.h * pr.w + case.k * pr.c
+    elif case.residual:
+        elements += case.n * case.k * p * q
     compute_ms = case.flops / (ceilings["matmul_tflops"] * 1e12) * 1e3
     memory_ms = elements * element_size / (ceilings["copy_gbps"] * 1e9) * 1e3
     return max(compute_ms, memory_ms)
@@ -119,12 +134,10 @@ def run_layers(
     tf32 = dtype == torch.float32 and device.type == "cuda" and conv_tf32_enabled()
     for case in cases:
         inputs = make_inputs(case, dtype, device)
-        bytes_per_set = inputs.x.numel() * inputs.x.element_size() * (2 if case.residual else 1)
+        bytes_per_set = sum(t.numel() * t.element_size() for t in (inputs.x, inputs.residual) if t is not None)
         rotation = Rotation([inputs.x, inputs.residual], copies_to_exceed_l2(bytes_per_set, device))
-        ref = reference_conv_bn_act(inputs.x, inputs.weight, bn=inputs.bn, residual=inputs.residual, act=case.act,
-                                    stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
-        conv_ref = reference_conv_bn_act(inputs.x, inputs.weight, act="none", stride=case.stride, padding=case.padding,
-                                         dilation=case.dilation, groups=case.groups)
+        ref = inputs.reference(case)
+        conv_ref = dataclasses.replace(inputs, bn=None, residual=None, projection=None).reference(case, act="none")
         floor = floor_ms(case, inputs.x.element_size(), ceilings)
         for contender in contenders:
             progress(f"{case.name} {contender}")
@@ -135,8 +148,8 @@ def run_layers(
                     warnings.simplefilter("ignore")
                     out = fn()
                 result = compare(out, conv_ref if contender == "conv-only" else ref,
-                                 tolerance(dtype, case.reduction, tf32),
-                                 gain=None if contender == "conv-only" else inputs.scale)
+                                 tolerance(dtype, case.accumulated, tf32),
+                                 gain=None if contender == "conv-only" else inputs.gain)
                 row.correct, row.rel_error = result.ok, result.rel_norm
                 timing = time_fn(fn, device)
             except (NotImplementedError, RuntimeError) as exc:
