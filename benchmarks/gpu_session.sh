@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh setup test            # build + every gpu test        (~6 min)
 #   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck    (~4 min)
-#   bash benchmarks/gpu_session.sh setup layers          # per-layer benchmark, fp16     (~6 min)
+#   bash benchmarks/gpu_session.sh setup layers          # ResNet-50 layers + block tails, fp16
+#   bash benchmarks/gpu_session.sh setup layers-others   # ResNet-18 / ResNeXt-50 layers, fp16
 #   bash benchmarks/gpu_session.sh setup models          # whole models, no max-autotune (~8 min)
 #   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
 #
@@ -67,9 +68,19 @@ stage_sanitize() {
 }
 
 stage_layers() {
-    $PY -m fastres bench layers --batch 128 --dtype fp16 --out "$OUT" > "$OUT/bench-layers.log" 2>&1
+    # ResNet-50 alone first (the per-layer target): each case also runs torch.compile and a
+    # float64 CPU reference, so all three models in one call may not fit a 10-minute command.
+    $PY -m fastres bench layers --model resnet50 --batch 128 --dtype fp16 --out "$OUT" > "$OUT/bench-layers.log" 2>&1
     local rc=$?
     tail -60 "$OUT/bench-layers.log"
+    return $rc
+}
+
+stage_layers-others() {
+    $PY -m fastres bench layers --model resnet18 resnext50_32x4d --batch 128 --dtype fp16 --out "$OUT/others" \
+        > "$OUT/bench-layers-others.log" 2>&1
+    local rc=$?
+    tail -60 "$OUT/bench-layers-others.log"
     return $rc
 }
 
