@@ -119,7 +119,7 @@ def _meta_inputs(case: ConvCase, dtype: torch.dtype):
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kernel: str  # "conv_bn_act", "depthwise" or "epilogue"
+    kernel: str  # "conv_bn_act", "splitk_reduce", "depthwise" or "epilogue"
     case: ConvCase
     dtype: torch.dtype
     tf32: bool = True
@@ -138,12 +138,17 @@ def _capture(variant: Variant) -> tuple:
             scale, shift = (torch.empty(variant.case.k, device=META) for _ in range(2))
             with _recording(epilogue, "epilogue_kernel") as rec:
                 epilogue.apply_epilogue_(y, scale, shift, torch.empty_like(y), variant.case.act)
-        else:
-            module = conv_bn_act if variant.kernel == "conv_bn_act" else depthwise
+        elif variant.kernel == "depthwise":
+            problem, tensors, _ = _meta_inputs(variant.case, variant.dtype)
+            with _recording(depthwise, "depthwise_kernel") as rec:
+                depthwise.launch(problem, variant.config or depthwise.heuristic(problem), *tensors)
+        else:  # the GEMM kernel, or (split-K configs) the reduce kernel it is followed by
             problem, tensors, projection = _meta_inputs(variant.case, variant.dtype)
-            extra = {"index_64": variant.index_64, "projection": projection} if variant.kernel == "conv_bn_act" else {}
-            with _recording(module, f"{variant.kernel}_kernel") as rec:
-                module.launch(problem, variant.config or module.heuristic(problem), *tensors, **extra)
+            config = variant.config or conv_bn_act.heuristic(problem)
+            with _recording(conv_bn_act, "conv_bn_act_kernel") as gemm, \
+                    _recording(conv_bn_act, "splitk_reduce_kernel") as reduce:
+                conv_bn_act.launch(problem, config, *tensors, index_64=variant.index_64, projection=projection)
+            rec = reduce if variant.kernel == "splitk_reduce" else gemm
     (args, kwargs), = rec.calls
     return rec.kernel, args, kwargs
 
@@ -155,6 +160,7 @@ def variants() -> list[Variant]:
     grouped = next(c for c in model_cases("resnext50_32x4d", 128, 224) if c.groups > 1)
     conv3x3, conv1x1, stem = r50["c64h56-k64:3x3s1"], r50["c256h56-k64:1x1s1"], r50["c3h224-k64:7x7s2"]
     tail = next(c for c in model_projection_cases("resnet50", 128, 224) if c.name.endswith("k512:1x1s1+proj(c256h56s2)"))
+    late = next(c for c in model_cases("resnet50", 1, 224) if c.name.endswith("c512h7-k512:3x3s1"))
     huge = ConvCase("huge", 1, 8, 2**14, 2**14 + 64, 8, 1, 1)
     return [
         Variant("gemm fp16 3x3", "conv_bn_act", conv3x3, torch.float16),
@@ -162,6 +168,10 @@ def variants() -> list[Variant]:
         Variant("gemm fp16 1x1 (plain GEMM)", "conv_bn_act", conv1x1, torch.float16),
         Variant("gemm fp16 1x1 +res", "conv_bn_act", r50["c64h56-k256:1x1s1+res"], torch.float16),
         Variant("gemm fp16 1x1 +projection", "conv_bn_act", tail, torch.float16),
+        Variant("gemm fp16 3x3 batch 1 split-K 8", "conv_bn_act", late, torch.float16,
+                config=conv_bn_act.Config(64, 128, 64, 8, 4, 3, SPLIT_K=8)),
+        Variant("split-K reduce fp16 +res", "splitk_reduce", late.replace(residual=True), torch.float16,
+                config=conv_bn_act.Config(64, 128, 64, 8, 4, 3, SPLIT_K=8), expect_tensor_cores=False),
         Variant("gemm bf16 1x1 +projection", "conv_bn_act", tail, torch.bfloat16),
         Variant("gemm fp16 stem C=3", "conv_bn_act", stem, torch.float16),
         Variant("gemm fp16 grouped g=32", "conv_bn_act", grouped, torch.float16),

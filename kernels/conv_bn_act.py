@@ -17,10 +17,16 @@ the block's input, and a second GEMM phase computes its strided 1x1 conv into a 
 accumulator with its own BN scale and shift before the add. Two accumulators rather than one GEMM
 over concatenated K: each branch's scale stays an exact fp32 multiply (folding it into fp16
 weights would round them), and a zero BN scale needs no special case.
+
+SPLIT_K > 1 (tuning candidates for layers with too few output tiles to fill the GPU: batch 1,
+the 7x7 and 14x14 stages) splits the reduction steps over program_id(2); each split stores fp32
+partial sums to a workspace and splitk_reduce_kernel adds them in a fixed order and applies the
+epilogue, so results stay deterministic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +39,19 @@ from fastres.problem import ConvProblem, Projection
 
 INT32_MAX = 2**31 - 1
 TUNING_KIND = "triton.conv_bn_act"
+REDUCE_BLOCK = 64  # split-K reduce tile: a memory-bound pass over a small [M, K] output
 
 
 @triton.jit
-def dot_over_channels(acc, a_rows, sa_c, mask_m, b_cols, sb_c, mask_n, C, BLOCK_K: tl.constexpr,
+def dot_over_channels(acc, a_rows, sa_c, mask_m, b_cols, sb_c, mask_n, C_BEGIN, C_END, BLOCK_K: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
-    """acc + A[rows, :C] @ B[:C, cols], BLOCK_K channels per step; A rows and B columns are base
-    pointers, channels advance by their strides (a 1x1 conv over pixel rows is this GEMM)."""
+    """acc + A[rows, C_BEGIN:C_END] @ B[C_BEGIN:C_END, cols], BLOCK_K channels per step; A rows and
+    B columns are base pointers, channels advance by their strides (a 1x1 conv over pixel rows is
+    this GEMM)."""
     offs_c = tl.arange(0, BLOCK_K)
-    for c0 in range(0, C, BLOCK_K):
+    for c0 in range(C_BEGIN, C_END, BLOCK_K):
         cs = c0 + offs_c
-        mask_c = cs < C
+        mask_c = cs < C_END
         a = tl.load(a_rows[:, None] + cs[None, :] * sa_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         b = tl.load(b_cols[None, :] + cs[:, None] * sb_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -51,9 +59,21 @@ def dot_over_channels(acc, a_rows, sa_c, mask_m, b_cols, sb_c, mask_n, C, BLOCK_
 
 
 @triton.jit
+def residual_act_store(acc, n, p, q, k, mask, res_ptr, sr_n, sr_c, sr_h, sr_w, out_ptr, so_n, so_c, so_h, so_w,
+                       HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr):
+    """The epilogue's tail: + residual[n, k, p, q], activation, one store in the output dtype."""
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + (n * sr_n + p * sr_h + q * sr_w)[:, None] + k[None, :] * sr_c, mask=mask, other=0.0)
+        acc = acc + res.to(tl.float32)
+    acc = activation(acc, ACT)
+    out = out_ptr + (n * so_n + p * so_h + q * so_w)[:, None] + k[None, :] * so_c
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def conv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, pw_ptr, pscale_ptr, pshift_ptr,
-    BATCH, H, W, P, Q, CG, KG, CP,
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, pw_ptr, pscale_ptr, pshift_ptr, ws_ptr,
+    BATCH, H, W, P, Q, CG, KG, CP, K,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, pstride_h, pstride_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -65,6 +85,7 @@ def conv_bn_act_kernel(
     HAS_PROJECTION: tl.constexpr, HAS_PSCALE: tl.constexpr, HAS_PSHIFT: tl.constexpr,
     PLAIN_GEMM: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -97,9 +118,24 @@ def conv_bn_act_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_cols = w_ptr + k * sw_k
+    # Split-K: program_id(2) takes one contiguous share of the reduction steps, for layers with
+    # too few output tiles to fill the GPU (batch 1, 7x7 maps); partial sums go to a workspace.
+    c_blocks = tl.cdiv(CG, BLOCK_K)
+    n_steps = c_blocks if PLAIN_GEMM else R * S * c_blocks
+    if SPLIT_K == 1:
+        first_step = 0
+        last_step = n_steps
+        c_begin = 0
+        c_end = CG
+    else:
+        per_split = tl.cdiv(n_steps, SPLIT_K)
+        first_step = tl.program_id(2) * per_split
+        last_step = min(first_step + per_split, n_steps)
+        c_begin = first_step * BLOCK_K
+        c_end = min(last_step * BLOCK_K, CG)
     if PLAIN_GEMM:
         a_rows = x_ptr + offs_m * sx_w + c_base * sx_c
-        acc = dot_over_channels(acc, a_rows, sx_c, mask_m, w_cols, sw_c, mask_n, CG, BLOCK_K, DOT_PRECISION)
+        acc = dot_over_channels(acc, a_rows, sx_c, mask_m, w_cols, sw_c, mask_n, c_begin, c_end, BLOCK_K, DOT_PRECISION)
     else:
         x_imgs = x_ptr + n * sx_n + c_base * sx_c
         ih0 = p * stride_h - pad_h
@@ -107,8 +143,7 @@ def conv_bn_act_kernel(
         # One flat loop over (r, s, channel block) steps rather than nested loops: with C = 64 the
         # inner channel loop would have a single iteration, leaving the software pipeliner
         # (num_stages) nothing to overlap; flat, it has R*S*ceil(C/BLOCK_K) steps.
-        c_blocks = tl.cdiv(CG, BLOCK_K)
-        for step in range(R * S * c_blocks):
+        for step in range(first_step, last_step):
             rs = step // c_blocks
             r = rs // S
             s = rs % S
@@ -124,21 +159,48 @@ def conv_bn_act_kernel(
             b = tl.load(b_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    if SPLIT_K > 1:
+        # Raw fp32 partial sums, ws[split, m, k]; splitk_reduce_kernel sums them and finishes.
+        mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(ws_ptr + (tl.program_id(2) * M + offs_m)[:, None] * K + k[None, :], acc, mask=mask)
+    else:
+        acc = scale_shift(acc, k[None, :], mask_n[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_PROJECTION:
+            # residual[n, :, p*ps_h, q*ps_w] x w_p[k, :]: always in the image (1x1, no padding).
+            r_rows = res_ptr + n * sr_n + (p * pstride_h) * sr_h + (q * pstride_w) * sr_w
+            acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_p = dot_over_channels(acc_p, r_rows, sr_c, mask_m, pw_ptr + k * spw_k, spw_c, mask_n, 0, CP, BLOCK_K,
+                                      DOT_PRECISION)
+            acc = acc + scale_shift(acc_p, k[None, :], mask_n[None, :], pscale_ptr, pshift_ptr, HAS_PSCALE, HAS_PSHIFT)
+        residual_act_store(acc, n, p, q, k, mask, res_ptr, sr_n, sr_c, sr_h, sr_w, out_ptr, so_n, so_c, so_h, so_w,
+                           HAS_RESIDUAL and not HAS_PROJECTION, ACT)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    M, P, Q, K,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    SPLIT_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Summed in split order, so the result does not depend on which program finished first.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = k < K
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(ws_ptr + (split * M + offs_m)[:, None] * K + k[None, :], mask=mask, other=0.0)
     acc = scale_shift(acc, k[None, :], mask_n[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_PROJECTION:
-        # residual[n, :, p*ps_h, q*ps_w] x w_p[k, :]: always in the image (1x1, no padding).
-        r_rows = res_ptr + n * sr_n + (p * pstride_h) * sr_h + (q * pstride_w) * sr_w
-        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_p = dot_over_channels(acc_p, r_rows, sr_c, mask_m, pw_ptr + k * spw_k, spw_c, mask_n, CP, BLOCK_K,
-                                  DOT_PRECISION)
-        acc = acc + scale_shift(acc_p, k[None, :], mask_n[None, :], pscale_ptr, pshift_ptr, HAS_PSCALE, HAS_PSHIFT)
-    elif HAS_RESIDUAL:
-        res = tl.load(res_ptr + (n * sr_n + p * sr_h + q * sr_w)[:, None] + k[None, :] * sr_c, mask=mask, other=0.0)
-        acc = acc + res.to(tl.float32)
-    acc = activation(acc, ACT)
-    out = out_ptr + (n * so_n + p * so_h + q * so_w)[:, None] + k[None, :] * so_c
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    n = offs_m // (P * Q)
+    p = (offs_m % (P * Q)) // Q
+    q = offs_m % Q
+    residual_act_store(acc, n, p, q, k, mask, res_ptr, sr_n, sr_c, sr_h, sr_w, out_ptr, so_n, so_c, so_h, so_w,
+                       HAS_RESIDUAL, ACT)
 
 
 @dataclass(frozen=True)
@@ -149,6 +211,7 @@ class Config:
     GROUP_M: int
     num_warps: int
     num_stages: int
+    SPLIT_K: int = 1
 
 
 # A compact space: large square tiles for the big-M early layers, narrow-N tiles for K = 64
@@ -213,9 +276,33 @@ def _accumulators_fit(cfg: Config, problem: ConvProblem) -> bool:
     return problem.projection is None or cfg.BLOCK_M * cfg.BLOCK_N <= 64 * 32 * cfg.num_warps
 
 
+SPLITS: tuple[int, ...] = (2, 4, 8, 16)
+H100_SMS = 132  # the SM count assumed where there is no CUDA device to ask (interpreter tests)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return H100_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(cfg: Config, problem: ConvProblem, sms: int) -> list[Config]:
+    """Split-K versions of cfg worth timing: only while the grid has fewer than two waves of
+    programs, each split keeps at least 4 reduction steps (something to pipeline), and the fp32
+    workspace stays under 2**31 elements."""
+    if problem.projection is not None:
+        return []
+    m = problem.n * problem.p * problem.q
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(problem.k_per_group, cfg.BLOCK_N) * problem.groups
+    steps = problem.r * problem.s * triton.cdiv(problem.c_per_group, cfg.BLOCK_K)
+    return [dataclasses.replace(cfg, SPLIT_K=split) for split in SPLITS
+            if tiles * split <= 2 * sms and steps >= 4 * split and split * m * problem.k <= INT32_MAX]
+
+
 def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
-    smem = _shared_mem(device)
-    return [c for c in CONFIGS if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
+    smem, sms = _shared_mem(device), _sm_count(device)
+    fitting = [c for c in CONFIGS if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
+    return fitting + [split for c in fitting for split in _splits(c, problem, sms)]
 
 
 def _pixel_dense(t: torch.Tensor) -> bool:
@@ -259,17 +346,24 @@ def launch(
         precision = "ieee"
     else:
         precision = "tf32"
+    m = problem.n * problem.p * problem.q
     grid = (
-        triton.cdiv(problem.n * problem.p * problem.q, config.BLOCK_M) * triton.cdiv(problem.k_per_group, config.BLOCK_N),
+        triton.cdiv(m, config.BLOCK_M) * triton.cdiv(problem.k_per_group, config.BLOCK_N),
         problem.groups,
+        config.SPLIT_K,
     )
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     pw = projection.weight if projection is not None else None
+    workspace = None
+    if config.SPLIT_K > 1:
+        if projection is not None:
+            raise ValueError("split-K does not take a projected residual (its two sums scale differently)")
+        workspace = torch.empty((config.SPLIT_K, m, problem.k), dtype=torch.float32, device=x.device)
     conv_bn_act_kernel[grid](
         x, weight, scale, shift, residual, out,
-        pw, *((projection.scale, projection.shift) if projection is not None else (None, None)),
+        pw, *((projection.scale, projection.shift) if projection is not None else (None, None)), workspace,
         problem.n, problem.h, problem.w, problem.p, problem.q, problem.c_per_group, problem.k_per_group,
-        pw.shape[1] if pw is not None else 0,
+        pw.shape[1] if pw is not None else 0, problem.k,
         *problem.stride, *problem.padding, *problem.dilation,
         *(projection.stride if projection is not None else (1, 1)),
         *x.stride(), *weight.stride(), *res_strides, *out.stride(),
@@ -282,7 +376,14 @@ def launch(
         HAS_PSHIFT=pw is not None and projection.shift is not None,
         PLAIN_GEMM=plain, INDEX_64=index_64, DOT_PRECISION=precision,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT_K=config.SPLIT_K, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if workspace is not None:
+        reduce_grid = (triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(problem.k, REDUCE_BLOCK))
+        splitk_reduce_kernel[reduce_grid](
+            workspace, scale, shift, residual, out, m, problem.p, problem.q, problem.k, *res_strides, *out.stride(),
+            SPLIT_K=config.SPLIT_K, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+            HAS_RESIDUAL=residual is not None, ACT=ACT_CODES[problem.act], BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK,
+        )
     return out
 

@@ -163,6 +163,47 @@ def test_random_problems(data):
                     seed=data.draw(st.integers(0, 2**16)))
 
 
+# --- split-K (few output tiles: batch 1, late layers) ----------------------------------------
+
+SPLIT_CASES = [ODD_CASES[1], ODD_CASES[5], ODD_CASES[6], ODD_CASES[7], CPU_MODEL_CASES[-1]]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split", [2, 3, 16])  # 3: uneven shares; 16: more splits than steps (empty ones)
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_split_k(case, split):
+    config = gemm_kernel.Config(64, 64, 32, 8, 4, 3, SPLIT_K=split)
+    run_kernel_case(case.replace(residual=True), torch.float16, CPU, config=config, seed=7)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("act", ["none", "relu6", "silu"])
+def test_split_k_epilogues_and_layouts(act):
+    config = gemm_kernel.Config(64, 64, 32, 8, 4, 3, SPLIT_K=4)
+    run_kernel_case(ODD_CASES[3].replace(residual=True, act=act), torch.float32, CPU, config=config, layout="nchw")
+    run_kernel_case(ODD_CASES[3].replace(residual=False, act=act), torch.float32, CPU, config=config)
+
+
+def test_split_k_is_a_candidate_only_where_tiles_are_few():
+    late = next(c for c in model_cases("resnet50", batch=1, image=224) if c.name.endswith("c512h7-k512:3x3s1"))
+    early = next(c for c in model_cases("resnet50", batch=32, image=224) if c.name.endswith("c64h56-k64:3x3s1"))
+    splits = {}
+    for case in (late, early):
+        inputs = make_inputs(case, torch.float16, "meta")
+        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
+                                           case.act)
+        splits[case.name] = [c.SPLIT_K for c in gemm_kernel.candidates(problem, CPU) if c.SPLIT_K > 1]
+    assert splits[late.name] and max(splits[late.name]) >= 8
+    assert splits[early.name] == []
+
+
+def test_split_k_never_takes_a_projection():
+    case = model_projection_cases("resnet50", batch=1, image=64)[-1]
+    inputs = make_inputs(case, torch.float16)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (0, 0), (1, 1), 1, "relu", inputs.projection)
+    assert all(c.SPLIT_K == 1 for c in gemm_kernel.candidates(problem, CPU))
+
+
 # --- projected residuals (a downsample branch in the same kernel) ---------------------------
 
 @needs_interpreter
@@ -250,6 +291,19 @@ def test_gpu_projected_residual_every_candidate(case):
                                        case.act, inputs.projection)
     for config in gemm_kernel.candidates(problem, GPU):
         run_kernel_case(case, torch.float16, GPU, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c.replace(residual=True) for c in model_cases("resnet50", batch=1, image=224)[-4:]], ids=str)
+def test_gpu_split_k_candidates_at_batch_1(case, dtype):
+    """Every split-K config tuning may time on a batch-1 late layer gives the right answer."""
+    inputs = make_inputs(case, dtype, GPU)
+    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups, case.act)
+    splits = [c for c in gemm_kernel.candidates(problem, GPU) if c.SPLIT_K > 1]
+    assert splits
+    for config in splits:
+        run_kernel_case(case, dtype, GPU, config=config)
 
 
 @pytest.mark.gpu
