@@ -12,10 +12,11 @@ fused. In each graph a chain is fused when every link has exactly one user:
 
 nn.Identity nodes are dropped first (timm puts them between BN and ReLU). The conv and BN modules
 stay where they were (the state_dict keys do not change); a FusedConvBN module that refers to
-them replaces the chain in the graph. A fused 1x1 conv + BN without activation whose only use is
-another fused chain's residual (a ResNet downsample branch) then becomes that chain's residual
-projection: both convs in one op, the branch's output never stored. It runs the eager chain in train mode and whenever a call
+them replaces the chain in the graph. It runs the eager chain in train mode and whenever a call
 is outside the op's contract (a broadcasting residual, mixed dtypes), so the answer never changes.
+A fused 1x1 conv + BN without activation whose only use is another fused chain's residual (a
+ResNet downsample branch) then becomes that chain's residual projection: both convs in one op,
+the branch's output never stored.
 """
 
 from __future__ import annotations

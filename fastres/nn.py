@@ -70,8 +70,9 @@ def is_projection_conv(conv: nn.Module) -> bool:
             and conv.padding in ((0, 0), "valid", "same"))
 
 
-def _fold_dtype(conv: nn.Conv2d) -> torch.dtype:
-    return torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+def conv_bn_fold(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn (and conv's bias) as the op's (scale, shift): float64 for a float64 conv, else float32."""
+    return bn_scale_shift(bn, conv.bias, torch.float64 if conv.weight.dtype == torch.float64 else torch.float32)
 
 
 def fused_conv_bn(
@@ -85,11 +86,11 @@ def fused_conv_bn(
 ) -> torch.Tensor:
     """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form); with
     `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call."""
-    scale, shift = bn_scale_shift(bn, conv.bias, _fold_dtype(conv))
+    scale, shift = conv_bn_fold(conv, bn)
     extra = {}
     if projection is not None:
         pconv, pbn = projection
-        pscale, pshift = bn_scale_shift(pbn, pconv.bias, _fold_dtype(pconv))
+        pscale, pshift = conv_bn_fold(pconv, pbn)
         extra = dict(residual_weight=pconv.weight, residual_scale=pscale, residual_shift=pshift,
                      residual_stride=pconv.stride)
     return conv_bn_act(

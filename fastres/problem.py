@@ -80,11 +80,6 @@ def _check_projection(x: torch.Tensor, weight: torch.Tensor, residual: torch.Ten
         )
     if pw.dtype != x.dtype:
         raise RuntimeError(f"Input type ({_dtype_name(x.dtype)}) and residual_weight type ({_dtype_name(pw.dtype)}) should be the same")
-    for t in (pw, projection.scale, projection.shift):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(
-                f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {t.device}!"
-            )
     if any(v <= 0 for v in projection.stride):
         raise RuntimeError("non-positive residual_stride is not supported")
     _check_vector("residual_scale", projection.scale, pw)
@@ -123,7 +118,8 @@ def check_inputs(
         raise RuntimeError(
             f"Input type ({_dtype_name(x.dtype)}) and residual type ({_dtype_name(residual.dtype)}) should be the same"
         )
-    for t in (weight, scale, shift, residual):
+    projection_tensors = () if projection is None else (projection.weight, projection.scale, projection.shift)
+    for t in (weight, scale, shift, residual, *projection_tensors):
         if t is not None and t.device != x.device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {t.device}!"

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastres.problem import IntPair, Projection, output_hw
+from fastres.problem import ConvProblem, IntPair, Projection, output_hw
 
 MODEL_ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "resnext50_32x4d")
 
@@ -104,6 +104,11 @@ class ConvInputs:
     def op_args(self) -> tuple:
         return (self.x, self.weight, self.scale, self.shift, self.residual)
 
+    def problem(self, case: ConvCase) -> ConvProblem:
+        """The validated ConvProblem of the op call these inputs make for `case`."""
+        return ConvProblem.from_tensors(*self.op_args(), case.stride, case.padding, case.dilation, case.groups,
+                                        case.act, self.projection)
+
     def op_kwargs(self) -> dict:
         """The op's residual_* keyword arguments (none without a projection)."""
         if self.projection is None:
@@ -132,14 +137,17 @@ class ConvInputs:
         )
 
 
-def _random_bn(k: int, gen: torch.Generator) -> nn.BatchNorm2d:
+def _random_bn(k: int, gen: torch.Generator, fold_dtype: torch.dtype) -> tuple[nn.BatchNorm2d, torch.Tensor, torch.Tensor]:
+    """A BatchNorm2d in eval mode with seeded statistics, and its folded (scale, shift)."""
+    from fastres.numerics import fold_bn
+
     bn = nn.BatchNorm2d(k).eval()
     with torch.no_grad():
         bn.running_mean.normal_(0.0, 0.5, generator=gen)
         bn.running_var.copy_(10.0 ** (torch.rand(k, generator=gen) * 6.0 - 4.0))
         bn.weight.uniform_(0.5, 1.5, generator=gen)
         bn.bias.normal_(0.0, 0.5, generator=gen)
-    return bn
+    return bn, *fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, dtype=fold_dtype)
 
 
 def make_inputs(
@@ -147,28 +155,23 @@ def make_inputs(
 ) -> ConvInputs:
     """Seeded random inputs, never all-zeros or all-ones. BN running_var spans 1e-4 to 1e2 so the
     epilogue's scale ranges over ~0.1 to ~100; x and the residual are channels_last."""
-    from fastres.numerics import fold_bn
-
     gen = torch.Generator().manual_seed(seed)
-    p, q = case.output_hw
+    cl = torch.channels_last
+    fold_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.randn(case.n, case.c, case.h, case.w, generator=gen)
     fan_in = case.reduction
     weight = torch.randn(case.k, case.c // case.groups, case.r, case.s, generator=gen) * (2.0 / max(fan_in, 1)) ** 0.5
-    bn = _random_bn(case.k, gen)
-    residual = torch.randn(case.n, case.k, p, q, generator=gen) if case.residual else None
-    fold_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    scale, shift = fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, dtype=fold_dtype)
-    cl = torch.channels_last
-    projection = projection_bn = None
+    bn, scale, shift = _random_bn(case.k, gen, fold_dtype)
+    residual = projection = projection_bn = None
     if case.projection is not None:
         pr = case.projection
         residual = torch.randn(case.n, pr.c, pr.h, pr.w, generator=gen)
         pweight = torch.randn(case.k, pr.c, 1, 1, generator=gen) * (2.0 / pr.c) ** 0.5
-        projection_bn = _random_bn(case.k, gen)
-        pscale, pshift = fold_bn(projection_bn.running_mean, projection_bn.running_var, projection_bn.weight,
-                                 projection_bn.bias, projection_bn.eps, dtype=fold_dtype)
+        projection_bn, pscale, pshift = _random_bn(case.k, gen, fold_dtype)
         projection = Projection(pweight.to(device=device, dtype=dtype).contiguous(memory_format=cl),
                                 pscale.to(device), pshift.to(device), pr.stride)
+    elif case.residual:
+        residual = torch.randn(case.n, case.k, *case.output_hw, generator=gen)
     return ConvInputs(
         x=x.to(device=device, dtype=dtype).contiguous(memory_format=cl),
         weight=weight.to(device=device, dtype=dtype).contiguous(memory_format=cl),
@@ -216,15 +219,23 @@ class ConvCallRecorder(TorchDispatchMode):
               residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None) -> ConvCase:
         n, c, h, wd = x.shape
         k, _, r, s = w.shape
-        tag = f"{self.prefix}c{c}h{h}-k{k}:{r}x{s}s{stride[0]}" + (f"g{groups}" if groups > 1 else "")
         projection = None
         if residual_weight is not None:
-            st = tuple(residual_stride or (1, 1))
-            projection = ProjectionCase(residual.shape[1], residual.shape[2], residual.shape[3], st)
-            tag += f"+proj(c{projection.c}h{projection.h}s{st[0]})"
-        tag += ("+res" if residual is not None and projection is None else "") + ("" if act == "relu" else f"-{act}")
-        return ConvCase(tag, n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
+            projection = ProjectionCase(*residual.shape[1:], tuple(residual_stride or (1, 1)))
+        case = ConvCase("", n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
                         residual is not None, act, projection)
+        return case.replace(name=_tag(self.prefix, case))
+
+
+def _tag(prefix: str, case: ConvCase) -> str:
+    """A case's name: channels, input size, output channels, kernel and stride, then its epilogue."""
+    tag = f"{prefix}c{case.c}h{case.h}-k{case.k}:{case.r}x{case.s}s{case.stride[0]}"
+    tag += f"g{case.groups}" if case.groups > 1 else ""
+    if case.projection is not None:
+        tag += f"+proj(c{case.projection.c}h{case.projection.h}s{case.projection.stride[0]})"
+    elif case.residual:
+        tag += "+res"
+    return tag + ("" if case.act == "relu" else f"-{case.act}")
 
 
 @functools.cache
@@ -244,12 +255,9 @@ def _split(case: ConvCase) -> tuple[ConvCase, ...]:
     """A projected case as its two convs, named as the unfused model would name them."""
     if case.projection is None:
         return (case,)
-    arch = case.name.split(":", 1)[0]
-    first = case.projection_case()
-    tag = f"{arch}:c{first.c}h{first.h}-k{first.k}:1x1s{first.stride[0]}-none"
-    main_tag = f"{arch}:c{case.c}h{case.h}-k{case.k}:{case.r}x{case.s}s{case.stride[0]}" + (
-        f"g{case.groups}" if case.groups > 1 else "") + "+res" + ("" if case.act == "relu" else f"-{case.act}")
-    return (first.replace(name=tag), case.replace(name=main_tag, projection=None))
+    prefix = case.name.split(":", 1)[0] + ":"
+    first, main = case.projection_case(), case.replace(projection=None)
+    return (first.replace(name=_tag(prefix, first)), main.replace(name=_tag(prefix, main)))
 
 
 def model_calls(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from fastres.converter import FusedConvBN
-from fastres.numerics import compare, conv_tf32_enabled, fold_bn, reference_conv_bn_act, tolerance
+from fastres.nn import conv_bn_fold
+from fastres.numerics import compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
 
 __all__ = ["verify", "VerifyReport", "Row"]
 
@@ -120,14 +121,14 @@ def verify(
     for module, args in captured:
         conv, bn = module._modules_ref
         layer_in, residual, out = args[0], (args[1] if len(args) == 3 else None), args[-1]
-        gain = _scale(bn, conv)
+        gain = conv_bn_fold(conv, bn)[0]
         reduction = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
         if module._projection_ref is not None:
             pconv, pbn = module._projection_ref
             residual = reference_conv_bn_act(residual, pconv.weight, conv_bias=pconv.bias, bn=pbn,
                                              stride=pconv.stride, act="none")
             reduction += pconv.in_channels
-            gain = torch.maximum(gain.abs(), _scale(pbn, pconv).abs())
+            gain = torch.maximum(gain.abs(), conv_bn_fold(pconv, pbn)[0].abs())
         ref = reference_conv_bn_act(
             layer_in, conv.weight, conv_bias=conv.bias, bn=bn, residual=residual,
             stride=conv.stride, padding=module.padding, dilation=conv.dilation, groups=conv.groups, act=module.act,
@@ -136,10 +137,3 @@ def verify(
         report.layers.append(_row(name, out, ref, tolerance(dtype, reduction, tf32), gain=gain))
     return report
 
-
-def _scale(bn: torch.nn.Module, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """The BN scale the op multiplies this conv's output by."""
-    fold_dtype = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
-    scale, _ = fold_bn(bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None),
-                       bn.eps, conv.bias, fold_dtype)
-    return scale

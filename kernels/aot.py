@@ -18,7 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -82,11 +86,6 @@ def compile_call(kernel, args: tuple, kwargs: dict, arch: int):
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """Registers per thread and the per-thread stack and local bytes of a cubin (cuobjdump -res-usage).
     ptxas puts spilled registers on the stack: stack_bytes > 0 means the kernel spills."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -159,13 +159,12 @@ def conv_bn_act_kernel(
             b = tl.load(b_cols[None, :] + cs[:, None] * sw_c, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         # Raw fp32 partial sums, ws[split, m, k]; splitk_reduce_kernel sums them and finishes.
-        mask = mask_m[:, None] & mask_n[None, :]
         tl.store(ws_ptr + (tl.program_id(2) * M + offs_m)[:, None] * K + k[None, :], acc, mask=mask)
     else:
         acc = scale_shift(acc, k[None, :], mask_n[None, :], scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
-        mask = mask_m[:, None] & mask_n[None, :]
         if HAS_PROJECTION:
             # residual[n, :, p*ps_h, q*ps_w] x w_p[k, :]: always in the image (1x1, no padding).
             r_rows = res_ptr + n * sr_n + (p * pstride_h) * sr_h + (q * pstride_w) * sr_w

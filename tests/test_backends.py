@@ -65,7 +65,6 @@ def test_auto_times_the_fused_kernel_against_two_calls(candidates, monkeypatch):
     """A projected call's "auto" candidates are the two calls (each by "auto") and every backend that
     fuses it; the faster is remembered under the projected problem's key, and then reused."""
     from fastres import backends, tuning
-    from fastres.problem import ConvProblem
 
     monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
     monkeypatch.setattr(backends, "_auto_candidates", lambda device, problem: list(candidates)
@@ -73,8 +72,7 @@ def test_auto_times_the_fused_kernel_against_two_calls(candidates, monkeypatch):
     case = PROJECTION_ODD_CASES[0]
     run_op_case(case, torch.float32, "auto", CPU)
     inputs = make_inputs(case, torch.float32)
-    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
-                                       case.act, inputs.projection)
+    problem = inputs.problem(case)
     chosen = tuning.lookup(CPU, "auto", problem.key)
     assert chosen in candidates
     other = next(c for c in candidates if c != chosen)
@@ -87,10 +85,7 @@ def test_auto_on_cpu_fuses_the_projection_in_the_reference():
 
     case = PROJECTION_ODD_CASES[0]
     inputs = make_inputs(case, torch.float32)
-    from fastres.problem import ConvProblem
-
-    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
-                                       case.act, inputs.projection)
+    problem = inputs.problem(case)
     assert backends._auto_candidates(CPU, problem) == ["reference"]
     assert "-proj[" in problem.key and problem.projection.key in problem.key and problem.main.projection is None
 
@@ -122,11 +117,8 @@ def test_gpu_backend_matrix(case, dtype, backend):
 
     problem_reason = None
     if backend != "auto":
-        from fastres.problem import ConvProblem
-
         inputs = make_inputs(case, dtype, GPU)
-        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
-                                           case.act, inputs.projection)
+        problem = inputs.problem(case)
         # A backend that does not fuse a projection runs it as two calls: either may be unsupported.
         halves = [problem] if problem.projection is None else [problem.projection, problem.main]
         problem_reason = next((r for h in halves if (r := _BACKENDS[backend].unsupported_reason(h, GPU))), None)
@@ -152,7 +144,6 @@ CUTLASS_KERNEL_CASES = [
 @pytest.mark.parametrize("config", range(8))
 def test_gpu_every_cutlass_kernel(config, dtype):
     from fastres.backends import cuda
-    from fastres.problem import ConvProblem
 
     arch = cuda._arch(GPU)
     names = cuda.configs(dtype, arch)
@@ -161,7 +152,7 @@ def test_gpu_every_cutlass_kernel(config, dtype):
     ran = 0
     for case in CUTLASS_KERNEL_CASES:
         inputs = make_inputs(case, dtype, GPU)
-        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups, case.act)
+        problem = inputs.problem(case)
         if config not in cuda.usable_configs(problem, arch):
             continue
         p, q = case.output_hw

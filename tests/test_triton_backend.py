@@ -190,8 +190,7 @@ def test_split_k_is_a_candidate_only_where_tiles_are_few():
     splits = {}
     for case in (late, early):
         inputs = make_inputs(case, torch.float16, "meta")
-        problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
-                                           case.act)
+        problem = inputs.problem(case)
         splits[case.name] = [c.SPLIT_K for c in gemm_kernel.candidates(problem, CPU) if c.SPLIT_K > 1]
     assert splits[late.name] and max(splits[late.name]) >= 8
     assert splits[early.name] == []
@@ -200,7 +199,7 @@ def test_split_k_is_a_candidate_only_where_tiles_are_few():
 def test_split_k_never_takes_a_projection():
     case = model_projection_cases("resnet50", batch=1, image=64)[-1]
     inputs = make_inputs(case, torch.float16)
-    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (0, 0), (1, 1), 1, "relu", inputs.projection)
+    problem = inputs.problem(case)
     assert all(c.SPLIT_K == 1 for c in gemm_kernel.candidates(problem, CPU))
 
 
@@ -287,8 +286,7 @@ def test_gpu_projected_residual(case, dtype):
 def test_gpu_projected_residual_every_candidate(case):
     """Each config tuning may pick for a projection compiles and runs (registers, shared memory)."""
     inputs = make_inputs(case, torch.float16, GPU)
-    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups,
-                                       case.act, inputs.projection)
+    problem = inputs.problem(case)
     for config in gemm_kernel.candidates(problem, GPU):
         run_kernel_case(case, torch.float16, GPU, config=config)
 
@@ -299,7 +297,7 @@ def test_gpu_projected_residual_every_candidate(case):
 def test_gpu_split_k_candidates_at_batch_1(case, dtype):
     """Every split-K config tuning may time on a batch-1 late layer gives the right answer."""
     inputs = make_inputs(case, dtype, GPU)
-    problem = ConvProblem.from_tensors(*inputs.op_args(), case.stride, case.padding, case.dilation, case.groups, case.act)
+    problem = inputs.problem(case)
     splits = [c for c in gemm_kernel.candidates(problem, GPU) if c.SPLIT_K > 1]
     assert splits
     for config in splits:
