@@ -296,6 +296,10 @@ ODD_CASES: tuple[ConvCase, ...] = (
     ConvCase("odd:depthwise-mult2-5x5", 1, 8, 9, 9, 16, 5, 5, stride=(2, 2), padding=(2, 2), groups=8),
     ConvCase("odd:rect-3x1", 1, 8, 10, 6, 8, 3, 1, stride=(2, 1), padding=(1, 0)),
     ConvCase("odd:valid-no-pad", 2, 16, 5, 5, 16, 3, 3),
+    # 20 groups of 4: a tile of several whole groups (PACK_GROUPS) ends past the last group
+    ConvCase("odd:groups20-C4", 2, 80, 6, 5, 80, 3, 3, padding=(1, 1), groups=20),
+    # 1x1 whose rows are whole 16-byte units (TMA-eligible) with an edge in M, N and the channels
+    ConvCase("odd:1x1-C72-K36", 3, 72, 5, 7, 36, 1, 1),
 )
 
 

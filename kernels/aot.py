@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -61,6 +62,9 @@ def compile_call(kernel, args: tuple, kwargs: dict, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
     signature, constants, attrs = {}, {}, {}
@@ -68,6 +72,8 @@ def compile_call(kernel, args: tuple, kwargs: dict, arch: int):
         value = bound[name]
         if name in kwargs or value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
             signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, TensorDescriptor):
+            signature[name] = mangle_type(value)  # e.g. "tensordesc<fp16[128, 64]>", as the JIT names it
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + TRITON_TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -125,6 +131,7 @@ class Variant:
     index_64: bool | None = None
     expect_tensor_cores: bool = True
     config: object | None = None  # a kernel Config; None: the launcher's heuristic
+    min_arch: int = 0  # TMA configs are tuning candidates from Hopper on only
 
 
 def _capture(variant: Variant) -> tuple:
@@ -172,8 +179,18 @@ def variants() -> list[Variant]:
         Variant("split-K reduce fp16 +res", "splitk_reduce", late.replace(residual=True), torch.float16,
                 config=conv_bn_act.Config(64, 128, 64, 8, 4, 3, SPLIT_K=8), expect_tensor_cores=False),
         Variant("gemm bf16 1x1 +projection", "conv_bn_act", tail, torch.bfloat16),
+        Variant("gemm fp16 1x1 TMA", "conv_bn_act", conv1x1, torch.float16,
+                config=conv_bn_act.Config(128, 64, 64, 8, 4, 4, TMA=True), min_arch=90),
+        Variant("gemm bf16 1x1 +res TMA", "conv_bn_act", r50["c64h56-k256:1x1s1+res"], torch.bfloat16,
+                config=conv_bn_act.Config(128, 128, 64, 8, 8, 3, TMA=True), min_arch=90),
+        Variant("gemm fp32 tf32 1x1 TMA", "conv_bn_act", conv1x1, torch.float32,
+                config=conv_bn_act.Config(128, 128, 32, 8, 4, 4, TMA=True), min_arch=90),
+        Variant("gemm fp16 1x1 +projection TMA", "conv_bn_act", tail, torch.float16,
+                config=conv_bn_act.Config(64, 128, 64, 8, 4, 3, TMA=True), min_arch=90),
         Variant("gemm fp16 stem C=3", "conv_bn_act", stem, torch.float16),
         Variant("gemm fp16 grouped g=32", "conv_bn_act", grouped, torch.float16),
+        Variant("gemm fp16 grouped g=32 packed 16 groups", "conv_bn_act", grouped, torch.float16,
+                config=conv_bn_act.Config(64, 64, 64, 8, 4, 4, PACK_GROUPS=True)),
         Variant("gemm fp16 int64 offsets", "conv_bn_act", huge, torch.float16, index_64=True),
         Variant("gemm fp32 tf32", "conv_bn_act", conv3x3, torch.float32),
         Variant("gemm fp32 ieee", "conv_bn_act", conv3x3, torch.float32, tf32=False, expect_tensor_cores=False),
@@ -186,6 +203,11 @@ def variants() -> list[Variant]:
                 r50["c256h28-k256:3x3s2"], torch.float16, config=c)
         for c in conv_bn_act.CONFIGS
     ] + [
+        Variant(f"gemm fp16 1x1 TMA config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}",
+                "conv_bn_act", r50["c256h56-k128:1x1s1"], torch.float16, config=dataclasses.replace(c, TMA=True),
+                min_arch=90)
+        for c in conv_bn_act.CONFIGS
+    ] + [
         # every config, also those tuning skips for a projection: the report shows their spills
         Variant(f"gemm fp16 +projection config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}",
                 "conv_bn_act", tail, torch.float16, config=c)
@@ -195,7 +217,7 @@ def variants() -> list[Variant]:
 
 def report(arch: int, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
     rows = []
-    for variant in variants():
+    for variant in (v for v in variants() if arch >= v.min_arch):
         progress(variant.name)
         row = {"name": variant.name, "arch": arch, "expect_tensor_cores": variant.expect_tensor_cores}
         try:
@@ -203,6 +225,7 @@ def report(arch: int, progress: Callable[[str], None] = lambda _: None) -> list[
             compiled = compile_call(kernel, args, dict(kwargs), arch)
             ptx = compiled.asm["ptx"]
             row.update(ok=True, wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync.aligned"),
+                       tma_loads=ptx.count("cp.async.bulk.tensor"),
                        shared_bytes=int(compiled.metadata.shared), cubin_bytes=len(compiled.asm["cubin"]),
                        **resource_usage(compiled.asm["cubin"]),
                        constexprs={k: v for k, v in kwargs.items() if k.isupper() and isinstance(v, (int, str, bool))})
@@ -222,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
-            what = (f"wgmma {r['wgmma']:3d}  mma.sync {r['mma_sync']:3d}  smem {r['shared_bytes']:6d} B  "
+            what = (f"wgmma {r['wgmma']:3d}  mma.sync {r['mma_sync']:3d}  tma {r['tma_loads']:2d}  smem {r['shared_bytes']:6d} B  "
                     f"regs {r['registers']:3d}  stack {r['stack_bytes']:5d} B" if r["ok"] else f"FAILED {r['error']}")
             print(f"sm_{r['arch']}  {r['name']:<48} {what}")
     return 0 if all(r["ok"] for r in rows) else 1

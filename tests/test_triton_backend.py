@@ -8,6 +8,7 @@ Kernel-level checks write into NaN-poisoned outputs, so an unwritten element fai
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -203,6 +204,177 @@ def test_split_k_never_takes_a_projection():
     assert all(c.SPLIT_K == 1 for c in gemm_kernel.candidates(problem, CPU))
 
 
+@pytest.fixture
+def launches(monkeypatch) -> list[dict]:
+    """The constexpr flags of every GEMM-kernel launch in the test, so a test can tell which loop ran."""
+    calls, kernel = [], gemm_kernel.conv_bn_act_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gemm_kernel, "conv_bn_act_kernel", Spy())
+    return calls
+
+
+def flags(launches: list[dict], name: str) -> list:
+    return [kwargs[name] for kwargs in launches]
+
+
+# --- flat taps: few channels per group (the stem's C = 3, grouped convs) -------------------
+
+@needs_interpreter
+@pytest.mark.parametrize("config", gemm_kernel.CONFIGS, ids=lambda c: f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}")
+@pytest.mark.parametrize("case", [ODD_CASES[4], ODD_CASES[7]], ids=str)
+def test_flat_taps_every_config(case, config, launches):
+    """A filter row's (s, c) taps reduced together, at every tile: taps past S*C masked, padding
+    columns zero, groups offset."""
+    run_kernel_case(case.replace(residual=True), torch.float16, CPU, config=config, seed=2)
+    assert flags(launches, "FLAT_TAPS") == [True]
+
+
+def test_flat_taps_where_channels_per_group_are_few():
+    def flat(case: ConvCase) -> bool:
+        problem = make_inputs(case, torch.float16, "meta").problem(case)
+        return gemm_kernel.flat_taps(problem, gemm_kernel.heuristic(problem).BLOCK_K)
+
+    r50 = {c.name.split(":", 1)[1]: c for c in model_cases("resnet50", batch=32, image=224)}
+    narrow_groups = [c for c in model_cases("resnext50_32x4d", batch=32, image=224) if 1 < c.groups and c.c < 16 * c.groups]
+    assert flat(r50["c3h224-k64:7x7s2"])  # 7 steps of 21 taps, not 49 of 3 channels
+    assert narrow_groups and all(flat(c) for c in narrow_groups)
+    assert not flat(r50["c64h56-k64:3x3s1"]) and not flat(r50["c256h56-k64:1x1s1"])
+    stem = make_inputs(r50["c3h224-k64:7x7s2"], torch.float16, "meta").problem(r50["c3h224-k64:7x7s2"])
+    assert gemm_kernel.heuristic(stem).BLOCK_K == 32
+
+
+# --- packed groups: several whole groups per tile (ResNeXt) ---------------------------------
+
+def _packed_configs(case: ConvCase) -> list[tuple[ConvCase, gemm_kernel.Config]]:
+    problem = make_inputs(case, torch.float16, "meta").problem(case)
+    configs = (dataclasses.replace(c, PACK_GROUPS=True) for c in gemm_kernel.CONFIGS)
+    return [(case, c) for c in configs if gemm_kernel.packs_groups(problem, c)]
+
+
+PACKED = [pair for case in (ODD_CASES[7], ODD_CASES[-2], PROJECTION_ODD_CASES[2]) for pair in _packed_configs(case)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case,config", PACKED, ids=lambda v: str(v) if isinstance(v, ConvCase) else
+                         f"{v.BLOCK_M}x{v.BLOCK_N}x{v.BLOCK_K}")
+def test_packed_groups_every_config(case, config, launches):
+    """Block-diagonal weight tiles at every tile size that packs these groups: no weight crosses
+    into another group's channels, and a tile past the last group is clipped."""
+    run_kernel_case(case.replace(residual=True), torch.float16, CPU, config=config, seed=6)
+    assert flags(launches, "PACK_GROUPS") == [True]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split", [2, 3])
+def test_packed_groups_split_k(split, launches):
+    config = gemm_kernel.Config(32, 32, 16, 8, 4, 3, SPLIT_K=split, PACK_GROUPS=True)
+    run_kernel_case(ODD_CASES[-2].replace(residual=True), torch.float32, CPU, config=config, layout="nchw")
+    assert flags(launches, "PACK_GROUPS") == [True]
+
+
+def test_packed_groups_are_candidates_for_grouped_convs_only():
+    def packed(case: ConvCase) -> list:
+        problem = make_inputs(case, torch.float16, "meta").problem(case)
+        return [c for c in gemm_kernel.candidates(problem, CPU) if c.PACK_GROUPS]
+
+    grouped = [c for c in model_cases("resnext50_32x4d", batch=32, image=224) if c.groups > 1]
+    assert grouped and all(packed(c) for c in grouped)
+    assert all(c.BLOCK_N // (case.k // case.groups) <= gemm_kernel.MAX_PACKED_GROUPS
+               for case in grouped for c in packed(case))
+    assert not packed(model_cases("resnet50", batch=32, image=224)[1])
+    assert not packed(ODD_CASES[8])  # depthwise: its own kernel
+
+
+# --- TMA: tensor-descriptor loads for 1x1 stride-1 convs -------------------------------------
+
+TMA_CASES = [ODD_CASES[-1], ODD_CASES[5]] + [c for c in CPU_MODEL_CASES if c.r == 1 and c.stride == (1, 1)][:3]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_tma_loads(case, dtype, launches):
+    inputs = make_inputs(case, dtype)
+    config = dataclasses.replace(gemm_kernel.heuristic(inputs.problem(case)), TMA=True)
+    run_kernel_case(case.replace(residual=True), dtype, CPU, config=config, seed=3)
+    # fp16 rows of 12 channels are 24 bytes: not a TMA row, the pointer loop runs instead
+    assert flags(launches, "USE_TMA") == [gemm_kernel.tma_applies(inputs.problem(case))]
+    assert flags(launches, "USE_TMA") == [case.c * inputs.x.element_size() % 16 == 0]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("config", gemm_kernel.CONFIGS, ids=lambda c: f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}")
+def test_tma_every_config(config, launches):
+    """Rows, output channels and input channels past the edge arrive as zeros at every tile."""
+    run_kernel_case(ODD_CASES[-1].replace(residual=True, act="relu6"), torch.float16, CPU,
+                    config=dataclasses.replace(config, TMA=True))
+    assert flags(launches, "USE_TMA") == [True]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("split", [2, 3])
+def test_tma_split_k(split, launches):
+    config = gemm_kernel.Config(32, 32, 16, 8, 4, 3, SPLIT_K=split, TMA=True)
+    run_kernel_case(ODD_CASES[-1].replace(residual=True), torch.float16, CPU, config=config, seed=4)
+    assert flags(launches, "USE_TMA") == [True]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", [c for c in CPU_PROJECTION_CASES + list(PROJECTION_ODD_CASES) if c.r == 1], ids=str)
+def test_tma_with_a_projected_residual(case, launches):
+    config = dataclasses.replace(gemm_kernel.heuristic(make_inputs(case, torch.float32).problem(case)), TMA=True)
+    run_kernel_case(case, torch.float32, CPU, config=config, seed=5)
+    assert flags(launches, "USE_TMA") == [True]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values one element past a 16-byte boundary: no TMA descriptor may start there."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = flat[1:].view(t.shape[0], t.shape[2], t.shape[3], t.shape[1]).permute(0, 3, 1, 2)
+    view.copy_(t)
+    return view
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["nchw", "strided", "misaligned"])
+def test_tma_config_runs_the_pointer_loop_where_descriptors_cannot_be_made(layout, launches):
+    case = ODD_CASES[-1].replace(residual=True)
+    inputs = make_inputs(case, torch.float16)
+    x = _misaligned(inputs.x) if layout == "misaligned" else relayout(inputs.x, layout)
+    assert x.data_ptr() % 16 != 0 or not x.is_contiguous(memory_format=torch.channels_last)
+    problem = inputs.problem(case)
+    out = torch.full(problem.output_shape, math.nan, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    config = dataclasses.replace(gemm_kernel.heuristic(problem), TMA=True)
+    gemm_kernel.launch(problem, config, x, inputs.weight, inputs.scale, inputs.shift, inputs.residual, out)
+    assert flags(launches, "USE_TMA") == [False]
+    assert_matches(out, reference_for(case, inputs, inputs.residual), case, torch.float16, inputs.gain)
+
+
+def test_tma_is_a_candidate_for_1x1_stride_1_convs_only():
+    def tma_candidates(case: ConvCase, dtype: torch.dtype = torch.float16) -> int:
+        problem = make_inputs(case, dtype, "meta").problem(case)
+        return sum(c.TMA for c in gemm_kernel.candidates(problem, CPU))
+
+    r50 = {c.name.split(":", 1)[1]: c for c in model_cases("resnet50", batch=32, image=224)}
+    assert tma_candidates(r50["c256h56-k64:1x1s1"]) > 0
+    assert tma_candidates(r50["c64h56-k64:3x3s1"]) == 0
+    assert tma_candidates(r50["c256h56-k512:1x1s2-none"]) == 0
+    assert tma_candidates(ODD_CASES[5]) == 0  # 12 fp16 channels: 24-byte rows
+    assert tma_candidates(ODD_CASES[5], torch.float32) > 0  # 48-byte rows
+
+
+def test_tma_is_never_the_untuned_default():
+    problem = make_inputs(ODD_CASES[-1], torch.float16, "meta").problem(ODD_CASES[-1])
+    assert not gemm_kernel.heuristic(problem).TMA
+
+
 # --- projected residuals (a downsample branch in the same kernel) ---------------------------
 
 @needs_interpreter
@@ -302,6 +474,38 @@ def test_gpu_split_k_candidates_at_batch_1(case, dtype):
     assert splits
     for config in splits:
         run_kernel_case(case, dtype, GPU, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [c.replace(residual=True) for c in GPU_MODEL_CASES if c.r == 1 and c.stride == (1, 1)][:4]
+                         + [ODD_CASES[-1]], ids=str)
+def test_gpu_tma_candidates(case, dtype, launches):
+    """Every TMA config tuning may time on a Hopper GPU: descriptors built, and the right answer."""
+    problem = make_inputs(case, dtype, GPU).problem(case)
+    tma = [c for c in gemm_kernel.candidates(problem, GPU) if c.TMA]
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert not tma
+        return
+    assert tma
+    with conv_tf32(False):
+        for config in tma:
+            run_kernel_case(case, dtype, GPU, config=config)
+    assert flags(launches, "USE_TMA") == [True] * len(tma)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c.replace(residual=True) for c in GPU_MODEL_CASES if 1 < c.groups < c.c]
+                         + [ODD_CASES[-2]], ids=str)
+def test_gpu_packed_groups_candidates(case, dtype, launches):
+    """Every several-groups-per-tile config tuning may time on a grouped conv gives the right answer."""
+    problem = make_inputs(case, dtype, GPU).problem(case)
+    packed = [c for c in gemm_kernel.candidates(problem, GPU) if c.PACK_GROUPS]
+    assert packed
+    for config in packed:
+        run_kernel_case(case, dtype, GPU, config=config)
+    assert flags(launches, "PACK_GROUPS") == [True] * len(packed)
 
 
 @pytest.mark.gpu
