@@ -197,6 +197,16 @@ def test_split_k_is_a_candidate_only_where_tiles_are_few():
     assert splits[early.name] == []
 
 
+def test_split_k_refuses_a_workspace_past_32_bit_offsets():
+    case = ConvCase("wide", 1, 8, 2**12, 2**12, 64, 1, 1)  # 2 splits x 2**24 pixels x 64 channels = 2**31
+    inputs = make_inputs(case, torch.float16, "meta")
+    problem = inputs.problem(case)
+    out = torch.empty(problem.output_shape, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="past 2\\*\\*31"):
+        gemm_kernel.launch(problem, gemm_kernel.Config(64, 64, 32, 8, 4, 3, SPLIT_K=2), inputs.x, inputs.weight,
+                           inputs.scale, inputs.shift, None, out)
+
+
 def test_split_k_never_takes_a_projection():
     case = model_projection_cases("resnet50", batch=1, image=64)[-1]
     inputs = make_inputs(case, torch.float16)
