@@ -303,11 +303,7 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def _fits(cfg: Config, problem: ConvProblem, shared_mem: int | None) -> bool:
     """Prune configs far larger than the problem or over the device's shared memory."""
-    if cfg.PACK_GROUPS:
-        cols, run = problem.k, cfg.BLOCK_N // problem.k_per_group * problem.c_per_group
-    else:
-        cols = problem.k_per_group
-        run = problem.s * problem.c_per_group if flat_taps(problem, cfg.BLOCK_K) else problem.c_per_group
+    cols, run, _ = _tile_extents(cfg, problem)
     if cfg.BLOCK_N > max(64, triton.next_power_of_2(cols)):
         return False
     if cfg.BLOCK_K > max(32, triton.next_power_of_2(run)):
@@ -364,17 +360,22 @@ def packs_groups(problem: ConvProblem, cfg: Config) -> bool:
             and cfg.BLOCK_N // kg <= MAX_PACKED_GROUPS and cfg.BLOCK_M * cfg.BLOCK_N <= 64 * 64)
 
 
+def _tile_extents(cfg: Config, problem: ConvProblem) -> tuple[int, int, int]:
+    """What one program reduces, as the kernel's loops see it: the output channels a row of
+    programs walks, the channels (or flat taps) one reduction run covers, and the runs per tile."""
+    if cfg.PACK_GROUPS:
+        return problem.k, cfg.BLOCK_N // problem.k_per_group * problem.c_per_group, problem.r * problem.s
+    if flat_taps(problem, cfg.BLOCK_K):
+        return problem.k_per_group, problem.s * problem.c_per_group, problem.r
+    return problem.k_per_group, problem.c_per_group, problem.r * problem.s
+
+
 def _tiles_and_steps(cfg: Config, problem: ConvProblem) -> tuple[int, int]:
     """Output tiles in cfg's grid, and reduction steps per tile."""
+    cols, run, runs = _tile_extents(cfg, problem)
     m = problem.n * problem.p * problem.q
-    if cfg.PACK_GROUPS:
-        run = cfg.BLOCK_N // problem.k_per_group * problem.c_per_group
-        return (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(problem.k, cfg.BLOCK_N),
-                problem.r * problem.s * triton.cdiv(run, cfg.BLOCK_K))
-    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(problem.k_per_group, cfg.BLOCK_N) * problem.groups
-    if flat_taps(problem, cfg.BLOCK_K):
-        return tiles, problem.r * triton.cdiv(problem.s * problem.c_per_group, cfg.BLOCK_K)
-    return tiles, problem.r * problem.s * triton.cdiv(problem.c_per_group, cfg.BLOCK_K)
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(cols, cfg.BLOCK_N) * (1 if cfg.PACK_GROUPS else problem.groups)
+    return tiles, runs * triton.cdiv(run, cfg.BLOCK_K)
 
 
 def _accumulators_fit(cfg: Config, problem: ConvProblem) -> bool:
