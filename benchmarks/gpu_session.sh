@@ -2,28 +2,33 @@
 # One lent-GPU session in stages (each run of the device tool is at most 10 minutes, and a machine
 # that idles 30 s is gone, so every call starts with `setup`):
 #
-#   bash benchmarks/gpu_session.sh setup test            # build + every gpu test        (~6 min)
-#   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck    (~4 min)
+#   bash benchmarks/gpu_session.sh setup test            # build + every gpu test
+#   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck
 #   bash benchmarks/gpu_session.sh setup layers          # ResNet-50 layers + block tails, fp16
 #   bash benchmarks/gpu_session.sh setup layers-others   # ResNet-18 / ResNeXt-50 layers, fp16
-#   bash benchmarks/gpu_session.sh setup models          # whole models, no max-autotune (~8 min)
+#   bash benchmarks/gpu_session.sh setup models-256      # whole models at batch 256 (throughput)
+#   bash benchmarks/gpu_session.sh setup models-1        # whole models at batch 1 (latency, CUDA graphs)
+#   bash benchmarks/gpu_session.sh setup models-bf16     # ResNet-50 bf16 at batch 256 (the bf16 target)
 #   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
 #
 # The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks:
 # on this (networked) machine run `bash benchmarks/gpu_session.sh wheels` once, then name `.whl`
-# in each device call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and plots go
-# to $OUT (8 files come back at most), a short table last.
+# in each device call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and
+# plots go to $OUT (8 files come back at most), a short table last, and each stage's wall time.
+#
+# Tuning decisions outlive the machine: the cache lives in .tuning-cache/ (git-ignored) and each
+# stage copies its JSON to $OUT. Copy the returned tuning-*.json into .tuning-cache/ here and add
+# `.tuning-cache` to the next call's `carry`: later stages then reuse what earlier ones measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export FASTRES_CACHE_DIR=${FASTRES_CACHE_DIR:-$OUT/tuning-cache}
+export FASTRES_CACHE_DIR=${FASTRES_CACHE_DIR:-$PWD/.tuning-cache}
 PY=${PY:-python3}
 
 stage_wheels() {
     # Runs HERE, not on the GPU machine: the wheels the GPU machine lacks, for its Python 3.12.
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
     $PY -m pip download -q --dest .whl --only-binary=:all: --no-deps --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
         -c constraints.txt nvidia-cutlass expecttest && ls .whl
@@ -84,11 +89,22 @@ stage_layers-others() {
     return $rc
 }
 
-stage_models() {
-    $PY -m fastres bench models --batch 1 32 256 --dtype fp16 --model resnet50 resnet18 resnext50_32x4d \
-        --baselines eager-nchw eager-cl compile eager-cl+graph --out "$OUT" > "$OUT/bench-models.log" 2>&1
+models() {  # models BATCH: the three models the issue names, fp16, against eager, compile and graphs
+    $PY -m fastres bench models --batch "$1" --dtype fp16 --model resnet50 resnet18 resnext50_32x4d \
+        --baselines eager-nchw eager-cl compile eager-cl+graph --out "$OUT/models-$1" > "$OUT/bench-models-$1.log" 2>&1
     local rc=$?
-    tail -60 "$OUT/bench-models.log"
+    tail -40 "$OUT/bench-models-$1.log"
+    return $rc
+}
+
+stage_models-256() { models 256; }  # the throughput targets
+stage_models-1() { models 1; }      # the latency target (CUDA graphs)
+
+stage_models-bf16() {
+    $PY -m fastres bench models --batch 256 --dtype bf16 --model resnet50 --backends auto \
+        --baselines eager-cl --out "$OUT/bf16" > "$OUT/bench-models-bf16.log" 2>&1
+    local rc=$?
+    tail -20 "$OUT/bench-models-bf16.log"
     return $rc
 }
 
@@ -103,6 +119,9 @@ stage_models-autotune() {
 status=0
 for stage in "$@"; do
     echo "=== $stage ==="
+    started=$SECONDS
     "stage_$stage" || { status=1; echo "stage $stage failed"; [ "$stage" = setup ] && break; }
+    echo "stage $stage: $((SECONDS - started)) s"
+    [ "$stage" = wheels ] || cp "$FASTRES_CACHE_DIR"/tuning-*.json "$OUT"/ 2>/dev/null || true
 done
 exit $status

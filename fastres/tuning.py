@@ -225,6 +225,9 @@ def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
     return statistics.median(samples)
 
 
+REFINE_TOP = 2  # how many of the fastest first-round candidates have their variants timed
+
+
 def pick(
     device: torch.device,
     kind: str,
@@ -233,32 +236,60 @@ def pick(
     encode: Callable[[T], Any],
     run: Callable[[T], Any],
     default: T,
+    refine: Callable[[T], Sequence[T]] | None = None,
+    prepare: Callable[[Sequence[T]], None] | None = None,
 ) -> T:
     """Choose among candidates for (kind, key): remembered choice, else time them all, else default.
 
-    A candidate that raises while being timed is skipped (e.g. out of shared memory on this GPU).
+    With `refine`, tuning runs in two rounds: the candidates, then refine(c) of the REFINE_TOP
+    fastest (variants of one config such as its TMA or split-K versions, which rank with their
+    base config); any of those may be the remembered choice. `prepare` gets each round's
+    candidates before they are timed (e.g. to compile them all at once). A candidate that raises
+    while being timed is skipped (e.g. out of shared memory on this GPU).
     """
     def remembered_choice() -> T | None:
         remembered = lookup(device, kind, key)
-        return None if remembered is None else next((c for c in candidates if encode(c) == remembered), None)
+        if remembered is None:
+            return None
+        found = next((c for c in candidates if encode(c) == remembered), None)
+        if found is None and refine is not None:
+            found = next((v for c in candidates for v in refine(c) if encode(v) == remembered), None)
+        return found
+
+    def time_each(batch: Sequence[T]) -> list[tuple[float, T]]:
+        """(median ms, candidate) for each one that runs, after `prepare`; a warning per failure."""
+        if prepare is not None and batch:
+            prepare(batch)
+        timings = []
+        for candidate in batch:
+            try:
+                timings.append((time_ms(lambda: run(candidate), device), candidate))
+            except Exception as exc:  # noqa: BLE001 - a failing candidate is just not chosen
+                _warn_once(f"cand:{kind}:{key}:{encode(candidate)}", f"fastres: {kind} candidate {encode(candidate)} failed: {exc}")
+        return timings
 
     choice = remembered_choice()
     if choice is not None:
         return choice
-    if len(candidates) == 1 or not may_time(device):
+    if (len(candidates) == 1 and refine is None) or not may_time(device):
         return default
     with _lock:
         choice = remembered_choice()  # another thread may have finished meanwhile
         if choice is not None:
             return choice
-        timings: list[tuple[float, int]] = []
-        for index, candidate in enumerate(candidates):
-            try:
-                timings.append((time_ms(lambda: run(candidate), device), index))
-            except Exception as exc:  # noqa: BLE001 - a failing candidate is just not chosen
-                _warn_once(f"cand:{kind}:{key}:{index}", f"fastres: {kind} candidate {encode(candidate)} failed: {exc}")
-        if not timings:
+        timed = time_each(candidates)
+        if refine is not None and timed:
+            leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:REFINE_TOP]]
+            seen = {json.dumps(encode(c), sort_keys=True) for c in candidates}
+            extra = []
+            for variant in (v for c in leaders for v in refine(c)):
+                code = json.dumps(encode(variant), sort_keys=True)
+                if code not in seen:
+                    seen.add(code)
+                    extra.append(variant)
+            timed += time_each(extra)
+        if not timed:
             return default
-        best = candidates[min(timings)[1]]
+        best = min(timed, key=lambda t: t[0])[1]
         remember(device, kind, key, encode(best))
         return best

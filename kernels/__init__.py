@@ -9,6 +9,11 @@ One file per kernel: the @triton.jit function, its configs and its launcher toge
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
+
 
 def interpreted() -> bool:
     """True when these kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
@@ -17,3 +22,26 @@ def interpreted() -> bool:
     from fastres.kernels.epilogue import epilogue_kernel
 
     return isinstance(epilogue_kernel, InterpretedFunction)
+
+
+def start(kernel: Any, grid: tuple[int, ...], compile_only: bool = False) -> Callable[..., Any]:
+    """kernel[grid], or with compile_only the compile alone: JITFunction.warmup specialises the
+    arguments exactly as that launch would and compiles (on a worker thread inside compile_ahead)."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+
+
+def compile_ahead(compiles: Iterable[Callable[[], Any]]) -> None:
+    """Call each compile_only launch with Triton compiling on a thread pool (triton.AsyncCompileMode),
+    waiting for all: Triton's passes and ptxas release the GIL, so tuning's candidates compile in
+    parallel instead of one by one at their first timed launch. A no-op in the interpreter."""
+    if interpreted():
+        return
+    import triton
+
+    with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool, \
+            triton.AsyncCompileMode(pool, ignore_errors=True):
+        for compile_one in compiles:
+            try:
+                compile_one()
+            except Exception:  # noqa: BLE001 - the timed launch of this config raises it again, and tuning skips it
+                continue

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fastres.kernels import start
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
 from fastres.numerics import conv_tf32_enabled
 from fastres.problem import ConvProblem, Projection
@@ -419,14 +420,29 @@ def tma_applies(problem: ConvProblem) -> bool:
             and problem.groups == 1 and problem.c * _element_size(problem.dtype) % 16 == 0)
 
 
-def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
-    smem, sms = _shared_mem(device), _sm_count(device)
-    fitting = [c for c in CONFIGS if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
-    if tma_applies(problem) and _has_tma(device):
-        fitting += [dataclasses.replace(c, TMA=True) for c in fitting]
+def tiles(problem: ConvProblem, device: torch.device) -> list[Config]:
+    """Tuning's first round: every tile config that fits the problem and the device (packed-group
+    tiles included), each with the pointer loop and no split."""
+    smem = _shared_mem(device)
+    plain = [c for c in CONFIGS if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
     packed = (dataclasses.replace(c, PACK_GROUPS=True) for c in CONFIGS if packs_groups(problem, c))
-    fitting += [c for c in packed if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
-    return fitting + [split for c in fitting for split in _splits(c, problem, sms)]
+    return plain + [c for c in packed if _fits(c, problem, smem) and _accumulators_fit(c, problem)]
+
+
+def variants(cfg: Config, problem: ConvProblem, device: torch.device) -> list[Config]:
+    """Tuning's second round, for the fastest tiles only: cfg with TMA loads where they apply, and
+    split-K versions of both loops where the grid is small."""
+    loops = [cfg]
+    if tma_applies(problem) and _has_tma(device) and not cfg.PACK_GROUPS:
+        loops.append(dataclasses.replace(cfg, TMA=True))
+    sms = _sm_count(device)
+    return loops[1:] + [split for loop in loops for split in _splits(loop, problem, sms)]
+
+
+def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
+    """Every config tuning may choose for the problem: the tiles and all their variants."""
+    first = tiles(problem, device)
+    return first + [v for c in first for v in variants(c, problem, device)]
 
 
 def _pixel_row_stride(t: torch.Tensor) -> int | None:
@@ -478,11 +494,13 @@ def launch(
     out: torch.Tensor,
     index_64: bool | None = None,
     projection: Projection | None = None,
+    compile_only: bool = False,
 ) -> torch.Tensor:
     """Run the kernel with one config into `out` (any strides). Scale/shift must be float32.
     With `projection`, `residual` is the tensor it projects (problem.projection describes it).
     A TMA config runs its tensor-descriptor loop where x and weight allow one (tma_applies, a
-    channels_last-style x, aligned memory) and the pointer loop otherwise."""
+    channels_last-style x, aligned memory) and the pointer loop otherwise. compile_only: compile
+    the kernels this call would launch (see fastres.kernels.start), launch nothing."""
     packed = config.PACK_GROUPS and packs_groups(problem, config)
     row_stride = _pixel_row_stride(x)
     plain = (problem.r == problem.s == 1 and problem.stride == (1, 1) and problem.padding == (0, 0)
@@ -517,7 +535,7 @@ def launch(
         if config.SPLIT_K * m * problem.k > INT32_MAX:
             raise ValueError(f"split-K {config.SPLIT_K} needs a workspace past 2**31 elements (its offsets are 32-bit)")
         workspace = torch.empty((config.SPLIT_K, m, problem.k), dtype=torch.float32, device=x.device)
-    conv_bn_act_kernel[grid](
+    start(conv_bn_act_kernel, grid, compile_only)(
         x, weight, scale, shift, residual, out,
         pw, *((projection.scale, projection.shift) if projection is not None else (None, None)), workspace,
         x_desc, w_desc,
@@ -540,7 +558,7 @@ def launch(
     )
     if workspace is not None:
         reduce_grid = (triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(problem.k, REDUCE_BLOCK))
-        splitk_reduce_kernel[reduce_grid](
+        start(splitk_reduce_kernel, reduce_grid, compile_only)(
             workspace, scale, shift, residual, out, m, problem.p, problem.q, problem.k, *res_strides, *out.stride(),
             SPLIT_K=config.SPLIT_K, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
             HAS_RESIDUAL=residual is not None, ACT=ACT_CODES[problem.act], BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK,

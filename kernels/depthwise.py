@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastres.kernels import start
 from fastres.kernels.conv_bn_act import needs_int64
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
 from fastres.problem import ConvProblem
@@ -86,8 +87,13 @@ CONFIGS: tuple[Config, ...] = (
 TUNING_KIND = "triton.depthwise"
 
 
-def candidates(problem: ConvProblem, device: torch.device) -> list[Config]:
+def tiles(problem: ConvProblem, device: torch.device) -> list[Config]:
+    """Tuning's candidates: every tile (one round; a direct conv has no loop variants)."""
     return list(CONFIGS)
+
+
+def variants(cfg: Config, problem: ConvProblem, device: torch.device) -> list[Config]:
+    return []
 
 
 def heuristic(problem: ConvProblem) -> Config:
@@ -104,11 +110,13 @@ def launch(
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
     out: torch.Tensor,
+    compile_only: bool = False,
 ) -> torch.Tensor:
-    """Run the kernel with one config into `out`. Scale/shift must be float32."""
+    """Run the kernel with one config into `out`. Scale/shift must be float32. compile_only:
+    compile the kernel for this call (see fastres.kernels.start), launch nothing."""
     grid = (triton.cdiv(problem.n * problem.p * problem.q, config.BLOCK_M), triton.cdiv(problem.k, config.BLOCK_N))
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    depthwise_kernel[grid](
+    start(depthwise_kernel, grid, compile_only)(
         x, weight, scale, shift, residual, out,
         problem.n, problem.h, problem.w, problem.p, problem.q, problem.k, problem.k_per_group,
         *problem.stride, *problem.padding, *problem.dilation,

@@ -28,6 +28,7 @@ def test_layers_smoke_writes_table_json_and_plot(tmp_path):
     assert {r["contender"] for r in rows} == {"eager-nchw", "eager-cl", "conv-only", "compile",
                                              "fastres-triton", "fastres-cudnn", "fastres-auto"}
     assert all(r["correct"] for r in rows) and all(r["median_ms"] > 0 for r in rows)
+    assert all(r["first_call_s"] > 0 for r in rows)
     assert all(set(r["speedup"]) >= {"eager-cl"} for r in rows if r["contender"].startswith("fastres"))
     assert len({r["name"] for r in rows if "+proj(" in r["name"]}) == 1  # a block tail with its downsample
     assert next(tmp_path.glob("layers-*-smoke.png")).stat().st_size > 10_000
@@ -45,7 +46,7 @@ def test_models_smoke(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads(next(tmp_path.glob("models-*-smoke.json")).read_text())["rows"]
     assert {r["contender"] for r in rows} == {"eager-nchw", "eager-cl", "compile", "fastres-auto", "fastres-triton"}
-    assert all(r["correct"] for r in rows)
+    assert all(r["correct"] for r in rows) and all(r["first_call_s"] > 0 for r in rows)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")

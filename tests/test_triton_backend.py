@@ -9,6 +9,7 @@ Kernel-level checks write into NaN-poisoned outputs, so an unwritten element fai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastres
+from fastres.kernels import compile_ahead
 from fastres.kernels import conv_bn_act as gemm_kernel
 from fastres.kernels import depthwise as depthwise_kernel
 from fastres.numerics import reference_conv_bn_act
@@ -53,8 +55,10 @@ def run_kernel_case(
     index_64: bool | None = None,
     layout: str = "channels_last",
     seed: int = 0,
+    compile_only: bool = False,
 ) -> None:
-    """Launch the kernel for `case` into a NaN-filled output and compare with the float64 reference."""
+    """Launch the kernel for `case` into a NaN-filled output and compare with the float64 reference
+    (compile_only: compile what that launch needs, as tuning's compile_ahead does, and stop)."""
     inputs = make_inputs(case, dtype, device, seed)
     x = relayout(inputs.x, layout)
     problem = ConvProblem.from_tensors(
@@ -64,11 +68,21 @@ def run_kernel_case(
     out = torch.full(problem.output_shape, math.nan, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     args = (x, inputs.weight, inputs.scale, inputs.shift, inputs.residual, out)
     if problem.is_depthwise:
-        depthwise_kernel.launch(problem, config or depthwise_kernel.heuristic(problem), *args)
+        depthwise_kernel.launch(problem, config or depthwise_kernel.heuristic(problem), *args, compile_only=compile_only)
     else:
         gemm_kernel.launch(problem, config or gemm_kernel.heuristic(problem), *args, index_64=index_64,
-                           projection=inputs.projection)
+                           projection=inputs.projection, compile_only=compile_only)
+    if compile_only:
+        return
     assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.gain)
+
+
+def run_every_config(case: ConvCase, dtype: torch.dtype, device: torch.device, configs, **kwargs) -> None:
+    """run_kernel_case at each config, all of them compiled in parallel first (as tuning does)."""
+    compile_ahead(functools.partial(run_kernel_case, case, dtype, device, config=c, compile_only=True, **kwargs)
+                  for c in configs)
+    for config in configs:
+        run_kernel_case(case, dtype, device, config=config, **kwargs)
 
 
 # --- CPU, Triton interpreter -------------------------------------------------------------
@@ -214,6 +228,25 @@ def test_split_k_never_takes_a_projection():
     assert all(c.SPLIT_K == 1 for c in gemm_kernel.candidates(problem, CPU))
 
 
+def test_tuning_rounds_time_tiles_then_loop_variants_of_the_fastest():
+    """First round: plain tiles. Second round, per fast tile: the same tile with TMA loads (1x1
+    layers) or split into K slices (few tiles); together they are every candidate."""
+    r50 = {c.name.split(":", 1)[1]: c for c in model_cases("resnet50", batch=1, image=224)}
+    seen = {"TMA": 0, "SPLIT_K": 0}
+    for case in (r50["c2048h7-k512:1x1s1"], r50["c512h7-k512:3x3s1"], ODD_CASES[-2]):
+        problem = make_inputs(case, torch.float16, "meta").problem(case)
+        first = gemm_kernel.tiles(problem, CPU)
+        assert first and all(c.SPLIT_K == 1 and not c.TMA for c in first)
+        second = {tile: gemm_kernel.variants(tile, problem, CPU) for tile in first}
+        for tile, variants in second.items():
+            assert all(dataclasses.replace(v, SPLIT_K=1, TMA=False) == tile != v for v in variants)
+            seen["TMA"] += sum(v.TMA for v in variants)
+            seen["SPLIT_K"] += sum(v.SPLIT_K > 1 for v in variants)
+        every = first + [v for variants in second.values() for v in variants]
+        assert sorted(map(str, every)) == sorted(map(str, gemm_kernel.candidates(problem, CPU)))
+    assert seen["TMA"] and seen["SPLIT_K"]
+
+
 @pytest.fixture
 def launches(monkeypatch) -> list[dict]:
     """The constexpr flags of every GEMM-kernel launch in the test, so a test can tell which loop ran."""
@@ -225,6 +258,9 @@ def launches(monkeypatch) -> list[dict]:
                 calls.append(kwargs)
                 return kernel[grid](*args, **kwargs)
             return launch
+
+        def warmup(self, *args, **kwargs):  # compiles only: not a launch
+            return kernel.warmup(*args, **kwargs)
 
     monkeypatch.setattr(gemm_kernel, "conv_bn_act_kernel", Spy())
     return calls
@@ -469,8 +505,7 @@ def test_gpu_projected_residual_every_candidate(case):
     """Each config tuning may pick for a projection compiles and runs (registers, shared memory)."""
     inputs = make_inputs(case, torch.float16, GPU)
     problem = inputs.problem(case)
-    for config in gemm_kernel.candidates(problem, GPU):
-        run_kernel_case(case, torch.float16, GPU, config=config)
+    run_every_config(case, torch.float16, GPU, gemm_kernel.candidates(problem, GPU))
 
 
 @pytest.mark.gpu
@@ -482,8 +517,7 @@ def test_gpu_split_k_candidates_at_batch_1(case, dtype):
     problem = inputs.problem(case)
     splits = [c for c in gemm_kernel.candidates(problem, GPU) if c.SPLIT_K > 1]
     assert splits
-    for config in splits:
-        run_kernel_case(case, dtype, GPU, config=config)
+    run_every_config(case, dtype, GPU, splits)
 
 
 @pytest.mark.gpu
@@ -499,8 +533,7 @@ def test_gpu_tma_candidates(case, dtype, launches):
         return
     assert tma
     with conv_tf32(False):
-        for config in tma:
-            run_kernel_case(case, dtype, GPU, config=config)
+        run_every_config(case, dtype, GPU, tma)
     assert flags(launches, "USE_TMA") == [True] * len(tma)
 
 
@@ -513,9 +546,29 @@ def test_gpu_packed_groups_candidates(case, dtype, launches):
     problem = make_inputs(case, dtype, GPU).problem(case)
     packed = [c for c in gemm_kernel.candidates(problem, GPU) if c.PACK_GROUPS]
     assert packed
-    for config in packed:
-        run_kernel_case(case, dtype, GPU, config=config)
+    run_every_config(case, dtype, GPU, packed)
     assert flags(launches, "PACK_GROUPS") == [True] * len(packed)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_ahead_leaves_nothing_to_compile_at_launch(monkeypatch):
+    """Tuning compiles each round's configs on a thread pool first: the launches then find every
+    kernel compiled (Triton's post-compile hook never fires) and give the right answer."""
+    import triton
+
+    case = ODD_CASES[-1].replace(residual=True)  # 1x1: tiles, TMA and split-K variants
+    configs = gemm_kernel.candidates(make_inputs(case, torch.float16, "meta").problem(case), GPU)
+    for kernel in (gemm_kernel.conv_bn_act_kernel, gemm_kernel.splitk_reduce_kernel):
+        kernel.device_caches.clear()  # in-memory compiled kernels of earlier tests
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda *a, **kw: compiled.append(kw))
+    compile_ahead(functools.partial(run_kernel_case, case, torch.float16, GPU, config=c, compile_only=True)
+                  for c in configs)
+    assert len(compiled) >= len(configs)  # each config its own specialisation, plus split-K reduces
+    compiled.clear()
+    for config in configs:
+        run_kernel_case(case, torch.float16, GPU, config=config)
+    assert compiled == []
 
 
 @pytest.mark.gpu

@@ -187,6 +187,37 @@ def test_threads_tune_a_key_once_and_agree(monkeypatch):
     assert sorted(set(timed)) == ["fast", "slow"] and len(timed) == 8  # one warm-up + 3 runs each, once
 
 
+def test_refinements_are_timed_for_the_fastest_candidates_only(monkeypatch):
+    """Two rounds: every candidate, then the variants of the REFINE_TOP fastest (never one already
+    timed); each round is prepared (compiled) before any of it runs; the winner may be a variant,
+    and a new process finds it on disk."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "REFINE_TOP", 2)
+    delay_ms = {"slow": 24, "mid": 12, "fast": 6, "fast/v": 0, "mid/v": 18, "slow/v": 0}
+    events = []
+
+    def run(name):
+        events.append(("run", name))
+        time.sleep(delay_ms[name] / 1e3)
+
+    def pick():
+        return tuning.pick(CPU, "rounds", "key", ["slow", "mid", "fast"], encode=str, run=run, default="slow",
+                           refine=lambda c: [f"{c}/v", "slow"], prepare=lambda cs: events.append(("prepare", list(cs))))
+
+    assert pick() == "fast/v"
+    prepares = [(i, cs) for i, (what, cs) in enumerate(events) if what == "prepare"]
+    assert [cs for _, cs in prepares] == [["slow", "mid", "fast"], ["fast/v", "mid/v"]]
+    first_run_of = {name: events.index(("run", name)) for name in delay_ms if ("run", name) in events}
+    assert set(first_run_of) == {"slow", "mid", "fast", "fast/v", "mid/v"}  # slow/v: slow was not a leader
+    assert prepares[0][0] < min(first_run_of.values()) and prepares[1][0] < first_run_of["fast/v"]
+    assert all(events.count(("run", name)) == 4 for name in first_run_of)  # warm-up + 3, once each
+
+    tuning.forget_in_memory()
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "0")
+    events.clear()
+    assert pick() == "fast/v" and events == []
+
+
 @needs_interpreter
 def test_auto_measures_and_picks_the_fastest_backend(monkeypatch):
     """Given two candidates, auto times both and remembers the faster one (the interpreter is slow)."""

@@ -6,6 +6,7 @@ same kernels on the CPU: that is how CI and users without a GPU check this path.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import asdict
 
@@ -64,8 +65,9 @@ def run(
     projection: Projection | None = None,
 ) -> torch.Tensor:
     """Depthwise convs (groups == C) take the direct kernel, every other conv the implicit GEMM; each
-    kernel module names its tuning candidates, its heuristic config and its launcher."""
-    from fastres.kernels import conv_bn_act, depthwise
+    kernel module names its tuning rounds (tiles, then variants of the fastest), its heuristic
+    config and its launcher. Each round's configs compile in parallel before they are timed."""
+    from fastres.kernels import compile_ahead, conv_bn_act, depthwise
 
     kernel = depthwise if problem.is_depthwise else conv_bn_act
     out = empty_output(x, problem.output_shape)
@@ -74,9 +76,13 @@ def run(
     if projection is not None:
         extra["projection"] = Projection(projection.weight, _float32(projection.scale), _float32(projection.shift),
                                          projection.stride)
+    args = (x, weight, scale, shift, residual, out)
     config = tuning.pick(
-        x.device, kernel.TUNING_KIND, problem.key, kernel.candidates(problem, x.device),
-        encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, x, weight, scale, shift, residual, out, **extra),
+        x.device, kernel.TUNING_KIND, problem.key, kernel.tiles(problem, x.device),
+        encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, *args, **extra),
         default=kernel.heuristic(problem),
+        refine=lambda cfg: kernel.variants(cfg, problem, x.device),
+        prepare=lambda configs: compile_ahead(
+            functools.partial(kernel.launch, problem, cfg, *args, **extra, compile_only=True) for cfg in configs),
     )
-    return kernel.launch(problem, config, x, weight, scale, shift, residual, out, **extra)
+    return kernel.launch(problem, config, *args, **extra)

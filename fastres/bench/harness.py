@@ -2,6 +2,8 @@
 
 - `time_fn`: triton.testing.do_bench on CUDA (CUDA events, warm-up excluded, median and the
   20th/80th percentiles); on the CPU (smoke runs only) perf_counter medians, labelled as such.
+- `seconds_since`: wall time of a contender's setup and first call (torch.compile's compile,
+  fastres's tuning and kernel compiles): what a user waits for the first answer.
 - `Rotation`: several copies of the inputs, cycled call by call, so a benchmark does not just
   re-read what the last call left in L2.
 - `environment`: device, driver, CUDA / cuDNN / torch / triton / Python versions, git commit.
@@ -50,6 +52,13 @@ def time_fn(
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     return Timing(statistics.median(samples), samples[0], samples[-1])
+
+
+def seconds_since(start: float, device: torch.device) -> float:
+    """Wall seconds from time.perf_counter() `start` to now, with the device's queued work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class Rotation:

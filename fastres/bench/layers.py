@@ -13,6 +13,7 @@ Every output is checked against the float64 reference before it is timed.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from typing import Callable, Iterable
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastres
-from fastres.bench.harness import Rotation, copies_to_exceed_l2, time_fn
+from fastres.bench.harness import Rotation, copies_to_exceed_l2, seconds_since, time_fn
 from fastres.bench.report import Row
 from fastres.nn import eager_conv_bn
 from fastres.numerics import compare, conv_tf32_enabled, tolerance
@@ -143,10 +144,12 @@ def run_layers(
             progress(f"{case.name} {contender}")
             row = Row("layers", case.name, contender, case.n, str(dtype).removeprefix("torch."), floor_ms=floor)
             try:
+                started = time.perf_counter()
                 fn = runner(contender, case, inputs, rotation)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     out = fn()
+                row.first_call_s = seconds_since(started, device)
                 result = compare(out, conv_ref if contender == "conv-only" else ref,
                                  tolerance(dtype, case.accumulated, tf32),
                                  gain=None if contender == "conv-only" else inputs.gain)

@@ -11,6 +11,7 @@ than twice eager's own error (fastres.verify's rule).
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from typing import Callable
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import fastres
-from fastres.bench.harness import Rotation, copies_to_exceed_l2, time_fn
+from fastres.bench.harness import Rotation, copies_to_exceed_l2, seconds_since, time_fn
 from fastres.bench.layers import failure_note, floor_ms
 from fastres.bench.report import Row
 from fastres.numerics import compare, tolerance
@@ -128,8 +129,10 @@ def run_models(
                 try:
                     with warnings.catch_warnings(), torch.no_grad():
                         warnings.simplefilter("ignore")
+                        started = time.perf_counter()
                         fn = build(contender, model, dtype, x)
                         out = fn(x)[:CHECKED_IMAGES]
+                        row.first_call_s = seconds_since(started, device)
                         result = compare(out, ref, tolerance(dtype))
                         row.correct = bool(torch.isfinite(out).all()) and result.rel_norm <= bound
                         row.rel_error = result.rel_norm

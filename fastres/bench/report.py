@@ -30,6 +30,7 @@ class Row:
     pct_of_floor: float | None = None
     correct: bool | None = None
     rel_error: float | None = None
+    first_call_s: float | None = None  # setup + first call: compiling, tuning (wall seconds)
     note: str = ""
     speedup: dict[str, float] = field(default_factory=dict)
 
@@ -62,7 +63,7 @@ def print_table(rows: list[Row], baselines: list[str], env: dict[str, str], cons
     title = f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}"
     table = Table(title=title, show_lines=False)
     for column in ("case", "contender", "batch", "median ms", "p20-p80", "img/s", "TFLOP/s", "% floor", "ok",
-                   *[f"x {b}" for b in baselines], "note"):
+                   *[f"x {b}" for b in baselines], "1st call s", "note"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
@@ -70,7 +71,7 @@ def print_table(rows: list[Row], baselines: list[str], env: dict[str, str], cons
             "-" if row.p20_ms is None else f"{row.p20_ms:.3g}-{row.p80_ms:.3g}",
             _fmt(row.images_per_s, ".4g"), _fmt(row.tflops, ".3g"), _fmt(row.pct_of_floor, ".0f"),
             {True: "yes", False: "WRONG", None: "-"}[row.correct],
-            *[_fmt(row.speedup.get(b), ".2f") for b in baselines], row.note,
+            *[_fmt(row.speedup.get(b), ".2f") for b in baselines], _fmt(row.first_call_s, ".3g"), row.note,
         )
     console.print(table)
 
