@@ -33,12 +33,18 @@ def start(kernel: Any, grid: tuple[int, ...], compile_only: bool = False) -> Cal
 def compile_ahead(compiles: Iterable[Callable[[], Any]]) -> None:
     """Call each compile_only launch with Triton compiling on a thread pool (triton.AsyncCompileMode),
     waiting for all: Triton's passes and ptxas release the GIL, so tuning's candidates compile in
-    parallel instead of one by one at their first timed launch. A no-op in the interpreter."""
-    if interpreted():
+    parallel instead of one by one at their first timed launch. FASTRES_COMPILE_THREADS sets the
+    pool's size (default: the CPU cores this process may use; 1: compile at first launch instead).
+    A no-op in the interpreter."""
+    setting = os.environ.get("FASTRES_COMPILE_THREADS", "").strip()
+    if setting and not setting.isdigit():
+        raise ValueError(f"FASTRES_COMPILE_THREADS must be a whole number of threads, but got {setting!r}")
+    threads = int(setting) if setting else len(os.sched_getaffinity(0))
+    if interpreted() or threads <= 1:
         return
     import triton
 
-    with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool, \
+    with ThreadPoolExecutor(max_workers=threads) as pool, \
             triton.AsyncCompileMode(pool, ignore_errors=True):
         for compile_one in compiles:
             try:

@@ -2,7 +2,8 @@
 included), for the exact arguments the launchers pass at full ResNet sizes; and on Hopper every
 fp16 / bf16 / TF32 GEMM variant uses wgmma, on Ampere mma.sync; a projected residual's two
 accumulators stay in registers at the tiles it is run with; TMA configs load through the TMA
-engine (see fastres/kernels/aot.py)."""
+engine (see fastres/kernels/aot.py). Tuning's compile_ahead compiles through Triton's JIT on
+worker threads and leaves every kernel ready for its launch."""
 
 from __future__ import annotations
 
@@ -75,3 +76,77 @@ def test_packed_groups_tile_does_not_spill(compiled):
     """Several ResNeXt groups per 64x64 tile keep the block-diagonal weight mask in registers."""
     rows = [r for r in compiled if "packed" in r["name"]]
     assert rows and all(r["ok"] and r["stack_bytes"] == 0 for r in rows)
+
+
+COMPILE_AHEAD = """
+import functools, json, threading, torch, triton
+import triton.compiler
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+class CompileOnlyDriver:  # enough of a CUDA driver for Triton's JIT to specialise and compile
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device): return 0
+    def get_active_torch_device(self): return torch.device("cpu")
+    def map_python_to_cpp_type(self, ty): return ty
+
+driver.set_active(CompileOnlyDriver())
+on_main_thread, real_compile = [], triton.compiler.compile
+triton.compiler.compile = lambda *a, **kw: (on_main_thread.append(threading.current_thread() is threading.main_thread()),
+                                real_compile(*a, **kw))[1]
+compiled = []
+triton.knobs.runtime.jit_post_compile_hook = lambda *a, **kw: compiled.append(1)
+
+from fastres.kernels import compile_ahead, conv_bn_act, depthwise
+from fastres.shapes import ODD_CASES, ConvCase, make_inputs
+CPU = torch.device("cpu")
+late = ConvCase("late", 1, 512, 7, 7, 512, 3, 3, padding=(1, 1), residual=True)  # few tiles: split-K
+launches = []
+for case, pick in ((ODD_CASES[-1].replace(residual=True), lambda cs: cs),  # 1x1: tiles and TMA
+                   (ODD_CASES[-2], lambda cs: [c for c in cs if c.PACK_GROUPS]),
+                   (late, lambda cs: [c for c in cs if c.SPLIT_K > 1][:2]),
+                   (ConvCase("dw", 2, 32, 9, 9, 32, 3, 3, padding=(1, 1), groups=32), lambda cs: cs)):
+    inputs = make_inputs(case, torch.float16)
+    problem = inputs.problem(case)
+    kernel = depthwise if problem.is_depthwise else conv_bn_act
+    configs = pick(kernel.tiles(problem, CPU) + [v for t in kernel.tiles(problem, CPU) for v in kernel.variants(t, problem, CPU)])
+    out = torch.empty(problem.output_shape, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    args = (inputs.x, inputs.weight, inputs.scale.float(), inputs.shift.float(), inputs.residual, out)
+    launches += [functools.partial(kernel.launch, problem, c, *args, compile_only=True) for c in configs]
+compile_ahead(launches)
+first = len(compiled)
+for launch in launches:  # what tuning's timed launches do next: every kernel is found compiled
+    launch()
+print(json.dumps({"configs": len(launches), "compiled": first, "compiled_again": len(compiled) - first,
+                  "on_main_thread": sum(on_main_thread), "compiles": len(on_main_thread)}))
+"""
+
+
+@pytest.mark.parametrize("threads", [None, "1"], ids=["default", "threads=1"])
+def test_compile_ahead_compiles_every_config_on_worker_threads(threads):
+    """Through Triton's JIT (a compile-only stand-in for the CUDA driver): TMA, packed-group,
+    split-K and depthwise configs all compile inside compile_ahead, none on the calling thread,
+    and compile-only launches afterwards find every kernel ready. FASTRES_COMPILE_THREADS=1 leaves
+    each compile to its launch."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRES_COMPILE_THREADS")}
+    if threads is not None:
+        env["FASTRES_COMPILE_THREADS"] = threads
+    run = subprocess.run([sys.executable, "-c", COMPILE_AHEAD], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["configs"] >= 10
+    if threads is None:
+        assert result["compiled"] >= result["configs"] and result["compiled_again"] == 0
+        assert result["compiles"] == result["compiled"] and result["on_main_thread"] == 0
+    else:
+        assert result["compiled"] == 0 and result["compiled_again"] >= result["configs"]
+        assert result["on_main_thread"] == result["compiles"] == result["compiled_again"]
+
+
+def test_compile_threads_setting_must_be_a_count(monkeypatch):
+    from fastres.kernels import compile_ahead
+
+    monkeypatch.setenv("FASTRES_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="FASTRES_COMPILE_THREADS must be a whole number of threads, but got 'many'"):
+        compile_ahead([])
