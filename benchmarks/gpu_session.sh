@@ -2,7 +2,8 @@
 # One lent-GPU session in stages (each run of the device tool is at most 10 minutes, and a machine
 # that idles 30 s is gone, so every call starts with `setup`):
 #
-#   bash benchmarks/gpu_session.sh setup test            # build + every gpu test
+#   bash benchmarks/gpu_session.sh setup test            # build + every gpu test (or: test-triton,
+#                                                        #   then test-others, if it needs two calls)
 #   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck
 #   bash benchmarks/gpu_session.sh setup layers          # ResNet-50 layers + block tails, fp16
 #   bash benchmarks/gpu_session.sh setup layers-others   # ResNet-18 / ResNeXt-50 layers, fp16
@@ -53,12 +54,19 @@ stage_setup() {
     $PY -c "import fastres; print(fastres.backend_status())"
 }
 
-stage_test() {
-    $PY -m pytest -m gpu -q -x --durations=15 -p no:cacheprovider > "$OUT/test-gpu.log" 2>&1
+gpu_tests() {  # gpu_tests NAME [pytest args]: the gpu-marked tests, log in $OUT/NAME.log
+    local name=$1
+    shift
+    $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    tail -25 "$OUT/test-gpu.log"
+    tail -25 "$OUT/$name.log"
     return $rc
 }
+
+stage_test() { gpu_tests test-gpu; }
+# The same tests in two halves, for when `test` does not fit one 10-minute call.
+stage_test-triton() { gpu_tests test-gpu-triton tests/test_triton_backend.py; }
+stage_test-others() { gpu_tests test-gpu-others --ignore=tests/test_triton_backend.py; }
 
 stage_sanitize() {
     # memcheck on a few shapes per backend and on one Hopper and one Ampere CUTLASS kernel over all
