@@ -39,7 +39,8 @@ def compile_ahead(compiles: Iterable[Callable[[], Any]]) -> None:
     setting = os.environ.get("FASTRES_COMPILE_THREADS", "").strip()
     if setting and not setting.isdigit():
         raise ValueError(f"FASTRES_COMPILE_THREADS must be a whole number of threads, but got {setting!r}")
-    threads = int(setting) if setting else len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = int(setting) if setting else cores
     if interpreted() or threads <= 1:
         return
     import triton
