@@ -54,13 +54,19 @@ stage_setup() {
     $PY -c "import fastres; print(fastres.backend_status())"
 }
 
+logged() {  # logged LOG LINES COMMAND...: COMMAND's output to $OUT/LOG, its last LINES shown
+    local log=$1 lines=$2
+    shift 2
+    "$@" > "$OUT/$log" 2>&1
+    local rc=$?
+    tail -"$lines" "$OUT/$log"
+    return $rc
+}
+
 gpu_tests() {  # gpu_tests NAME [pytest args]: the gpu-marked tests, log in $OUT/NAME.log
     local name=$1
     shift
-    $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    tail -25 "$OUT/$name.log"
-    return $rc
+    logged "$name.log" 25 $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "$@"
 }
 
 stage_test() { gpu_tests test-gpu; }
@@ -83,45 +89,30 @@ stage_sanitize() {
 stage_layers() {
     # ResNet-50 alone first (the issue's per-layer target): each case also runs torch.compile and a
     # float64 CPU reference, so all three models in one call may not fit a 10-minute command.
-    $PY -m fastres bench layers --model resnet50 --batch 128 --dtype fp16 --out "$OUT" > "$OUT/bench-layers.log" 2>&1
-    local rc=$?
-    tail -60 "$OUT/bench-layers.log"
-    return $rc
+    logged bench-layers.log 60 $PY -m fastres bench layers --model resnet50 --batch 128 --dtype fp16 --out "$OUT"
 }
 
 stage_layers-others() {
-    $PY -m fastres bench layers --model resnet18 resnext50_32x4d --batch 128 --dtype fp16 --out "$OUT/others" \
-        > "$OUT/bench-layers-others.log" 2>&1
-    local rc=$?
-    tail -60 "$OUT/bench-layers-others.log"
-    return $rc
+    logged bench-layers-others.log 60 $PY -m fastres bench layers --model resnet18 resnext50_32x4d --batch 128 \
+        --dtype fp16 --out "$OUT/others"
 }
 
 models() {  # models BATCH: the three models the issue names, fp16, against eager, compile and graphs
-    $PY -m fastres bench models --batch "$1" --dtype fp16 --model resnet50 resnet18 resnext50_32x4d \
-        --baselines eager-nchw eager-cl compile eager-cl+graph --out "$OUT/models-$1" > "$OUT/bench-models-$1.log" 2>&1
-    local rc=$?
-    tail -40 "$OUT/bench-models-$1.log"
-    return $rc
+    logged "bench-models-$1.log" 40 $PY -m fastres bench models --batch "$1" --dtype fp16 \
+        --model resnet50 resnet18 resnext50_32x4d --baselines eager-nchw eager-cl compile eager-cl+graph --out "$OUT/models-$1"
 }
 
 stage_models-256() { models 256; }  # the throughput targets
 stage_models-1() { models 1; }      # the latency target (CUDA graphs)
 
 stage_models-bf16() {
-    $PY -m fastres bench models --batch 256 --dtype bf16 --model resnet50 --backends auto \
-        --baselines eager-cl --out "$OUT/bf16" > "$OUT/bench-models-bf16.log" 2>&1
-    local rc=$?
-    tail -20 "$OUT/bench-models-bf16.log"
-    return $rc
+    logged bench-models-bf16.log 20 $PY -m fastres bench models --batch 256 --dtype bf16 --model resnet50 \
+        --backends auto --baselines eager-cl --out "$OUT/bf16"
 }
 
 stage_models-autotune() {
-    $PY -m fastres bench models --batch 256 1 --dtype fp16 --model resnet50 --backends auto \
-        --baselines eager-cl compile-max-autotune eager-cl+graph --out "$OUT/autotune" > "$OUT/bench-autotune.log" 2>&1
-    local rc=$?
-    tail -40 "$OUT/bench-autotune.log"
-    return $rc
+    logged bench-autotune.log 40 $PY -m fastres bench models --batch 256 1 --dtype fp16 --model resnet50 \
+        --backends auto --baselines eager-cl compile-max-autotune eager-cl+graph --out "$OUT/autotune"
 }
 
 status=0

@@ -361,22 +361,34 @@ def packs_groups(problem: ConvProblem, cfg: Config) -> bool:
             and cfg.BLOCK_N // kg <= MAX_PACKED_GROUPS and cfg.BLOCK_M * cfg.BLOCK_N <= 64 * 64)
 
 
+def _packed(cfg: Config, problem: ConvProblem) -> bool:
+    """Whether cfg runs the packed-groups loop on this problem (a PACK_GROUPS config where groups
+    do not pack runs the per-group loop)."""
+    return cfg.PACK_GROUPS and packs_groups(problem, cfg)
+
+
 def _tile_extents(cfg: Config, problem: ConvProblem) -> tuple[int, int, int]:
     """What one program reduces, as the kernel's loops see it: the output channels a row of
     programs walks, the channels (or flat taps) one reduction run covers, and the runs per tile."""
-    if cfg.PACK_GROUPS:
+    if _packed(cfg, problem):
         return problem.k, cfg.BLOCK_N // problem.k_per_group * problem.c_per_group, problem.r * problem.s
     if flat_taps(problem, cfg.BLOCK_K):
         return problem.k_per_group, problem.s * problem.c_per_group, problem.r
     return problem.k_per_group, problem.c_per_group, problem.r * problem.s
 
 
+def _grid(cfg: Config, problem: ConvProblem) -> tuple[int, int]:
+    """The GEMM kernel's programs, split-K aside: (pixel tiles x channel tiles, groups)."""
+    cols, _, _ = _tile_extents(cfg, problem)
+    m = problem.n * problem.p * problem.q
+    return triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(cols, cfg.BLOCK_N), 1 if _packed(cfg, problem) else problem.groups
+
+
 def _tiles_and_steps(cfg: Config, problem: ConvProblem) -> tuple[int, int]:
     """Output tiles in cfg's grid, and reduction steps per tile."""
-    cols, run, runs = _tile_extents(cfg, problem)
-    m = problem.n * problem.p * problem.q
-    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(cols, cfg.BLOCK_N) * (1 if cfg.PACK_GROUPS else problem.groups)
-    return tiles, runs * triton.cdiv(run, cfg.BLOCK_K)
+    rows, groups = _grid(cfg, problem)
+    _, run, runs = _tile_extents(cfg, problem)
+    return rows * groups, runs * triton.cdiv(run, cfg.BLOCK_K)
 
 
 def _accumulators_fit(cfg: Config, problem: ConvProblem) -> bool:
@@ -501,7 +513,7 @@ def launch(
     A TMA config runs its tensor-descriptor loop where x and weight allow one (tma_applies, a
     channels_last-style x, aligned memory) and the pointer loop otherwise. compile_only: compile
     the kernels this call would launch (see fastres.kernels.start), launch nothing."""
-    packed = config.PACK_GROUPS and packs_groups(problem, config)
+    packed = _packed(config, problem)
     row_stride = _pixel_row_stride(x)
     plain = (problem.r == problem.s == 1 and problem.stride == (1, 1) and problem.padding == (0, 0)
              and row_stride is not None and not packed)
@@ -521,11 +533,7 @@ def launch(
         precision = "ieee"
     else:
         precision = "tf32"
-    grid = (
-        triton.cdiv(m, config.BLOCK_M) * triton.cdiv(problem.k if packed else problem.k_per_group, config.BLOCK_N),
-        1 if packed else problem.groups,
-        config.SPLIT_K,
-    )
+    grid = (*_grid(config, problem), config.SPLIT_K)
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     pw = projection.weight if projection is not None else None
     workspace = None

@@ -93,6 +93,7 @@ def tiles(problem: ConvProblem, device: torch.device) -> list[Config]:
 
 
 def variants(cfg: Config, problem: ConvProblem, device: torch.device) -> list[Config]:
+    """Tuning's second round: none (the direct kernel has no TMA or split-K versions)."""
     return []
 
 
