@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastres.bench import layers
-from fastres.bench.harness import Rotation, copies_to_exceed_l2
+from fastres.bench.harness import Rotation, copies_to_exceed_l2, failure_note
 from fastres.shapes import make_inputs
 
 GPU = torch.cuda.is_available()
@@ -26,7 +26,7 @@ def test_layer(benchmark, case, contender):
     try:
         fn()
     except (NotImplementedError, RuntimeError) as exc:
-        note, _ = layers.failure_note(exc)
+        note, _ = failure_note(exc)
         if note.startswith("skipped"):
             pytest.skip(note)
         raise

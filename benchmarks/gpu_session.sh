@@ -17,15 +17,24 @@
 # in each device call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and
 # plots go to $OUT (8 files come back at most), a short table last, and each stage's wall time.
 #
-# Tuning decisions outlive the machine: the cache lives in .tuning-cache/ (git-ignored) and each
-# stage copies its JSON to $OUT. Copy the returned tuning-*.json into .tuning-cache/ here and add
-# `.tuning-cache` to the next call's `carry`: later stages then reuse what earlier ones measured.
+# Nothing measured is lost to the call's time limit, and the next call goes on from it:
+# - The tuning cache is $OUT/cache, seeded from .tuning-cache/ (git-ignored): copy the returned
+#   cache/tuning-*.json into .tuning-cache/ and carry it, and later stages reuse what earlier ones
+#   measured.
+# - Each bench stage writes $OUT/<stage>/ after every case, seeded from .bench-results/<stage>/
+#   (git-ignored), and starts no case that would end after CALL_LIMIT seconds (default 570) from
+#   the script's start. A stage cut short says so: copy the returned <stage>/*.json into
+#   .bench-results/<stage>/, carry `.bench-results`, and run the same stage again (--resume runs
+#   the cases not done; same commit, device and options, or it refuses). A contender that loses the
+#   CUDA context (a faulting kernel) is recorded and the stage goes on in a new process without it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
+CALL_LIMIT=${CALL_LIMIT:-570}
+mkdir -p "$OUT/cache"
+cp .tuning-cache/tuning-*.json "$OUT/cache"/ 2>/dev/null
 export PYTHONUNBUFFERED=1
-export FASTRES_CACHE_DIR=${FASTRES_CACHE_DIR:-$PWD/.tuning-cache}
+export FASTRES_CACHE_DIR=$(cd "$OUT/cache" && pwd)
 PY=${PY:-python3}
 
 stage_wheels() {
@@ -86,41 +95,49 @@ stage_sanitize() {
     return $rc
 }
 
-stage_layers() {
-    # ResNet-50 alone first (the issue's per-layer target): each case also runs torch.compile and a
-    # float64 CPU reference, so all three models in one call may not fit a 10-minute command.
-    logged bench-layers.log 60 $PY -m fastres bench layers --model resnet50 --batch 128 --dtype fp16 --out "$OUT"
+bench() {  # bench STAGE ARGS...: `fastres bench ARGS` into $OUT/STAGE, resumed, within the call's time
+    local stage=$1 log rc
+    shift
+    mkdir -p "$OUT/$stage"
+    cp .bench-results/"$stage"/*.json "$OUT/$stage"/ 2>/dev/null
+    for log in "bench-$stage.log" "bench-$stage-2.log" "bench-$stage-3.log"; do
+        logged "$log" 60 $PY -m fastres bench "$@" --out "$OUT/$stage" --resume --time-limit $((CALL_LIMIT - SECONDS))
+        rc=$?
+        # 4: a contender lost the CUDA context; a new process goes on with the case's other contenders
+        [ $rc = 4 ] || break
+    done
+    return $rc
 }
 
-stage_layers-others() {
-    logged bench-layers-others.log 60 $PY -m fastres bench layers --model resnet18 resnext50_32x4d --batch 128 \
-        --dtype fp16 --out "$OUT/others"
-}
+# ResNet-50 alone first (the issue's per-layer target): each case also runs torch.compile and a
+# float64 CPU reference, so one call may not hold all its cases (the stage resumes).
+stage_layers() { bench layers layers --model resnet50 --batch 128 --dtype fp16; }
+stage_layers-others() { bench layers-others layers --model resnet18 resnext50_32x4d --batch 128 --dtype fp16; }
 
 models() {  # models BATCH: the three models the issue names, fp16, against eager, compile and graphs
-    logged "bench-models-$1.log" 40 $PY -m fastres bench models --batch "$1" --dtype fp16 \
-        --model resnet50 resnet18 resnext50_32x4d --baselines eager-nchw eager-cl compile eager-cl+graph --out "$OUT/models-$1"
+    bench "models-$1" models --batch "$1" --dtype fp16 --model resnet50 resnet18 resnext50_32x4d \
+        --baselines eager-nchw eager-cl compile eager-cl+graph
 }
 
 stage_models-256() { models 256; }  # the throughput targets
 stage_models-1() { models 1; }      # the latency target (CUDA graphs)
-
-stage_models-bf16() {
-    logged bench-models-bf16.log 20 $PY -m fastres bench models --batch 256 --dtype bf16 --model resnet50 \
-        --backends auto --baselines eager-cl --out "$OUT/bf16"
-}
-
+stage_models-bf16() { bench models-bf16 models --batch 256 --dtype bf16 --model resnet50 --backends auto --baselines eager-cl; }
 stage_models-autotune() {
-    logged bench-autotune.log 40 $PY -m fastres bench models --batch 256 1 --dtype fp16 --model resnet50 \
-        --backends auto --baselines eager-cl compile-max-autotune eager-cl+graph --out "$OUT/autotune"
+    bench models-autotune models --batch 256 1 --dtype fp16 --model resnet50 --backends auto \
+        --baselines eager-cl compile-max-autotune eager-cl+graph
 }
 
 status=0
 for stage in "$@"; do
     echo "=== $stage ==="
     started=$SECONDS
-    "stage_$stage" || { status=1; echo "stage $stage failed"; [ "$stage" = setup ] && break; }
+    "stage_$stage"
+    rc=$?
+    case $rc in
+        0) ;;
+        3) status=3; echo "stage $stage stopped at the time limit: carry its JSON back in .bench-results/$stage/ and run it again" ;;
+        *) status=1; echo "stage $stage failed"; [ "$stage" = setup ] && break ;;
+    esac
     echo "stage $stage: $((SECONDS - started)) s"
-    [ "$stage" = wheels ] || cp "$FASTRES_CACHE_DIR"/tuning-*.json "$OUT"/ 2>/dev/null || true
 done
 exit $status

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--baselines", nargs="*", default=None, help="baselines to run (default: all of the suite's)")
     bench.add_argument("--out", type=Path, default=Path("bench-out"))
     bench.add_argument("--compare", type=Path, default=None, help="an earlier JSON to compare against")
+    bench.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                       help="after the first case, start none that would end after this many seconds (judged by the "
+                            "longest case so far); the results so far are written and the exit status is 3")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the cases already in the output JSON (same device, software, commit and options) "
+                            "and run the rest")
     bench.add_argument("--smoke", action="store_true",
                        help="tiny CPU run through the Triton interpreter: checks the harness, measures nothing")
 
@@ -118,40 +124,60 @@ def _bench(args: argparse.Namespace) -> int:
     if args.smoke:
         baselines = [b for b in baselines if "graph" not in b and "max-autotune" not in b]
         contenders = [c for c in contenders if "+" not in c]
-    env = harness.environment(device)
-    ceilings = harness.ceilings(device)
     config = {"suite": args.suite, "dtype": str(dtype), "smoke": args.smoke, "baselines": baselines,
               "contenders": contenders}
+    if args.suite == "layers":
+        batch = (args.batch or [2 if args.smoke else 128])[0]
+        cases = layers.smoke_cases() if args.smoke else layers.layer_cases(
+            args.model or ["resnet18", "resnet50", "resnext50_32x4d"], batch, args.image)
+        config.update(batch=batch, cases=[c.name for c in cases])
+    else:
+        archs = args.model or (["resnet18"] if args.smoke else ["resnet18", "resnet50", "resnet101", "resnext50_32x4d"])
+        batches = args.batch or ([1] if args.smoke else [1, 32, 256])
+        image = 32 if args.smoke else args.image
+        config.update(models=archs, batches=batches, image=image)
+    env = harness.environment(device)
+    stem = f"{args.suite}-{report.slug(env['device'])}-{str(dtype).removeprefix('torch.')}" + ("-smoke" if args.smoke else "")
+    json_path = args.out / f"{stem}.json"
+    if args.resume and json_path.exists():
+        results = report.Results.load(json_path)
+        why_not = results.resumable_by(env, config)
+        if why_not is not None:
+            console.print(f"[red]fastres bench: cannot resume {json_path}: {why_not}. Use another --out.[/red]")
+            return 2
+        console.print(f"resuming {json_path}: {len(results.done)} cases done, their rows kept")
+    else:
+        results = report.Results(env, harness.ceilings(device), config)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"bench {args.suite}", total=None)
-        step = lambda what: bar.update(task, description=what, advance=1)  # noqa: E731
-        if args.suite == "layers":
-            batch = (args.batch or [2 if args.smoke else 128])[0]
-            cases = layers.smoke_cases() if args.smoke else layers.layer_cases(
-                args.model or ["resnet18", "resnet50", "resnext50_32x4d"], batch, args.image)
-            config.update(batch=batch, cases=[c.name for c in cases])
-            bar.update(task, total=len(cases) * len(baselines + contenders))
-            rows = layers.run_layers(cases, dtype, device, baselines + contenders, ceilings, step)
-        else:
-            archs = args.model or (["resnet18"] if args.smoke else ["resnet18", "resnet50", "resnet101", "resnext50_32x4d"])
-            batches = args.batch or ([1] if args.smoke else [1, 32, 256])
-            image = 32 if args.smoke else args.image
-            config.update(models=archs, batches=batches, image=image)
-            bar.update(task, total=len(archs) * len(batches) * len(baselines + contenders))
-            rows = models.run_models(archs, batches, dtype, device, baselines + contenders, ceilings, image, step)
-    report.add_speedups(rows, baselines)
-    report.print_table(rows, baselines, env, console)
-    stem = f"{args.suite}-{report.slug(env['device'])}-{str(dtype).removeprefix('torch.')}" + ("-smoke" if args.smoke else "")
-    json_path = report.save_json(args.out / f"{stem}.json", env, ceilings, config, rows)
+        step = lambda what: bar.update(task, description=what)  # noqa: E731
+        settings = harness.Settings(dtype, device, baselines + contenders, results.ceilings, step)
+        work = (layers.units(cases, settings) if args.suite == "layers" else
+                models.units(archs, batches, image, settings))
+        try:
+            harness.run_units(work, results, json_path, args.time_limit, console.print)
+        except harness.DeviceLost as lost:
+            console.print(f"[red]fastres bench: {lost.contender} lost the CUDA context; {json_path} keeps the cases "
+                          f"done. The same command with --resume goes on without {lost.contender} on that case.[/red]")
+            return 4
+    results.save(json_path)
+    rows = results.rows
+    report.print_table(rows, baselines, results.env, console)
     plot_base = "conv-only" if args.suite == "layers" else "eager-cl"
-    plot_path = report.plot(args.out / f"{stem}.png", rows, env, args.suite, plot_base)
+    plot_path = report.plot(args.out / f"{stem}.png", rows, results.env, args.suite, plot_base)
     console.print(f"wrote {json_path} and {plot_path}")
     if args.compare is not None:
         report.compare(rows, args.compare, console)
     wrong = [r for r in rows if r.correct is False and r.contender.startswith("fastres")]
     if wrong:
         console.print(f"[red]{len(wrong)} fastres rows failed their correctness check[/red]")
-    return 1 if wrong else 0
+        return 1
+    if results.pending:
+        console.print(f"[yellow]stopped at the time limit: {len(results.pending)} cases not run "
+                      f"({', '.join(results.pending[:3])}{', ...' if len(results.pending) > 3 else ''}); "
+                      f"the same command with --resume runs them[/yellow]")
+        return 3
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,14 +6,21 @@
   fastres's tuning and kernel compiles): what a user waits for the first answer.
 - `Rotation`: several copies of the inputs, cycled call by call, so a benchmark does not just
   re-read what the last call left in L2.
-- `environment`: device, driver, CUDA / cuDNN / torch / triton / Python versions, git commit.
+- `measure`: one contender's row from its first call, check and timing, or why it did not run;
+  a crash that loses the CUDA context raises DeviceLost (no more GPU work in this process).
+- `environment`: device, driver, CUDA / cuDNN / torch / triton / Python versions, git commit and
+  a digest of the code measured.
 - `ceilings`: the measured dense fp16 matmul rate and device copy bandwidth of this device,
   from which each layer's roofline floor is computed.
+- `Unit`, `run_units`: a suite as units of work (a layer, a model at one batch size), run under a
+  time limit, the results file rewritten after each one, so a run cut short keeps what it measured
+  and `--resume` goes on from there.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import statistics
@@ -26,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import fastres
+from fastres.bench.report import Results, Row
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,50 @@ def time_fn(
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     return Timing(statistics.median(samples), samples[0], samples[-1])
+
+
+def failure_note(exc: Exception) -> tuple[str, bool | None]:
+    """A contender that cannot run this case is skipped; one that crashes is a failure."""
+    first_line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    if isinstance(exc, NotImplementedError) or "is unavailable" in first_line:
+        return f"skipped: {first_line}", None
+    return f"ERROR: {type(exc).__name__}: {first_line}", False
+
+
+class DeviceLost(RuntimeError):
+    """A contender's crash took the CUDA context with it (a kernel faulted): this process can run
+    no more GPU work."""
+
+    def __init__(self, contender: str, note: str) -> None:
+        super().__init__(f"{contender}: {note}")
+        self.contender, self.note = contender, note
+
+
+def measure(row: Row, attempt: Callable[[Row], Timing], device: torch.device, images: int, flops: float,
+            fault: str | None = None) -> Row:
+    """Fill `row` from `attempt(row)`: setup and first call (which record their time and check
+    into the row), then the timing. If it raises, the row notes why. A crash that leaves the CUDA
+    context unusable raises DeviceLost; `fault` is what such a crash left in an earlier run, and
+    the contender is then not run again."""
+    if fault is not None:
+        row.note, row.correct = f"ERROR: lost the CUDA context in an earlier run: {fault}", False
+        return row
+    try:
+        timing = attempt(row)
+    except (NotImplementedError, RuntimeError) as exc:
+        row.note, row.correct = failure_note(exc)
+        if device.type == "cuda":
+            try:
+                torch.cuda.synchronize(device)
+            except RuntimeError as lost:
+                raise DeviceLost(row.contender, row.note) from lost
+        return row
+    row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+    row.images_per_s = images / (timing.median_ms / 1e3)
+    row.tflops = flops / (timing.median_ms / 1e3) / 1e12
+    if row.floor_ms is not None:
+        row.pct_of_floor = 100.0 * row.floor_ms / timing.median_ms
+    return row
 
 
 def seconds_since(start: float, device: torch.device) -> float:
@@ -101,6 +153,19 @@ def _driver_version() -> str:
         return "unknown"
 
 
+def source_digest() -> str:
+    """sha256 (12 hex digits) of the code being measured: fastres's and its kernels' Python files and
+    the built extension. Names the code exactly where the commit cannot (no git, a dirty tree)."""
+    import fastres.kernels
+
+    files = [p for package in (fastres, fastres.kernels) for p in Path(package.__file__).parent.rglob("*.py")]
+    files += list(Path(fastres.__file__).parent.glob("_C*.so"))
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """The context every published figure carries."""
     try:
@@ -120,6 +185,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "fastres": fastres.__version__,
         "commit": _git_commit(),
+        "source": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "triton_interpreter": os.environ.get("TRITON_INTERPRET", "0"),
     }
@@ -137,3 +203,63 @@ def ceilings(device: torch.device) -> dict[str, float] | None:
     dst = torch.empty_like(src)
     copy = time_fn(lambda: dst.copy_(src), device, warmup_ms=100, rep_ms=400).median_ms
     return {"matmul_tflops": 2 * n**3 / matmul / 1e9, "copy_gbps": 2 * src.numel() / copy / 1e6}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every case of a suite's run shares: dtype, device, contenders (baselines included),
+    the measured ceilings, and a progress callback given each "case contender" as it starts."""
+
+    dtype: torch.dtype
+    device: torch.device
+    contenders: list[str]
+    ceilings: dict[str, float] | None
+    progress: Callable[[str], None] = lambda _: None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One case of a suite. Its contenders and baselines are timed together, so every speedup
+    compares figures from one run. `run(faults)` measures them all but those in `faults`
+    (contender -> what it crashed with in an earlier run)."""
+
+    key: str
+    run: Callable[[dict[str, str]], list[Row]]
+
+
+def run_units(
+    units: Sequence[Unit],
+    results: Results,
+    path: Path,
+    time_limit_s: float | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Run the units not yet in `results.done`, saving `results` to `path` after each one.
+
+    With a time limit, the first unit always runs and a later one starts only if it should end
+    within the limit, judging by the longest unit so far; those not started are listed in
+    `results.pending`. A contender that loses the CUDA context is recorded in `results.faults`
+    before DeviceLost goes up: a resumed run measures the rest of its unit without it."""
+    started = time.monotonic()
+    longest = 0.0
+    todo = [u for u in units if u.key not in results.done]
+    results.pending = [u.key for u in todo]
+    for i, unit in enumerate(todo, 1):
+        elapsed = time.monotonic() - started
+        if time_limit_s is not None and i > 1 and elapsed + longest > time_limit_s:
+            log(f"time limit: {len(results.pending)} of {len(units)} cases left after {elapsed:.0f} s")
+            break
+        unit_started = time.monotonic()
+        try:
+            rows = unit.run(results.faults.get(unit.key, {}))
+        except DeviceLost as lost:
+            results.faults.setdefault(unit.key, {})[lost.contender] = lost.note
+            results.save(path)
+            log(f"[{i}/{len(todo)}] {unit.key}: {lost.contender} lost the CUDA context ({lost.note})")
+            raise
+        longest = max(longest, time.monotonic() - unit_started)
+        results.rows += rows
+        results.done.append(unit.key)
+        results.pending.remove(unit.key)
+        results.save(path)
+        log(f"[{i}/{len(todo)}] {unit.key}: {time.monotonic() - unit_started:.1f} s")

@@ -13,6 +13,7 @@ Every output is checked against the float64 reference before it is timed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from typing import Callable, Iterable
@@ -22,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastres
-from fastres.bench.harness import Rotation, copies_to_exceed_l2, seconds_since, time_fn
-from fastres.bench.report import Row
+from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_exceed_l2, measure, seconds_since,
+                                   time_fn)
+from fastres.bench.report import Row, add_speedups
 from fastres.nn import eager_conv_bn
 from fastres.numerics import compare, conv_tf32_enabled, tolerance
 from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs, model_cases, model_projection_cases
@@ -114,55 +116,41 @@ def floor_ms(case: ConvCase, element_size: int, ceilings: dict[str, float] | Non
     return max(compute_ms, memory_ms)
 
 
-def failure_note(exc: Exception) -> tuple[str, bool | None]:
-    """A contender that cannot run this case is skipped; one that crashes is a failure."""
-    first_line = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    if isinstance(exc, NotImplementedError) or "is unavailable" in first_line:
-        return f"skipped: {first_line}", None
-    return f"ERROR: {type(exc).__name__}: {first_line}", False
-
-
-def run_layers(
-    cases: list[ConvCase],
-    dtype: torch.dtype,
-    device: torch.device,
-    contenders: list[str],
-    ceilings: dict[str, float] | None,
-    progress: Callable[[str], None] = lambda _: None,
-) -> list[Row]:
-    """Time every contender on every case; skipped or failing contenders get a row with a note."""
+def run_case(case: ConvCase, settings: Settings, faults: dict[str, str] | None = None) -> list[Row]:
+    """Time every contender on one case; skipped or failing contenders (and those in `faults`, see
+    harness.measure) get a row with a note."""
+    dtype, device, contenders = settings.dtype, settings.device, settings.contenders
+    faults = faults or {}
     rows = []
     tf32 = dtype == torch.float32 and device.type == "cuda" and conv_tf32_enabled()
-    for case in cases:
-        inputs = make_inputs(case, dtype, device)
-        bytes_per_set = sum(t.numel() * t.element_size() for t in (inputs.x, inputs.residual) if t is not None)
-        rotation = Rotation([inputs.x, inputs.residual], copies_to_exceed_l2(bytes_per_set, device))
-        ref = inputs.reference(case)
-        conv_ref = dataclasses.replace(inputs, bn=None, residual=None, projection=None).reference(case, act="none")
-        floor = floor_ms(case, inputs.x.element_size(), ceilings)
-        for contender in contenders:
-            progress(f"{case.name} {contender}")
-            row = Row("layers", case.name, contender, case.n, str(dtype).removeprefix("torch."), floor_ms=floor)
-            try:
-                started = time.perf_counter()
-                fn = runner(contender, case, inputs, rotation)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = fn()
-                row.first_call_s = seconds_since(started, device)
-                result = compare(out, conv_ref if contender == "conv-only" else ref,
-                                 tolerance(dtype, case.accumulated, tf32),
-                                 gain=None if contender == "conv-only" else inputs.gain)
-                row.correct, row.rel_error = result.ok, result.rel_norm
-                timing = time_fn(fn, device)
-            except (NotImplementedError, RuntimeError) as exc:
-                row.note, row.correct = failure_note(exc)
-                rows.append(row)
-                continue
-            row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
-            row.images_per_s = case.n / (timing.median_ms / 1e3)
-            row.tflops = case.flops / (timing.median_ms / 1e3) / 1e12
-            if floor is not None:
-                row.pct_of_floor = 100.0 * floor / timing.median_ms
-            rows.append(row)
+    inputs = make_inputs(case, dtype, device)
+    bytes_per_set = sum(t.numel() * t.element_size() for t in (inputs.x, inputs.residual) if t is not None)
+    rotation = Rotation([inputs.x, inputs.residual], copies_to_exceed_l2(bytes_per_set, device))
+    ref = inputs.reference(case)
+    conv_ref = dataclasses.replace(inputs, bn=None, residual=None, projection=None).reference(case, act="none")
+    floor = floor_ms(case, inputs.x.element_size(), settings.ceilings)
+    for contender in contenders:
+        settings.progress(f"{case.name} {contender}")
+
+        def attempt(row: Row) -> Timing:
+            started = time.perf_counter()
+            fn = runner(contender, case, inputs, rotation)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = fn()
+            row.first_call_s = seconds_since(started, device)
+            result = compare(out, conv_ref if contender == "conv-only" else ref,
+                             tolerance(dtype, case.accumulated, tf32),
+                             gain=None if contender == "conv-only" else inputs.gain)
+            row.correct, row.rel_error = result.ok, result.rel_norm
+            return time_fn(fn, device)
+
+        row = Row("layers", case.name, contender, case.n, str(dtype).removeprefix("torch."), floor_ms=floor)
+        rows.append(measure(row, attempt, device, case.n, case.flops, faults.get(contender)))
+    add_speedups(rows, [c for c in contenders if c in BASELINES])
     return rows
+
+
+def units(cases: list[ConvCase], settings: Settings) -> list[Unit]:
+    """One unit of work per case: all its contenders are timed together, in one run."""
+    return [Unit(f"{case.name} batch {case.n}", functools.partial(run_case, case, settings)) for case in cases]

@@ -11,6 +11,7 @@ than twice eager's own error (fastres.verify's rule).
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from typing import Callable
@@ -19,9 +20,10 @@ import torch
 import torch.nn as nn
 
 import fastres
-from fastres.bench.harness import Rotation, copies_to_exceed_l2, seconds_since, time_fn
-from fastres.bench.layers import failure_note, floor_ms
-from fastres.bench.report import Row
+from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_exceed_l2, measure, seconds_since,
+                                   time_fn)
+from fastres.bench.layers import floor_ms
+from fastres.bench.report import Row, add_speedups
 from fastres.numerics import compare, tolerance
 from fastres.shapes import model_calls, randomize_batchnorm_
 
@@ -91,60 +93,58 @@ def model_floor_ms(arch: str, batch: int, image: int, element_size: int, ceiling
     return sum(floor_ms(call, element_size, ceilings) for call in model_calls(arch, batch, image))
 
 
-def run_models(
-    archs: list[str],
-    batches: list[int],
-    dtype: torch.dtype,
-    device: torch.device,
-    contenders: list[str],
-    ceilings: dict[str, float] | None,
-    image: int = 224,
-    progress: Callable[[str], None] = lambda _: None,
-) -> list[Row]:
+def run_setting(arch: str, model: nn.Module, reference: nn.Module, batch: int, image: int, settings: Settings,
+                faults: dict[str, str] | None = None) -> list[Row]:
+    """Time every contender on one model at one batch size; `reference` is its float64 CPU copy.
+    Contenders in `faults` are not run (see harness.measure)."""
+    dtype, device, contenders = settings.dtype, settings.device, settings.contenders
+    faults = faults or {}
     rows = []
-    graphs_ok = device.type == "cuda"
-    for arch in archs:
-        model = torchvision_model(arch).to(device)
-        reference = copy.deepcopy(model).cpu().double()
-        flops = sum(c.flops for c in model_calls(arch, 1, image))
-        for batch in batches:
-            gen = torch.Generator().manual_seed(batch)
-            x = torch.randn(batch, 3, image, image, generator=gen).to(device=device, dtype=dtype)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), warnings.catch_warnings():
+    flops = sum(c.flops for c in model_calls(arch, 1, image))
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, image, image, generator=gen).to(device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = reference(x[:CHECKED_IMAGES].cpu().double())
+        eager = build("eager-cl", model, dtype, x)(x)[:CHECKED_IMAGES]
+    # Pass rule: no worse than twice eager's own error in this dtype (or within tolerance).
+    bound = max(tolerance(dtype).rel_norm, 2.0 * compare(eager, ref, tolerance(dtype)).rel_norm)
+    rotation = Rotation([x], copies_to_exceed_l2(x.numel() * x.element_size(), device))
+    floor = model_floor_ms(arch, batch, image, x.element_size(), settings.ceilings)
+    for contender in contenders:
+        settings.progress(f"{arch} batch {batch} {contender}")
+
+        def attempt(row: Row) -> Timing:
+            if contender.endswith("+graph") and device.type != "cuda":
+                raise NotImplementedError("CUDA graphs need a CUDA device")
+            with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                ref = reference(x[:CHECKED_IMAGES].cpu().double())
-                eager = build("eager-cl", model, dtype, x)(x)[:CHECKED_IMAGES]
-            # Pass rule: no worse than twice eager's own error in this dtype (or within tolerance).
-            bound = max(tolerance(dtype).rel_norm, 2.0 * compare(eager, ref, tolerance(dtype)).rel_norm)
-            rotation = Rotation([x], copies_to_exceed_l2(x.numel() * x.element_size(), device))
-            floor = model_floor_ms(arch, batch, image, x.element_size(), ceilings)
-            for contender in contenders:
-                progress(f"{arch} batch {batch} {contender}")
-                row = Row("models", arch, contender, batch, str(dtype).removeprefix("torch."), floor_ms=floor)
-                if contender.endswith("+graph") and not graphs_ok:
-                    row.note = "skipped: CUDA graphs need a CUDA device"
-                    rows.append(row)
-                    continue
-                try:
-                    with warnings.catch_warnings(), torch.no_grad():
-                        warnings.simplefilter("ignore")
-                        started = time.perf_counter()
-                        fn = build(contender, model, dtype, x)
-                        out = fn(x)[:CHECKED_IMAGES]
-                        row.first_call_s = seconds_since(started, device)
-                        result = compare(out, ref, tolerance(dtype))
-                        row.correct = bool(torch.isfinite(out).all()) and result.rel_norm <= bound
-                        row.rel_error = result.rel_norm
-                        timing = time_fn(lambda: fn(rotation.next()[0]), device, warmup_ms=50, rep_ms=200)
-                except (NotImplementedError, RuntimeError) as exc:
-                    row.note, row.correct = failure_note(exc)
-                    rows.append(row)
-                    continue
-                row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
-                row.images_per_s = batch / (timing.median_ms / 1e3)
-                row.tflops = flops * batch / (timing.median_ms / 1e3) / 1e12
-                if floor is not None:
-                    row.pct_of_floor = 100.0 * floor / timing.median_ms
-                rows.append(row)
+                started = time.perf_counter()
+                fn = build(contender, model, dtype, x)
+                out = fn(x)[:CHECKED_IMAGES]
+                row.first_call_s = seconds_since(started, device)
+                result = compare(out, ref, tolerance(dtype))
+                row.correct = bool(torch.isfinite(out).all()) and result.rel_norm <= bound
+                row.rel_error = result.rel_norm
+                return time_fn(lambda: fn(rotation.next()[0]), device, warmup_ms=50, rep_ms=200)
+
+        row = Row("models", arch, contender, batch, str(dtype).removeprefix("torch."), floor_ms=floor)
+        rows.append(measure(row, attempt, device, batch, flops * batch, faults.get(contender)))
+    add_speedups(rows, [c for c in contenders if c in BASELINES])
     return rows
+
+
+def units(archs: list[str], batches: list[int], image: int, settings: Settings) -> list[Unit]:
+    """One unit of work per (model, batch size). A model and its float64 copy are built on first use
+    and kept for its other batch sizes."""
+
+    @functools.lru_cache(maxsize=1)  # one model on the device at a time
+    def models(arch: str) -> tuple[nn.Module, nn.Module]:
+        model = torchvision_model(arch).to(settings.device)
+        return model, copy.deepcopy(model).cpu().double()
+
+    def run(arch: str, batch: int, faults: dict[str, str]) -> list[Row]:
+        return run_setting(arch, *models(arch), batch, image, settings, faults)
+
+    return [Unit(f"{arch} batch {batch}", functools.partial(run, arch, batch)) for arch in archs for batch in batches]

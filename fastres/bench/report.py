@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,22 +81,51 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def save_json(path: Path, env: dict[str, str], ceilings: dict[str, float] | None, config: dict[str, Any],
-              rows: list[Row]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": env, "ceilings": ceilings, "config": config, "rows": [asdict(r) for r in rows]}
-    path.write_text(json.dumps(payload, indent=1))
-    return path
+@dataclass
+class Results:
+    """A results file: the environment and ceilings of the run, its configuration, its rows, which
+    cases are done or still pending (a run stopped by its time limit), and which contenders lost
+    the CUDA context on which case (`faults`: case -> contender -> note)."""
 
+    env: dict[str, str]
+    ceilings: dict[str, float] | None
+    config: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    faults: dict[str, dict[str, str]] = field(default_factory=dict)
 
-def load_rows(path: Path) -> list[Row]:
-    return [Row(**r) for r in json.loads(Path(path).read_text())["rows"]]
+    def save(self, path: Path) -> Path:
+        """Write atomically, so a run killed mid-write leaves the previous complete file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": self.env, "ceilings": self.ceilings, "config": self.config,
+                   "done": self.done, "pending": self.pending, "faults": self.faults, "rows": [asdict(r) for r in self.rows]}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Results":
+        data = json.loads(Path(path).read_text())
+        return cls(data["environment"], data["ceilings"], data["config"], [Row(**r) for r in data["rows"]],
+                   data.get("done", []), data.get("pending", []), data.get("faults", {}))
+
+    def resumable_by(self, env: dict[str, str], config: dict[str, Any]) -> str | None:
+        """Why a run with this environment and configuration may not add to these results (None: it may)."""
+        for name in ("device", "driver", "cuda", "cudnn", "torch", "triton", "fastres", "commit", "source"):
+            if self.env.get(name) != env.get(name):
+                return f"it was measured with {name} {self.env.get(name)!r}, this run has {env.get(name)!r}"
+        for name, value in config.items():
+            if self.config.get(name) != value:
+                return f"its {name} is {self.config.get(name)!r}, this run's is {value!r}"
+        return None
 
 
 def compare(new: list[Row], old_path: Path, console: Console | None = None) -> Table:
     """Print the change in median time of every row also present in an earlier JSON."""
     console = console or Console()
-    old = {r.key: r for r in load_rows(old_path)}
+    old = {r.key: r for r in Results.load(old_path).rows}
     table = Table(title=f"change against {old_path}")
     for column in ("case", "contender", "batch", "dtype", "old ms", "new ms", "new/old"):
         table.add_column(column)
