@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh setup models-1        # whole models at batch 1 (latency, CUDA graphs)
 #   bash benchmarks/gpu_session.sh setup models-bf16     # ResNet-50 bf16 at batch 256 (the bf16 target)
 #   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
+#   bash benchmarks/gpu_session.sh setup profile         # ncu, kernel by kernel, on ResNet-50's layers
+#                                                        #   (PROFILE_CASES="c64h56 c256h14" narrows it)
 #
 # The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks:
 # on this (networked) machine run `bash benchmarks/gpu_session.sh wheels` once, then name `.whl`
@@ -125,6 +127,13 @@ stage_models-bf16() { bench models-bf16 models --batch 256 --dtype bf16 --model 
 stage_models-autotune() {
     bench models-autotune models --batch 256 1 --dtype fp16 --model resnet50 --backends auto \
         --baselines eager-cl compile-max-autotune eager-cl+graph
+}
+
+stage_profile() {
+    # Cut short, it still leaves profile/ncu.csv and profile/regions.json: here, run
+    # python -c "from pathlib import Path; from fastres.bench.profile import summarize; summarize(Path('DIR'))"
+    logged profile.log 80 $PY -m fastres bench profile --model resnet50 --batch 128 --dtype fp16 \
+        --out "$OUT/profile" ${PROFILE_CASES:+--cases $PROFILE_CASES}
 }
 
 status=0

@@ -42,9 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", default=None)
 
     bench = sub.add_parser("bench", help="benchmark fused layers or whole models against cuDNN and torch.compile")
-    bench.add_argument("suite", choices=("layers", "models"))
+    bench.add_argument("suite", choices=("layers", "models", "profile"),
+                       help="profile: the layers suite's cases under Nsight Compute, kernel by kernel")
     bench.add_argument("--model", nargs="+", default=None, help="models (layers: whose convs; models: which to run)")
     bench.add_argument("--batch", nargs="+", type=int, default=None)
+    bench.add_argument("--cases", nargs="+", default=None,
+                       help="layers, profile: only the cases whose name contains one of these")
     bench.add_argument("--image", type=int, default=224)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     bench.add_argument("--backends", nargs="+", choices=BACKEND_CHOICES, default=None,
@@ -116,6 +119,14 @@ def _bench(args: argparse.Namespace) -> int:
         console.print("[red]fastres bench: no CUDA device here. CPU timings say nothing about GPU speed; "
                       "use --smoke to check the harness end to end.[/red]")
         return 2
+    if args.suite == "profile":
+        from fastres.bench import profile
+
+        backends = args.backends or ["triton", "cuda", "cudnn", "auto"]
+        contenders = (["eager-cl", "conv-only"] if args.baselines is None else args.baselines) + [
+            f"fastres-{b}" for b in backends]
+        return profile.main(args.model or ["resnet50"], (args.batch or [128])[0], args.dtype, contenders, args.cases,
+                            args.smoke, args.out)
     dtype = torch.float32 if args.smoke else DTYPES[args.dtype]
     suite = layers if args.suite == "layers" else models
     backends = args.backends or (["triton", "cudnn", "auto"] if args.smoke else ["triton", "cuda", "cudnn", "auto"])
@@ -130,6 +141,7 @@ def _bench(args: argparse.Namespace) -> int:
         batch = (args.batch or [2 if args.smoke else 128])[0]
         cases = layers.smoke_cases() if args.smoke else layers.layer_cases(
             args.model or ["resnet18", "resnet50", "resnext50_32x4d"], batch, args.image)
+        cases = layers.pick(cases, args.cases)
         config.update(batch=batch, cases=[c.name for c in cases])
     else:
         archs = args.model or (["resnet18"] if args.smoke else ["resnet18", "resnet50", "resnet101", "resnext50_32x4d"])

@@ -4,6 +4,9 @@ tables, JSON with the environment, plots, --compare; and the rules behind the nu
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -150,3 +153,70 @@ def test_a_crash_that_loses_the_cuda_context_is_recorded_and_the_resumed_run_goe
     assert rows[("b", "fastres-x")].correct is False and rows[("b", "fastres-x")].median_ms is None
     assert rows[("b", "fastres-x")].note.startswith("ERROR: RuntimeError: CUDA error")
     assert rows[("b", "fastres-y")].tflops == pytest.approx(2.0)
+
+
+NCU_COLUMNS = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+               "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value"]
+GEMM_METRICS = {"Duration": ("ns", "12,500"), "Compute (SM) Throughput": ("%", "81.5"), "DRAM Throughput": ("%", "40.25"),
+                "Registers Per Thread": ("register/thread", "168"), "Achieved Occupancy": ("%", "12.3")}
+NCU_LAUNCHES = [  # kernel, grid, metrics: what `ncu --csv --page details --print-units base` writes
+    ("fastres_profile_marker", "(1, 1, 1)", {"Duration": ("ns", "900")}),
+    ("conv_bn_act_kernel", "(392, 1, 1)", GEMM_METRICS),
+    ("fastres_profile_marker", "(2, 1, 1)", {"Duration": ("ns", "800")}),
+    ("sm90_xmma_fprop", "(98, 2, 1)", {"Duration": ("us", "20.5")}),
+    ("elementwise_kernel", "(50, 1, 1)", {"Duration": ("ms", "0.004"), "DRAM Throughput": ("%", "n/a")}),
+]
+
+
+def _ncu_csv(grid_column: bool = True) -> str:
+    """NCU_LAUNCHES as ncu's CSV; without the Grid Size column (older ncu), LaunchStats' block count."""
+    columns = [c for c in NCU_COLUMNS if grid_column or c != "Grid Size"]
+    lines = ["==PROF== Connected to process 7", ",".join(f'"{c}"' for c in columns)]
+    for launch, (kernel, grid, metrics) in enumerate(NCU_LAUNCHES):
+        if not grid_column:
+            metrics = {**metrics, "Grid Size": ("", str(math.prod(int(d) for d in grid.strip("()").split(","))))}
+        for name, (unit, value) in metrics.items():
+            cells = dict(zip(NCU_COLUMNS, [str(launch), "1", "python3", "h", kernel, "1", "7", "(128, 1, 1)", grid, "0",
+                                           "9.0", "S", name, unit, value]))
+            lines.append(",".join(f'"{cells[c]}"' for c in columns))
+    return "\n".join(lines + ["==PROF== Disconnected from process 7"])
+
+
+def test_profile_reads_ncu_csv_and_gives_each_region_the_kernels_after_its_marker(tmp_path):
+    from fastres.bench.profile import Region, assign, parse_ncu_csv, summarize
+
+    kernels = parse_ncu_csv(_ncu_csv())
+    assert [k.name for k in kernels] == [name for name, _, _ in NCU_LAUNCHES]
+    assert kernels[1].duration_us == pytest.approx(12.5) and kernels[1].sm_pct == 81.5
+    assert kernels[1].registers == 168 and kernels[1].occupancy_pct == 12.3 and kernels[4].dram_pct is None
+
+    fused, unfused = assign(kernels, [Region("c", "fastres-triton", floor_ms=0.01), Region("c", "cudnn", None)])
+    assert [k.name for k in fused.kernels] == ["conv_bn_act_kernel"]
+    assert fused.duration_us == pytest.approx(12.5) and fused.pct_of_floor == pytest.approx(80.0)
+    assert [k.grid for k in unfused.kernels] == ["(98, 2, 1)", "(50, 1, 1)"]
+    assert unfused.duration_us == pytest.approx(24.5) and unfused.pct_of_floor is None
+    older = assign(parse_ncu_csv(_ncu_csv(grid_column=False)), [Region("c", "a"), Region("c", "b")])
+    assert [len(r.kernels) for r in older] == [1, 2]
+
+    (tmp_path / "ncu.csv").write_text(_ncu_csv())  # the files a profiled run leaves, one region's record lost
+    (tmp_path / "regions.json").write_text(json.dumps({
+        "environment": environment(torch.device("cpu")), "ceilings": None,
+        "regions": [{"case": "c", "contender": "fastres-triton", "floor_ms": 0.01}]}))
+    summarize(tmp_path)
+    saved = json.loads((tmp_path / "profile.json").read_text())["regions"]
+    assert [k["name"] for k in saved[0]["kernels"]] == ["conv_bn_act_kernel"] and saved[0]["pct_of_floor"] == 80.0
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path of the profiled run (Triton interpreter, no ncu)")
+def test_profile_inner_run_records_a_region_per_contender_that_runs(tmp_path):
+    manifest = tmp_path / "regions.json"
+    run = subprocess.run([sys.executable, "-m", "fastres.bench.profile", "--manifest", str(manifest), "--smoke",
+                          "--cases", "+res", "--contenders", "conv-only", "fastres-triton", "fastres-cuda"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    regions = json.loads(manifest.read_text())["regions"]
+    assert [(r["case"], r["contender"]) for r in regions] == [("smoke:c24h7-k40:3x3s1+res", "conv-only"),
+                                                              ("smoke:c24h7-k40:3x3s1+res", "fastres-triton")]
+    assert "fastres-cuda: not profiled: skipped" in run.stdout
+    if shutil.which("ncu") is None:
+        assert "(ncu) is not on PATH" in _bench("profile", "--smoke").stdout

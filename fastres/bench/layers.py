@@ -43,6 +43,11 @@ def layer_cases(models: Iterable[str], batch: int, image: int = 224) -> list[Con
     return list(seen.values())
 
 
+def pick(cases: list[ConvCase], patterns: list[str] | None) -> list[ConvCase]:
+    """The cases whose name contains one of `patterns` (all of them when there are none)."""
+    return [c for c in cases if not patterns or any(pattern in c.name for pattern in patterns)]
+
+
 def smoke_cases() -> list[ConvCase]:
     """Tiny cases for CPU smoke runs (the Triton interpreter is slow): a residual, a projected one."""
     return [ODD_CASES[1].replace(name="smoke:c24h7-k40:3x3s1+res", residual=True),

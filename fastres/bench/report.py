@@ -55,7 +55,7 @@ def add_speedups(rows: list[Row], baselines: list[str]) -> None:
                 row.speedup[base] = ref.median_ms / row.median_ms
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -68,11 +68,11 @@ def print_table(rows: list[Row], baselines: list[str], env: dict[str, str], cons
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
-            row.name, row.contender, str(row.batch), _fmt(row.median_ms, ".4g"),
+            row.name, row.contender, str(row.batch), fmt(row.median_ms, ".4g"),
             "-" if row.p20_ms is None else f"{row.p20_ms:.3g}-{row.p80_ms:.3g}",
-            _fmt(row.images_per_s, ".4g"), _fmt(row.tflops, ".3g"), _fmt(row.pct_of_floor, ".0f"),
+            fmt(row.images_per_s, ".4g"), fmt(row.tflops, ".3g"), fmt(row.pct_of_floor, ".0f"),
             {True: "yes", False: "WRONG", None: "-"}[row.correct],
-            *[_fmt(row.speedup.get(b), ".2f") for b in baselines], _fmt(row.first_call_s, ".3g"), row.note,
+            *[fmt(row.speedup.get(b), ".2f") for b in baselines], fmt(row.first_call_s, ".3g"), row.note,
         )
     console.print(table)
 
