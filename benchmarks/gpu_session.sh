@@ -75,9 +75,11 @@ logged() {  # logged LOG LINES COMMAND...: COMMAND's output to $OUT/LOG, its las
 }
 
 gpu_tests() {  # gpu_tests NAME [pytest args]: the gpu-marked tests, log in $OUT/NAME.log
-    local name=$1
+    local name=$1 timeout=()
     shift
-    logged "$name.log" 25 $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "$@"
+    # pytest-timeout is on the GPU machine's image: a hung kernel then fails its test, not the call
+    $PY -c "import pytest_timeout" 2>/dev/null && timeout=(--timeout=240)
+    logged "$name.log" 25 $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "${timeout[@]}" "$@"
 }
 
 stage_test() { gpu_tests test-gpu; }

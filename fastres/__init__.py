@@ -15,7 +15,7 @@ from fastres import ops
 from fastres.backends import status as backend_status
 from fastres.ops import conv_bn_act
 
-__all__ = ["__version__", "ops", "conv_bn_act", "backend_status", "nn", "models", "optimize", "verify"]
+__all__ = ["__version__", "ops", "conv_bn_act", "backend_status", "nn", "models", "optimize", "verify", "precompile"]
 
 
 def __getattr__(name: str):
@@ -26,6 +26,8 @@ def __getattr__(name: str):
         return importlib.import_module(f"fastres.{name}")
     if name == "optimize":
         return importlib.import_module("fastres.converter").optimize
+    if name == "precompile":
+        return importlib.import_module("fastres.compilation").precompile
     if name == "verify":
         return importlib.import_module("fastres.verification").verify
     raise AttributeError(f"module 'fastres' has no attribute {name!r}")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fastres.backends import check_name
 from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_projection_conv
+from fastres.compilation import precompile
 from fastres.problem import output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
@@ -351,7 +352,8 @@ def optimize(
     model: an eval-mode nn.Module (torchvision / timm ResNets, your own conv net); it is not changed.
     backend: the fused op's backend; dtype: cast the copy (e.g. torch.float16); channels_last:
     store 4-D weights channels_last (the kernels' fast layout). example_inputs: if given, the
-    optimized copy is run on them once, and should that fail, the unfused copy is returned.
+    optimized copy is run on them once (its Triton kernels compiled first, all in one parallel
+    pool: fastres.precompile), and should that fail, the unfused copy is returned.
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
     """
     check_name(backend)
@@ -375,6 +377,7 @@ def optimize(
     if example_inputs is not None:
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
+            precompile(optimized, *inputs)
             with torch.no_grad():
                 optimized(*inputs)
         except Exception as exc:  # noqa: BLE001 - never hand back a model that breaks

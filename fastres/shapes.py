@@ -203,17 +203,22 @@ def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class ConvCallRecorder(TorchDispatchMode):
-    """Records every fastres::conv_bn_act call made inside it as a ConvCase (`prefix` starts its name)."""
+    """Records every fastres::conv_bn_act call made inside it: its arguments (`calls`) and each as a
+    ConvCase (`cases`, `prefix` starting its name)."""
 
     def __init__(self, prefix: str = "") -> None:
         super().__init__()
         self.prefix = prefix
-        self.cases: list[ConvCase] = []
+        self.calls: list[tuple[tuple, dict]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.fastres.conv_bn_act.default:
-            self.cases.append(self._case(*args, **(kwargs or {})))
+            self.calls.append((args, kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+    @property
+    def cases(self) -> list[ConvCase]:
+        return [self._case(*args, **kwargs) for args, kwargs in self.calls]
 
     def _case(self, x, w, _scale, _shift, residual, stride, padding, dilation, groups, act, _backend,
               residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None) -> ConvCase:

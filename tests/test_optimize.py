@@ -273,6 +273,34 @@ def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
     assert not optimized.fastres_report.fused
 
 
+def test_precompile_lists_the_calls_on_meta_tensors_and_leaves_the_model_untouched(monkeypatch):
+    """What precompile compiles ahead is read off a meta-tensor run: the same calls, shapes and
+    strides as the real first call, and the real call afterwards is still right (BN's cached fold
+    is not left holding meta tensors)."""
+    from fastres.compilation import by_name, recorded_calls
+
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    planned = recorded_calls(optimized, (x,))
+    with ConvCallRecorder() as recorder, torch.no_grad():
+        got = optimized(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    # Strides compared where they matter: a size-1 dim's stride is never used (here the 1x1 maps
+    # of a 32x32 input, whose strides the CPU reference leaves as its conv made them).
+    tensors = lambda call: [(v.shape, [st for st, n in zip(v.stride(), v.shape) if n > 1], v.dtype)  # noqa: E731
+                            if isinstance(v, torch.Tensor) else v for v in call]
+    assert len(planned) == len(recorder.calls) == 17
+    assert [tensors(p.values()) for p in planned] == [tensors(by_name(*call).values()) for call in recorder.calls]
+    assert all(p["x"].device.type == "meta" for p in planned)
+    assert fastres.precompile(optimized, x) == 0  # nothing to compile for CPU tensors
+
+    seen = []
+    monkeypatch.setattr("fastres.converter.precompile", lambda m, *inputs: seen.append((m, inputs)))
+    fastres.optimize(model, example_inputs=x)
+    assert len(seen) == 1 and seen[0][1] == (x,)
+
+
 def test_train_mode_after_optimize_runs_eagerly():
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     optimized = fastres.optimize(model, channels_last=False).train()  # same layout: same summation order

@@ -572,6 +572,32 @@ def test_gpu_compile_ahead_leaves_nothing_to_compile_at_launch(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_precompile_leaves_the_first_call_nothing_to_compile(monkeypatch, tmp_path):
+    """fastres.precompile compiles a whole model's Triton configs in one pool; its first call, which
+    tunes every layer (an empty tuning cache), compiles nothing more and is right."""
+    import torchvision
+    import triton
+
+    from fastres.shapes import randomize_batchnorm_
+
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    for kernel in (gemm_kernel.conv_bn_act_kernel, gemm_kernel.splitk_reduce_kernel):
+        kernel.device_caches.clear()
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval().to(GPU, torch.float16)
+    optimized = fastres.optimize(model, backend="triton")
+    x = torch.randn(4, 3, 64, 64, device=GPU, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda *a, **kw: compiled.append(kw))
+    assert fastres.precompile(optimized, x) > 20
+    assert compiled
+    compiled.clear()
+    with torch.no_grad():
+        out = optimized(x)
+    assert compiled == []
+    assert fastres.verify(model, optimized, x).ok and out.shape == (4, 1000)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
 @pytest.mark.parametrize("case", GPU_MODEL_CASES[::4], ids=str)
 def test_gpu_float32(case, tf32):

@@ -78,7 +78,8 @@ def test_packed_groups_tile_does_not_spill(compiled):
     assert rows and all(r["ok"] and r["stack_bytes"] == 0 for r in rows)
 
 
-COMPILE_AHEAD = """
+STAND_IN_DRIVER = """  # Triton's JIT compiling for sm_90 with no GPU, each compile counted
+
 import functools, json, threading, torch, triton
 import triton.compiler
 from triton.backends.compiler import GPUTarget
@@ -98,6 +99,9 @@ triton.compiler.compile = lambda *a, **kw: (on_main_thread.append(threading.curr
 compiled = []
 triton.knobs.runtime.jit_post_compile_hook = lambda *a, **kw: compiled.append(1)
 
+"""
+
+COMPILE_AHEAD = STAND_IN_DRIVER + """
 from fastres.kernels import compile_ahead, conv_bn_act, depthwise
 from fastres.shapes import ODD_CASES, ConvCase, make_inputs
 CPU = torch.device("cpu")
@@ -142,6 +146,57 @@ def test_compile_ahead_compiles_every_config_on_worker_threads(threads):
     else:
         assert result["compiled"] == 0 and result["compiled_again"] >= result["configs"]
         assert result["on_main_thread"] == result["compiles"] == result["compiled_again"]
+
+
+PRECOMPILE = STAND_IN_DRIVER + """
+import torch.nn as nn
+import torchvision
+import fastres
+from fastres.backends import triton as triton_backend
+from fastres.compilation import compile_launches, recorded_calls
+from fastres.kernels import compile_ahead
+from fastres.shapes import randomize_batchnorm_
+triton_backend.unavailable_reason = lambda device: None  # the stand-in driver compiles for CPU tensors
+
+block = torchvision.models.resnet.BasicBlock(16, 32, stride=2, downsample=nn.Sequential(
+    nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32)))
+model = fastres.optimize(randomize_batchnorm_(block).eval(), backend="triton", dtype=torch.float16)
+x = torch.randn(2, 16, 9, 9, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+calls = recorded_calls(model, (x,))
+launches = list(compile_launches(calls, torch.device("cpu")))
+compile_ahead(launches)
+ahead = len(compiled)
+# What tuning does at the real first call: each call's own compile-only launches, round by round.
+from fastres.problem import ConvProblem, Projection
+for call in calls:
+    real = {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype) if isinstance(v, torch.Tensor) else v
+            for k, v in call.items()}
+    projection = None if real["residual_weight"] is None else Projection(
+        real["residual_weight"], real["residual_scale"], real["residual_shift"], tuple(real["residual_stride"]))
+    problem = ConvProblem.from_tensors(real["x"], real["weight"], real["scale"], real["shift"], real["residual"],
+                                       tuple(real["stride"]), tuple(real["padding"]), tuple(real["dilation"]),
+                                       real["groups"], real["act"], projection)
+    for launch in triton_backend.compiles(problem, real["x"], real["weight"], real["scale"], real["shift"],
+                                          real["residual"], projection):
+        launch()
+print(json.dumps({"calls": len(calls), "launches": len(launches), "compiled": ahead,
+                  "compiled_again": len(compiled) - ahead, "on_main_thread": sum(on_main_thread)}))
+"""
+
+
+def test_precompile_compiles_every_layers_configs_in_one_pool(tmp_path):
+    """A model's fastres ops, read off a meta-tensor run, compile all their tuning configs in one
+    compile_ahead (a BasicBlock with a downsample: its two calls, the second with the projection
+    fused); the launches tuning then makes find every kernel compiled. (FASTRES_AUTOTUNE=1: tuning
+    would time here; an empty tuning cache: nothing remembered.)"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTRES_COMPILE_THREADS")}
+    env.update(FASTRES_AUTOTUNE="1", FASTRES_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", PRECOMPILE], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["calls"] == 2 and result["launches"] >= 4, result
+    assert result["compiled"] >= result["launches"] and result["compiled_again"] == 0
+    assert result["on_main_thread"] == 0
 
 
 def test_compile_threads_setting_must_be_a_count(monkeypatch):

@@ -95,6 +95,28 @@ def choose(problem: ConvProblem, device: torch.device, args: tuple) -> str:
     return choice
 
 
+def tuned_by(name: str, backend: str, problem: ConvProblem, device: torch.device) -> list[ConvProblem]:
+    """The problems backend `name` will tune when a call with `backend` first runs `problem` on this
+    device (none it already remembers a choice against): what compiling `name`'s kernels ahead of
+    that call must cover. Mirrors run() and choose()."""
+    if backend == "auto":
+        remembered = tuning.lookup(device, "auto", problem.key)
+        chosen = [remembered] if remembered is not None and _runs(remembered, problem, device) else \
+            _auto_candidates(device, problem)
+        problems = []
+        for candidate in chosen:
+            if candidate == SPLIT:
+                problems += tuned_by(name, "auto", problem.projection, device) + tuned_by(name, "auto", problem.main, device)
+            elif candidate == name:
+                problems += tuned_by(name, name, problem, device)
+        return problems
+    if backend != name or not _runs(name, problem, device):
+        return []
+    if problem.projection is not None and not _BACKENDS[name].fuses_projection(problem):
+        return tuned_by(name, name, problem.projection, device) + tuned_by(name, name, problem.main, device)
+    return [problem]
+
+
 def run(
     backend: str,
     problem: ConvProblem,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from dataclasses import asdict
+from typing import Any, Callable
 
 import torch
 
@@ -55,6 +57,37 @@ def _float32(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.float().contiguous()
 
 
+def _launch_args(problem: ConvProblem, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                 shift: torch.Tensor | None, residual: torch.Tensor | None, projection: Projection | None):
+    """The kernel module for this call and kernel.launch's arguments after (problem, config)."""
+    from fastres.kernels import conv_bn_act, depthwise
+
+    kernel = depthwise if problem.is_depthwise else conv_bn_act
+    extra = {}
+    if projection is not None:
+        extra["projection"] = Projection(projection.weight, _float32(projection.scale), _float32(projection.shift),
+                                         projection.stride)
+    return kernel, (x, weight, _float32(scale), _float32(shift), residual, empty_output(x, problem.output_shape)), extra
+
+
+def compiles(problem: ConvProblem, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+             shift: torch.Tensor | None, residual: torch.Tensor | None,
+             projection: Projection | None = None) -> list[Callable[[], Any]]:
+    """Compile-only launches of the configs this call's first run will launch (for
+    fastres.kernels.compile_ahead, e.g. a whole model's at once): the remembered choice if there is
+    one, the heuristic if tuning is off, else every tile and each one's variants."""
+    kernel, args, extra = _launch_args(problem, x, weight, scale, shift, residual, projection)
+    tiles = kernel.tiles(problem, x.device)
+    configs = {json.dumps(asdict(c), sort_keys=True): c
+               for c in tiles + [v for t in tiles for v in kernel.variants(t, problem, x.device)]}
+    remembered = tuning.lookup(x.device, kernel.TUNING_KIND, problem.key)
+    if remembered is not None and json.dumps(remembered, sort_keys=True) in configs:
+        configs = {"": configs[json.dumps(remembered, sort_keys=True)]}
+    elif not tuning.may_time(x.device):
+        configs = {"": kernel.heuristic(problem)}
+    return [functools.partial(kernel.launch, problem, c, *args, **extra, compile_only=True) for c in configs.values()]
+
+
 def run(
     problem: ConvProblem,
     x: torch.Tensor,
@@ -67,16 +100,9 @@ def run(
     """Depthwise convs (groups == C) take the direct kernel, every other conv the implicit GEMM; each
     kernel module names its tuning rounds (tiles, then variants of the fastest), its heuristic
     config and its launcher. Each round's configs compile in parallel before they are timed."""
-    from fastres.kernels import compile_ahead, conv_bn_act, depthwise
+    from fastres.kernels import compile_ahead
 
-    kernel = depthwise if problem.is_depthwise else conv_bn_act
-    out = empty_output(x, problem.output_shape)
-    scale, shift = _float32(scale), _float32(shift)
-    extra = {}
-    if projection is not None:
-        extra["projection"] = Projection(projection.weight, _float32(projection.scale), _float32(projection.shift),
-                                         projection.stride)
-    args = (x, weight, scale, shift, residual, out)
+    kernel, args, extra = _launch_args(problem, x, weight, scale, shift, residual, projection)
     config = tuning.pick(
         x.device, kernel.TUNING_KIND, problem.key, kernel.tiles(problem, x.device),
         encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, *args, **extra),

@@ -66,7 +66,9 @@ def build(contender: str, model: nn.Module, dtype: torch.dtype, example: torch.T
     """The forward function of `contender` for `model` (a float32 eval model on the target device)."""
     base = contender.split("+")[0]
     if base.startswith("fastres-"):
+        # Not optimize's example_inputs: a model that fails must fail here, not come back unfused.
         m = fastres.optimize(model, backend=base.removeprefix("fastres-"), dtype=dtype, channels_last=True)
+        fastres.precompile(m, example)  # its Triton kernels in one compile pool; the first call then tunes
     else:
         m = copy.deepcopy(model).to(dtype)
         if base != "eager-nchw":

@@ -1,0 +1,110 @@
+"""Compile, all at once, the Triton kernels that a model's first call will compile while tuning.
+
+The first call of each new conv shape tunes: the Triton backend compiles a round of configs in
+parallel, times them, then does the same for the leaders' variants, layer by layer. Each round
+is a few compiles, far fewer than the cores of a GPU machine, so a whole model spends most of its
+first call waiting on short, half-empty compile pools. `precompile` runs the model once on meta
+tensors (no memory, no GPU work) to list its fastres ops, then compiles every config those ops
+will launch in one pool: tuning afterwards finds each kernel compiled.
+`fastres.optimize(model, example_inputs=...)` calls it before its example run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from fastres import backends
+from fastres.backends import triton as triton_backend
+from fastres.problem import ConvProblem, Projection, empty_output, pair
+from fastres.shapes import ConvCallRecorder
+
+log = logging.getLogger("fastres")
+
+
+def precompile(model: nn.Module, *inputs: Any) -> int:
+    """Compile ahead, in one parallel pool, what the first `model(*inputs)` would compile while
+    tuning its fastres ops (every Triton config they will time, or the remembered ones). Returns
+    how many compiles it started: 0 off CUDA, in the Triton interpreter, or when the model does not
+    run on meta tensors (each layer then compiles as it tunes, as without this)."""
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
+    if device is None or device.type != "cuda" or triton_backend.unavailable_reason(device) is not None:
+        return 0
+    try:
+        calls = recorded_calls(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - a speed-up only: the first call compiles as it tunes instead
+        log.debug("fastres.precompile: the model did not run on meta tensors (%s); nothing compiled ahead", exc)
+        return 0
+    from fastres.kernels import compile_ahead
+
+    count = [0]
+
+    def counted() -> Iterator[Callable[[], Any]]:
+        for launch in compile_launches(calls, device):
+            count[0] += 1
+            yield launch
+
+    compile_ahead(counted())
+    return count[0]
+
+
+def recorded_calls(model: nn.Module, inputs: tuple) -> list[dict[str, Any]]:
+    """Every fastres::conv_bn_act call of model(*inputs), run on meta copies of its parameters,
+    buffers and inputs, as the op's arguments by name (None for those left out)."""
+    meta = torch.device("meta")
+    state = {name: _on(meta, t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    args = tuple(_on(meta, t) for t in inputs)
+    with ConvCallRecorder() as recorder, torch.no_grad():
+        torch.func.functional_call(model, state, args)
+    return [by_name(call_args, kwargs) for call_args, kwargs in recorder.calls]
+
+
+def by_name(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A recorded fastres::conv_bn_act call's arguments by name, None for those left out (torch
+    versions differ in whether a dispatch mode sees trailing defaults)."""
+    names = [a.name for a in torch.ops.fastres.conv_bn_act.default._schema.arguments]
+    return {**dict.fromkeys(names), **dict(zip(names, args)), **kwargs}
+
+
+def compile_launches(calls: list[dict[str, Any]], device: torch.device) -> Iterator[Callable[[], Any]]:
+    """The Triton backend's compile-only launches for these calls, one distinct problem at a time,
+    on real (empty) tensors shaped and strided like the recorded ones: alignment and strides are
+    part of what a compile specialises on. Tensors live only while their problem's launches are
+    handed out."""
+    seen = set()
+    for call in calls:
+        projection = None
+        if call["residual_weight"] is not None:
+            projection = Projection(call["residual_weight"], call["residual_scale"], call["residual_shift"],
+                                    pair(call["residual_stride"] or 1, "residual_stride"))
+        problem = ConvProblem.from_tensors(call["x"], call["weight"], call["scale"], call["shift"], call["residual"],
+                                           tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]),
+                                           call["groups"], call["act"], projection)
+        for tuned in backends.tuned_by(triton_backend.NAME, call["backend"], problem, device):
+            args = _arguments(tuned, problem, call, projection)
+            key = (tuned.key, *(t.stride() for t in args if isinstance(t, torch.Tensor)))
+            if key not in seen:
+                seen.add(key)
+                yield from triton_backend.compiles(tuned, *(_on(device, a) for a in args))
+
+
+def _arguments(tuned: ConvProblem, problem: ConvProblem, call: dict[str, Any], projection: Projection | None) -> tuple:
+    """What a run of `tuned` gets: the whole call, or one half of a projected call split in two."""
+    x, weight, scale, shift, residual = (call[k] for k in ("x", "weight", "scale", "shift", "residual"))
+    if tuned == problem:
+        return x, weight, scale, shift, residual, projection
+    if tuned == problem.projection:
+        return residual, projection.weight, projection.scale, projection.shift, None, None
+    return x, weight, scale, shift, empty_output(x, problem.projection.output_shape), None
+
+
+def _on(device: torch.device, value: Any) -> Any:
+    """An empty tensor on `device` shaped and strided like a meta one (a Projection's too)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    if isinstance(value, Projection):
+        return Projection(*(_on(device, v) for v in (value.weight, value.scale, value.shift)), value.stride)
+    return value
