@@ -29,26 +29,25 @@ def precompile(model: nn.Module, *inputs: Any) -> int:
     """Compile ahead, in one parallel pool, what the first `model(*inputs)` would compile while
     tuning its fastres ops (every Triton config they will time, or the remembered ones). Returns
     how many compiles it started: 0 off CUDA, in the Triton interpreter, or when the model does not
-    run on meta tensors (each layer then compiles as it tunes, as without this)."""
+    run on meta tensors. It never raises: whatever it leaves out compiles as its layer tunes."""
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
     if device is None or device.type != "cuda" or triton_backend.unavailable_reason(device) is not None:
         return 0
-    try:
-        calls = recorded_calls(model, inputs)
-    except Exception as exc:  # noqa: BLE001 - a speed-up only: the first call compiles as it tunes instead
-        log.debug("fastres.precompile: the model did not run on meta tensors (%s); nothing compiled ahead", exc)
-        return 0
     from fastres.kernels import compile_ahead
 
-    count = [0]
+    count = 0
 
     def counted() -> Iterator[Callable[[], Any]]:
-        for launch in compile_launches(calls, device):
-            count[0] += 1
+        nonlocal count
+        for launch in compile_launches(recorded_calls(model, inputs), device):
+            count += 1
             yield launch
 
-    compile_ahead(counted())
-    return count[0]
+    try:
+        compile_ahead(counted())
+    except Exception as exc:  # noqa: BLE001 - a speed-up only: the first call compiles as it tunes instead
+        log.debug("fastres.precompile stopped after %d compiles (%s): the first call compiles the rest", count, exc)
+    return count
 
 
 def recorded_calls(model: nn.Module, inputs: tuple) -> list[dict[str, Any]]:

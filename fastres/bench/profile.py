@@ -199,8 +199,9 @@ def main(models: list[str], batch: int, dtype: str, contenders: list[str], cases
     inner = [sys.executable, "-m", "fastres.bench.profile", "--manifest", str(manifest), "--dtype", dtype,
              "--batch", str(batch), "--model", *models, "--contenders", *contenders,
              *(["--cases", *cases] if cases else []), *(["--smoke"] if smoke else [])]
+    sections = [arg for section in SECTIONS for arg in ("--section", section)]
     command = [ncu, "--profile-from-start", "off", "--csv", "--page", "details", "--print-units", "base",
-               "--clock-control", "none", *[f"--section={s}" for s in SECTIONS], "--log-file", str(csv_path), *inner]
+               "--clock-control", "none", *sections, "--log-file", str(csv_path), *inner]
     print(" ".join(command), flush=True)
     status = subprocess.run(command).returncode
     if not (manifest.exists() and csv_path.exists()):
