@@ -75,11 +75,14 @@ logged() {  # logged LOG LINES COMMAND...: COMMAND's output to $OUT/LOG, its las
 }
 
 gpu_tests() {  # gpu_tests NAME [pytest args]: the gpu-marked tests, log in $OUT/NAME.log
-    local name=$1 timeout=()
+    local name=$1 plugins=()
     shift
-    # pytest-timeout is on the GPU machine's image: a hung kernel then fails its test, not the call
-    $PY -c "import pytest_timeout" 2>/dev/null && timeout=(--timeout=240)
-    logged "$name.log" 25 $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "${timeout[@]}" "$@"
+    # pytest-timeout and pytest-xdist are on the GPU machine's image. A hung kernel then fails its
+    # test, not the call; and GPU_TEST_WORKERS processes share the GPU, so the tests' Triton
+    # compiles (most of their time: every shape and dtype tunes from an empty cache) use the cores.
+    $PY -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout=240)
+    $PY -c "import xdist" 2>/dev/null && plugins+=(-n "${GPU_TEST_WORKERS:-8}")
+    logged "$name.log" 25 $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "${plugins[@]}" "$@"
 }
 
 stage_test() { gpu_tests test-gpu; }
