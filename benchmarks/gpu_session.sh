@@ -108,6 +108,10 @@ bench() {  # bench STAGE ARGS...: `fastres bench ARGS` into $OUT/STAGE, resumed,
     mkdir -p "$OUT/$stage"
     cp .bench-results/"$stage"/*.json "$OUT/$stage"/ 2>/dev/null
     for log in "bench-$stage.log" "bench-$stage-2.log" "bench-$stage-3.log"; do
+        if [ $((CALL_LIMIT - SECONDS)) -lt 60 ]; then  # the first case always runs: start none this late
+            echo "$stage: $((CALL_LIMIT - SECONDS)) s left in this call, not started"
+            return 3
+        fi
         logged "$log" 60 $PY -m fastres bench "$@" --out "$OUT/$stage" --resume --time-limit $((CALL_LIMIT - SECONDS))
         rc=$?
         # 4: a contender lost the CUDA context; a new process goes on with the case's other contenders
