@@ -90,6 +90,34 @@ def test_auto_on_cpu_fuses_the_projection_in_the_reference():
     assert "-proj[" in problem.key and problem.projection.key in problem.key and problem.main.projection is None
 
 
+def test_tuned_by_names_what_a_first_call_will_tune(monkeypatch):
+    """What fastres.precompile compiles ahead for a backend: the problems that backend will tune
+    when a call first runs, following run() and choose() ("auto" splitting a projected call into
+    two calls, each by "auto", and trying the fused kernel; nothing for a remembered other choice;
+    only the first candidate without timing)."""
+    from fastres import backends
+
+    gpu = CPU  # standing in for a GPU (backends' availability patched below); nothing runs
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(backends, "_runs", lambda name, problem, device: name == "split" and problem.projection
+                        is not None or name in ("cudnn", "cuda", "triton"))
+    monkeypatch.setattr(backends, "_auto_candidates", lambda device, problem: (["split", "triton"] if problem.projection
+                        is not None else ["cudnn", "cuda", "triton"]))
+    plain = make_inputs(ODD_CASES[1], torch.float16, "meta").problem(ODD_CASES[1])
+    projected = make_inputs(PROJECTION_ODD_CASES[0], torch.float16, "meta").problem(PROJECTION_ODD_CASES[0])
+
+    assert backends.tuned_by("triton", "auto", plain, gpu) == [plain]
+    assert backends.tuned_by("triton", "auto", projected, gpu) == [projected.projection, projected.main, projected]
+    assert backends.tuned_by("cuda", "auto", projected, gpu) == [projected.projection, projected.main]
+    assert backends.tuned_by("triton", "triton", projected, gpu) == [projected]
+    assert backends.tuned_by("triton", "cudnn", plain, gpu) == []
+    tuning.remember(gpu, "auto", plain.key, "cudnn")
+    assert backends.tuned_by("triton", "auto", plain, gpu) == []
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "0")
+    assert backends.tuned_by("cudnn", "auto", projected.main, gpu) == [projected.main]
+    assert backends.tuned_by("triton", "auto", projected.main, gpu) == []
+
+
 # --- GPU matrix ----------------------------------------------------------------------------
 
 GPU_CASES = list(model_cases("resnet50", 32, 224)) + list(model_cases("resnext50_32x4d", 32, 224)) + [

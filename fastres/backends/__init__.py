@@ -101,8 +101,10 @@ def tuned_by(name: str, backend: str, problem: ConvProblem, device: torch.device
     that call must cover. Mirrors run() and choose()."""
     if backend == "auto":
         remembered = tuning.lookup(device, "auto", problem.key)
-        chosen = [remembered] if remembered is not None and _runs(remembered, problem, device) else \
-            _auto_candidates(device, problem)
+        if remembered is not None and _runs(remembered, problem, device):
+            chosen = [remembered]
+        else:  # all are timed, or without timing the first runs untried
+            chosen = _auto_candidates(device, problem)[:None if tuning.may_time(device) else 1]
         problems = []
         for candidate in chosen:
             if candidate == SPLIT:
