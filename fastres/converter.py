@@ -10,7 +10,10 @@ fused. In each graph a chain is fused when every link has exactly one user:
     residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU as
     modules, F.*, torch.* or methods; one module reused in many places is fine)
 
-nn.Identity nodes are dropped first (timm puts them between BN and ReLU). The conv and BN modules
+timm's BatchNorm + activation modules (BatchNormAct2d and kin) are first split into three nodes,
+the BatchNorm (a _NormOf view), their `drop` and their `act`, so each link follows the rules
+above: the act fuses when it is one of ours, an identity act lets a residual add follow. Then
+nn.Identity nodes are dropped (timm puts them between BN and ReLU). The conv and BN modules
 stay where they were (the state_dict keys do not change); a FusedConvBN module that refers to
 them replaces the chain in the graph. It runs the eager chain in train mode and whenever a call
 is outside the op's contract (a broadcasting residual, mixed dtypes), so the answer never changes.
@@ -32,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_projection_conv
+from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
 from fastres.compilation import precompile
 from fastres.problem import output_hw
 
@@ -180,10 +183,57 @@ def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
 
 
 class _Tracer(fx.Tracer):
-    """Leaves: torch.nn modules, BatchNorms of any origin, and fastres's own fused modules."""
+    """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
+    and fastres's own fused modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_batchnorm(m) or isinstance(m, (_Fused, FusedConvBN)) or super().is_leaf_module(m, qualname)
+        return (_is_batchnorm(m) or is_norm_act(m) or isinstance(m, (_Fused, FusedConvBN))
+                or super().is_leaf_module(m, qualname))
+
+
+class _NormOf(nn.Module):
+    """The BatchNorm part of a BatchNorm + activation module, as its own graph node. The module
+    is held in a tuple: no second state_dict entry, and train()/eval() reach it where it lives."""
+
+    def __init__(self, norm_act: nn.Module) -> None:
+        super().__init__()
+        self._ref = (norm_act,)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ref[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(self.module, x)
+
+
+def _split_norm_acts(gm: fx.GraphModule) -> list[str]:
+    """Rewrite each BatchNorm + activation node as norm -> drop -> act nodes; the views' names."""
+    views = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not is_norm_act(module := gm.get_submodule(node.target)):
+            continue
+        view = f"{node.target.replace('.', '_')}_norm_fastres"
+        gm.add_submodule(view, _NormOf(module))
+        views.append(view)
+        with gm.graph.inserting_before(node):
+            last = gm.graph.call_module(view, node.args, node.kwargs)
+            for child in ("drop", "act"):
+                if hasattr(module, child):
+                    last = gm.graph.call_module(f"{node.target}.{child}", (last,))
+        node.replace_all_uses_with(last)
+        gm.graph.erase_node(node)
+    return views
+
+
+def _batchnorm_at(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The BatchNorm module a graph node runs (a view's module for a split norm + act), or None."""
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(node.target)
+    if isinstance(module, _NormOf):
+        return module.module
+    return module if _is_batchnorm(module) else None
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -224,6 +274,7 @@ def _drop_identities(gm: fx.GraphModule) -> None:
 
 
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeReport) -> int:
+    views = _split_norm_acts(gm)
     _drop_identities(gm)
     fused = 0
     for conv_node in list(gm.graph.nodes):
@@ -235,9 +286,9 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         bn_node = _single_user(conv_node)
         if why is None and bn_node is None:
             why = f"its output has {len(conv_node.users)} users (must feed only a BatchNorm)"
-        if why is None and not (bn_node.op == "call_module" and _is_batchnorm(gm.get_submodule(bn_node.target))):
+        bn = _batchnorm_at(gm, bn_node) if why is None else None
+        if why is None and bn is None:
             why = f"not followed by a BatchNorm (next: {bn_node.op} {bn_node.target})"
-        bn = gm.get_submodule(bn_node.target) if why is None else None
         if why is None:
             why = _bn_problem(bn, conv)
         if why is not None:
@@ -264,6 +315,10 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         report.entries[name] = f"fused: {parts}"
         fused += 1
     _fuse_projections(gm, report)
+    used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    for view in views:
+        if view not in used:
+            gm.delete_submodule(view)
     gm.graph.lint()
     gm.recompile()
     return fused

@@ -100,14 +100,39 @@ def fused_conv_bn(
     )
 
 
+# timm's BatchNorm + activation modules: a BatchNorm followed by their own `drop` and `act` children
+# (RegNet, EfficientNet, MobileNet and other timm models build every BN this way).
+_NORM_ACT_CLASSES = frozenset({"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"})
+
+
+def is_norm_act(module: nn.Module) -> bool:
+    """Whether `module` is one of timm's BatchNorm + activation modules, with timm's own forward."""
+    owner = next((cls for cls in type(module).__mro__ if "forward" in vars(cls)), None)
+    return owner is not None and owner.__name__ in _NORM_ACT_CLASSES
+
+
+def normalize(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """bn's normalization alone: its forward, or for a BatchNorm + activation module (is_norm_act)
+    the BatchNorm part, without its drop and act."""
+    if not is_norm_act(bn):
+        return bn(x)
+    if isinstance(bn, nn.SyncBatchNorm):
+        return nn.SyncBatchNorm.forward(bn, x)
+    if isinstance(bn, nn.BatchNorm2d):
+        return nn.BatchNorm2d.forward(bn, x)
+    # timm's FrozenBatchNormAct2d keeps its statistics as buffers: its own arithmetic, minus the act.
+    scale = bn.weight.reshape(1, -1, 1, 1) * (bn.running_var.reshape(1, -1, 1, 1) + bn.eps).rsqrt()
+    return x * scale + (bn.bias.reshape(1, -1, 1, 1) - bn.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
 def eager_conv_bn(
     conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
     projection: Projection | None = None,
 ) -> torch.Tensor:
     """The same computation as separate eager modules (train mode, and the ground truth)."""
-    y = bn(conv(x))
+    y = normalize(bn, conv(x))
     if projection is not None:
-        residual = projection[1](projection[0](residual))
+        residual = normalize(projection[1], projection[0](residual))
     if residual is not None:
         y = y + residual
     return ACT_FUNCTIONS[act](y)

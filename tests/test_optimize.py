@@ -64,6 +64,108 @@ def test_timm_resnets(name):
         assert ".se." in name_ and "not followed by a BatchNorm" in what
 
 
+@pytest.mark.parametrize("name,bn_free", [("regnety_002", []), ("efficientnet_b0", []),
+                                          ("mobilenetv3_small_100", ["conv_head"])])
+def test_timm_models_built_on_batchnorm_act_modules(name, bn_free):
+    """timm builds these with BatchNormAct2d (BN, drop and act in one module): every conv with a BN
+    fuses, the convs without one (squeeze-excite, MobileNetV3's head) stay eager, RegNet's
+    downsample becomes a projection."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    eager = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and (".se." in n or n in bn_free)]
+    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs - len(eager), total=convs)
+    assert sorted(optimized.fastres_report.eager) == sorted(eager)
+    assert not any(type(m).__name__ == "_NormOf" for m in optimized.modules())  # fused views are gone
+    entries = optimized.fastres_report.entries
+    if name == "regnety_002":
+        assert entries["s1.b1.conv3.conv"] == "fused: conv+bn+add+relu"
+        assert entries["s1.b1.downsample.conv"] == "fused: conv+bn, the projected residual of s1.b1.conv3.conv (one op)"
+    if name == "efficientnet_b0":
+        assert entries["conv_stem"] == "fused: conv+bn+silu"
+        assert entries["blocks.1.1.conv_pwl"] == "fused: conv+bn+add"
+    if name == "mobilenetv3_small_100":
+        assert entries["conv_stem"] == "fused: conv+bn"  # its Hardswish is not one of the op's acts
+
+
+def _norm_act(kind: str, act: nn.Module | None, drop: nn.Module | None = None):
+    """timm's BatchNorm + activation module of `kind` with channels as its one argument."""
+    layers = pytest.importorskip("timm.layers")
+
+    def make(channels: int) -> nn.Module:
+        apply = act is not None
+        act_layer = type(act) if apply else nn.ReLU
+        drop_layer = (lambda: drop) if drop is not None else None
+        if kind == "frozen":
+            return layers.FrozenBatchNormAct2d(channels, apply_act=apply, act_layer=act_layer, drop_layer=drop_layer)
+        module = layers.BatchNormAct2d(channels, apply_act=apply, act_layer=act_layer, drop_layer=drop_layer)
+        return layers.convert_sync_batchnorm(module) if kind == "sync" else module
+
+    return make
+
+
+class NormActBlock(nn.Module):
+    """conv -> BN+act, then conv -> BN (no act) -> + x -> act, with timm's norm + act modules."""
+
+    def __init__(self, make_norm_act, make_tail_norm, act: nn.Module):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), make_norm_act(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), make_tail_norm(8)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.bn2(self.conv2(self.bn1(self.conv1(x)))) + x)
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "frozen", "sync"])
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU()], ids=["relu", "silu"])
+def test_batchnorm_act_modules_split_into_norm_and_act(kind, act):
+    block = NormActBlock(_norm_act(kind, act), _norm_act(kind, None), act)
+    optimized = _check(block, torch.randn(2, 8, 6, 6), fused=2, total=2)
+    name = "relu" if isinstance(act, nn.ReLU) else "silu"
+    assert optimized.fastres_report.entries == {"conv1": f"fused: conv+bn+{name}", "conv2": f"fused: conv+bn+add+{name}"}
+
+
+def test_batchnorm_act_with_a_drop_layer_fuses_only_the_norm():
+    """A drop layer (identity in eval, not in training) stays in the graph: the act after it is
+    not fused, and the model trains as before."""
+    block = NormActBlock(_norm_act("batchnorm", nn.SiLU(), drop=nn.Dropout(0.5)), _norm_act("batchnorm", None),
+                         nn.ReLU())
+    optimized = _check(block, torch.randn(2, 8, 6, 6), fused=2, total=2, channels_last=False)  # same dropout masks
+    assert optimized.fastres_report.entries["conv1"] == "fused: conv+bn"
+    optimized.train()
+    torch.manual_seed(0)
+    got = optimized(torch.ones(2, 8, 6, 6))
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, block.train()(torch.ones(2, 8, 6, 6)))
+
+
+def test_batchnorm_act_modules_train_with_their_act_applied_once():
+    """Train mode runs the eager chain: SiLU once (not again as the chain's act), statistics
+    updated in the original modules."""
+    block = randomize_batchnorm_(NormActBlock(_norm_act("batchnorm", nn.SiLU()), _norm_act("batchnorm", None),
+                                              nn.SiLU())).eval()
+    optimized = fastres.optimize(block, channels_last=False).train()
+    eager = copy.deepcopy(block).train()
+    x = torch.randn(4, 8, 6, 6)
+    torch.testing.assert_close(optimized(x), eager(x))
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(optimized.state_dict()[key], value)
+
+
+def test_a_batchnorm_act_subclass_with_its_own_forward_is_not_split():
+    layers = pytest.importorskip("timm.layers")
+
+    class Doubled(layers.BatchNormAct2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    block = NormActBlock(lambda c: Doubled(c, act_layer=nn.ReLU), _norm_act("batchnorm", None), nn.ReLU())
+    optimized = _check(block, torch.randn(2, 8, 6, 6), fused=1, total=2)
+    assert "eager" in optimized.fastres_report.entries["conv1"]
+
+
 # --- hand-written patterns ------------------------------------------------------------------
 
 class Block(nn.Module):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import torch
-import torchvision
 
 import fastres
 from fastres.converter import FusedConvBN
