@@ -13,10 +13,13 @@ fused. In each graph a chain is fused when every link has exactly one user:
 timm's BatchNorm + activation modules (BatchNormAct2d and kin) are first split into three nodes,
 the BatchNorm (a _NormOf view), their `drop` and their `act`, so each link follows the rules
 above: the act fuses when it is one of ours, an identity act lets a residual add follow. Then
-nn.Identity nodes are dropped (timm puts them between BN and ReLU). The conv and BN modules
-stay where they were (the state_dict keys do not change); a FusedConvBN module that refers to
-them replaces the chain in the graph. It runs the eager chain in train mode and whenever a call
-is outside the op's contract (a broadcasting residual, mixed dtypes), so the answer never changes.
+nn.Identity nodes are dropped (timm puts them between BN and ReLU), and `.view` calls become
+`.reshape` (a view wherever one is possible; a copy where the channels_last layouts would make
+`x.view(n, -1)` fail). The conv and BN modules stay where they were (the state_dict keys do not
+change); a FusedConvBN module that refers to them replaces the chain in the graph. It runs the
+eager chain in train mode and whenever a call is outside the op's contract (a broadcasting
+residual, mixed dtypes), so the answer never changes, and returns the memory format eager's conv
+would have.
 A fused 1x1 conv + BN without activation whose only use is another fused chain's residual (a
 ResNet downsample branch) then becomes that chain's residual projection: both convs in one op,
 the branch's output never stored.
@@ -108,7 +111,10 @@ class FusedConvBN(nn.Module):
             return eager_conv_bn(conv, bn, x, residual, self.act, projection)
         if self.padding != conv.padding:
             conv = _PaddedView(conv, self.padding)
-        return fused_conv_bn(conv, bn, x, residual, self.act, self.backend, projection)
+        out = fused_conv_bn(conv, bn, x, residual, self.act, self.backend, projection)
+        # The op's output is channels_last; eager conv's is only when its input or weight is, and
+        # the code after the chain may depend on that (a .view, an export to NCHW consumers).
+        return out if _channels_last(x) or _channels_last(conv.weight) else out.contiguous()
 
     def _outside_contract(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
         conv = self._modules_ref[0]
@@ -131,6 +137,11 @@ class FusedConvBN(nn.Module):
     def extra_repr(self) -> str:
         projected = "" if self.projection_name is None else f", residual projected by {self.projection_name}"
         return f"{self.conv_name}, act={self.act!r}, backend={self.backend!r}{projected}"
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether torch's conv would call t channels_last (strided so, and not also contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class _PaddedView:
@@ -266,6 +277,17 @@ def _residual_of(node: fx.Node, value: fx.Node) -> fx.Node | None:
     return other if isinstance(other, fx.Node) and other is not value else None
 
 
+def _views_to_reshapes(gm: fx.GraphModule) -> None:
+    """x.view(shape) -> x.reshape(shape), x.view_as(y) -> x.reshape_as(y): the same view wherever
+    a view is possible, and a copy instead of an error where the channels_last layouts that
+    optimize chose make it impossible (e.g. x.view(n, -1) after a conv). x.view(dtype) stays."""
+    for node in gm.graph.nodes:
+        if node.op != "call_method" or node.target not in ("view", "view_as"):
+            continue
+        if not any(isinstance(a, torch.dtype) for a in (*node.args[1:], *node.kwargs.values())):
+            node.target = "reshape" if node.target == "view" else "reshape_as"
+
+
 def _drop_identities(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity and len(node.args) == 1:
@@ -276,6 +298,7 @@ def _drop_identities(gm: fx.GraphModule) -> None:
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeReport) -> int:
     views = _split_norm_acts(gm)
     _drop_identities(gm)
+    _views_to_reshapes(gm)
     fused = 0
     for conv_node in list(gm.graph.nodes):
         if conv_node.op != "call_module" or not isinstance(gm.get_submodule(conv_node.target), nn.Conv2d):

@@ -304,6 +304,43 @@ def test_a_projected_residual_of_another_shape_runs_eagerly_and_says_so():
             module(x, residual)
 
 
+class Flattening(nn.Module):
+    """Code after the chains that depends on layout: .view of a conv's output, .view_as, and a
+    dtype view (a reinterpretation, not a reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        y = self.features(x)
+        bits = self.head(y).view(torch.int32).view(torch.float32)
+        return self.fc(y.view(y.size(0), -1)) + bits.view_as(bits).sum()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_views_after_fused_chains_work_in_either_layout(channels_last):
+    optimized = _check(Flattening(), torch.randn(2, 3, 6, 6), fused=2, channels_last=channels_last)
+    assert "view(torch.int32)" in optimized.code and "view(torch.float32)" in optimized.code
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_outputs_keep_the_memory_format_eager_conv_gives(channels_last):
+    """channels_last weights (optimize's default) make eager's conv output channels_last too; with
+    channels_last=False and NCHW inputs, every fused output is NCHW, as in the original model."""
+    optimized = fastres.optimize(randomize_batchnorm_(torchvision.models.resnet18()).eval(), channels_last=channels_last)
+    formats = []
+    for module in optimized.modules():
+        if isinstance(module, FusedConvBN):
+            module.register_forward_hook(lambda m, args, out: formats.append(
+                out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)))
+    with torch.no_grad():
+        optimized(torch.randn(2, 3, 32, 32))
+    assert len(formats) == 17 and all(formats)
+
+
 def test_a_model_with_nothing_to_fuse_comes_back_working():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     optimized = fastres.optimize(model.eval())
