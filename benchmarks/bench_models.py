@@ -19,7 +19,7 @@ CONTENDERS = ["eager-cl", "compile", "fastres-auto", "fastres-triton", "fastres-
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("arch,batch,image", SETTINGS)
 def test_model(benchmark, arch, batch, image, contender):
-    model = models.torchvision_model(arch).to(DEVICE)
+    model = models.named_model(arch).to(DEVICE)
     x = torch.randn(batch, 3, image, image, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         try:

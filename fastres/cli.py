@@ -32,19 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
 
     verify = sub.add_parser("verify", help="check fastres.optimize(model) against eager and float64")
-    verify.add_argument("model", help="torchvision ResNet name, e.g. resnet50")
+    verify.add_argument("model", help="a torchvision model (resnet50, efficientnet_b0) or timm:<name> (timm:regnety_040)")
     verify.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     verify.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     verify.add_argument("--batch", type=int, default=8)
     verify.add_argument("--image", type=int, default=224)
-    verify.add_argument("--weights", type=Path, default=None, help="a state_dict file (torchvision keys)")
+    verify.add_argument("--weights", type=Path, default=None, help="a state_dict file for the model (its own keys)")
     verify.add_argument("--per-layer", action="store_true", help="also check every fused layer on its own inputs")
     verify.add_argument("--device", default=None)
 
     bench = sub.add_parser("bench", help="benchmark fused layers or whole models against cuDNN and torch.compile")
     bench.add_argument("suite", choices=("layers", "models", "profile"),
                        help="profile: the layers suite's cases under Nsight Compute, kernel by kernel")
-    bench.add_argument("--model", nargs="+", default=None, help="models (layers: whose convs; models: which to run)")
+    bench.add_argument("--model", nargs="+", default=None,
+                       help="torchvision models or timm:<name> (layers: whose fused convs; models: which to run)")
     bench.add_argument("--batch", nargs="+", type=int, default=None)
     bench.add_argument("--cases", nargs="+", default=None,
                        help="layers, profile: only the cases whose name contains one of these")
@@ -90,10 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     import fastres
-    from fastres.bench.models import torchvision_model
+    from fastres.bench.models import model_name_problem, named_model
 
     device, dtype = _device(args.device), DTYPES[args.dtype]
-    model = torchvision_model(args.model)
+    if (problem := model_name_problem(args.model)) is not None:
+        print(f"fastres verify: {problem}", file=sys.stderr)
+        return 2
+    model = named_model(args.model)
     if args.weights is not None:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     model = model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
@@ -118,6 +122,10 @@ def _bench(args: argparse.Namespace) -> int:
     if device.type != "cuda" and not args.smoke:
         console.print("[red]fastres bench: no CUDA device here. CPU timings say nothing about GPU speed; "
                       "use --smoke to check the harness end to end.[/red]")
+        return 2
+    unknown = [problem for name in args.model or [] if (problem := models.model_name_problem(name)) is not None]
+    if unknown:
+        console.print(f"[red]fastres bench: {'; '.join(unknown)}[/red]")
         return 2
     if args.suite == "profile":
         from fastres.bench import profile

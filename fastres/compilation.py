@@ -20,7 +20,7 @@ import torch.nn as nn
 from fastres import backends
 from fastres.backends import triton as triton_backend
 from fastres.problem import ConvProblem, Projection, empty_output, pair
-from fastres.shapes import ConvCallRecorder
+from fastres.shapes import on_device, record_meta_run
 
 log = logging.getLogger("fastres")
 
@@ -53,12 +53,7 @@ def precompile(model: nn.Module, *inputs: Any) -> int:
 def recorded_calls(model: nn.Module, inputs: tuple) -> list[dict[str, Any]]:
     """Every fastres::conv_bn_act call of model(*inputs), run on meta copies of its parameters,
     buffers and inputs, as the op's arguments by name (None for those left out)."""
-    meta = torch.device("meta")
-    state = {name: _on(meta, t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    args = tuple(_on(meta, t) for t in inputs)
-    with ConvCallRecorder() as recorder, torch.no_grad():
-        torch.func.functional_call(model, state, args)
-    return [by_name(call_args, kwargs) for call_args, kwargs in recorder.calls]
+    return [by_name(call_args, kwargs) for call_args, kwargs in record_meta_run(model, inputs).calls]
 
 
 def by_name(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +82,7 @@ def compile_launches(calls: list[dict[str, Any]], device: torch.device) -> Itera
             key = (tuned.key, *(t.stride() for t in args if isinstance(t, torch.Tensor)))
             if key not in seen:
                 seen.add(key)
-                yield from triton_backend.compiles(tuned, *(_on(device, a) for a in args))
+                yield from triton_backend.compiles(tuned, *(on_device(device, a) for a in args))
 
 
 def _arguments(tuned: ConvProblem, problem: ConvProblem, call: dict[str, Any], projection: Projection | None) -> tuple:
@@ -99,11 +94,3 @@ def _arguments(tuned: ConvProblem, problem: ConvProblem, call: dict[str, Any], p
         return residual, projection.weight, projection.scale, projection.shift, None, None
     return x, weight, scale, shift, empty_output(x, problem.projection.output_shape), None
 
-
-def _on(device: torch.device, value: Any) -> Any:
-    """An empty tensor on `device` shaped and strided like a meta one (a Projection's too)."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
-    if isinstance(value, Projection):
-        return Projection(*(_on(device, v) for v in (value.weight, value.scale, value.shift)), value.stride)
-    return value

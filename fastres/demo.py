@@ -15,7 +15,7 @@ import torch
 
 import fastres
 from fastres.bench.harness import environment, time_fn
-from fastres.bench.models import torchvision_model
+from fastres.bench.models import named_model
 
 
 def run_demo(
@@ -40,7 +40,7 @@ def run_demo(
           f"{str(dtype).removeprefix('torch.')}, backend={backend!r}")
     print("backends here:", ", ".join(f"{k}: {v}" for k, v in fastres.backend_status(device).items()))
 
-    eager = torchvision_model(model_name).to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    eager = named_model(model_name).to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
     start = time.perf_counter()
     optimized = fastres.optimize(eager, backend=backend)
     print(f"\n{optimized.fastres_report.__str__().splitlines()[0]} in {time.perf_counter() - start:.2f} s")

@@ -243,32 +243,57 @@ def _tag(prefix: str, case: ConvCase) -> str:
     return tag + ("" if case.act == "relu" else f"-{case.act}")
 
 
+def on_device(device: torch.device, value):
+    """An empty tensor on `device` shaped and strided like `value` (a Projection's tensors too);
+    anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+    if isinstance(value, Projection):
+        return Projection(*(on_device(device, v) for v in (value.weight, value.scale, value.shift)), value.stride)
+    return value
+
+
+def record_meta_run(model: nn.Module, inputs: tuple, prefix: str = "") -> ConvCallRecorder:
+    """The fastres ops of model(*inputs), run on meta copies of its parameters, buffers and inputs
+    (no memory, no kernels; the model itself is untouched, BN's cached folds included)."""
+    meta = torch.device("meta")
+    state = {name: on_device(meta, t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    with ConvCallRecorder(prefix) as recorder, torch.no_grad():
+        torch.func.functional_call(model, state, tuple(on_device(meta, t) for t in inputs))
+    return recorder
+
+
 @functools.cache
 def _recorded_calls(arch: str, batch: int, image: int) -> tuple[ConvCase, ...]:
+    """The op calls of fastres.models.<arch>, or of fastres.optimize(<arch>) for any other model
+    name (fastres.bench.models.named_model: torchvision's, or timm's as "timm:<name>")."""
     from fastres.models import ARCHITECTURES
 
-    with torch.device("meta"):
-        model = ARCHITECTURES[arch]().eval()
-        x = torch.empty(batch, 3, image, image)
-    recorder = ConvCallRecorder(f"{arch}:")
-    with recorder, torch.no_grad():
-        model(x)
-    return tuple(recorder.cases)
+    if arch in ARCHITECTURES:
+        with torch.device("meta"):
+            model = ARCHITECTURES[arch]().eval()
+    else:
+        from fastres.bench.models import named_model
+        from fastres.converter import optimize
+
+        model = optimize(named_model(arch))
+    x = torch.empty(batch, 3, image, image, device="meta")
+    return tuple(record_meta_run(model, (x,), f"{arch}:").cases)
 
 
-def _split(case: ConvCase) -> tuple[ConvCase, ...]:
-    """A projected case as its two convs, named as the unfused model would name them."""
+def _split(case: ConvCase, prefix: str) -> tuple[ConvCase, ...]:
+    """A projected case as its two convs, named (after `prefix`) as the unfused model would name them."""
     if case.projection is None:
         return (case,)
-    prefix = case.name.split(":", 1)[0] + ":"
     first, main = case.projection_case(), case.replace(projection=None)
     return (first.replace(name=_tag(prefix, first)), main.replace(name=_tag(prefix, main)))
 
 
 def model_calls(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
-    """Every conv of fastres.models.<arch> on a batch x 3 x image x image input, in call order (a
-    projected call's projection just before its conv): the per-conv view, each one a conv_bn_act."""
-    return tuple(conv for call in _recorded_calls(arch, batch, image) for conv in _split(call))
+    """Every fused conv of model `arch` (a fastres.models name, or any named_model name) on a
+    batch x 3 x image x image input, in call order (a projected call's projection just before its
+    conv): the per-conv view, each one a conv_bn_act."""
+    return tuple(conv for call in _recorded_calls(arch, batch, image) for conv in _split(call, f"{arch}:"))
 
 
 def _distinct(cases) -> tuple[ConvCase, ...]:
@@ -279,12 +304,12 @@ def _distinct(cases) -> tuple[ConvCase, ...]:
 
 
 def model_cases(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
-    """The distinct convs of fastres.models.<arch> (first occurrence of each)."""
+    """The distinct fused convs of model `arch` (first occurrence of each; see model_calls)."""
     return _distinct(model_calls(arch, batch, image))
 
 
 def model_projection_cases(arch: str, batch: int = 1, image: int = 224) -> tuple[ConvCase, ...]:
-    """The distinct calls of fastres.models.<arch> whose residual is projected (downsampling blocks)."""
+    """The distinct calls of model `arch` whose residual is projected (downsampling blocks)."""
     return _distinct(c for c in _recorded_calls(arch, batch, image) if c.projection is not None)
 
 

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+import fastres
+
 from fastres.bench.harness import DeviceLost, Timing, Unit, environment, measure, run_units
 from fastres.bench.report import Results, Row, add_speedups
 from helpers import HAS_CUDA
@@ -81,6 +83,35 @@ def test_time_limit_keeps_what_it_measured_and_resume_runs_the_rest(tmp_path):
 def test_full_runs_need_a_gpu():
     run = _bench("layers")
     assert run.returncode == 2 and "no CUDA device" in run.stdout
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "timm:regnety_002"])
+def test_models_by_name_and_their_fused_convs(name):
+    """Any torchvision or timm model benchmarks by name: its cases (FLOPs, floors, the layers
+    suite) are the calls fastres.optimize makes, read off a meta-tensor run."""
+    from fastres.bench.models import named_model
+    from fastres.shapes import ConvCallRecorder, model_calls, model_projection_cases
+
+    model = named_model(name)
+    assert not model.training
+    optimized = fastres.optimize(model)
+    with ConvCallRecorder() as recorder, torch.no_grad():
+        optimized(torch.randn(2, 3, 64, 64))
+    projected = sum(c.projection is not None for c in recorder.cases)
+    calls = model_calls(name, 2, 64)
+    assert len(calls) == len(recorder.cases) + projected == len(optimized.fastres_report.fused)
+    assert [c.replace(name="") for c in model_projection_cases(name, 2, 64)] == list(
+        dict.fromkeys(c.replace(name="") for c in recorder.cases if c.projection is not None))
+    assert all(c.name.startswith(f"{name}:") for c in calls)
+
+
+@pytest.mark.parametrize("name,why", [("resnet", "not a torchvision classification model"),
+                                      ("timm:no_such_net", "timm has no model named 'no_such_net'")])
+def test_unknown_model_names_are_refused_before_anything_runs(name, why):
+    run = _bench("models", "--smoke", "--model", name)
+    assert run.returncode == 2 and why in run.stdout
+    verify = subprocess.run([sys.executable, "-m", "fastres", "verify", name], capture_output=True, text=True)
+    assert verify.returncode == 2 and why in verify.stderr
 
 
 def test_a_wrong_answer_gets_no_speedup():

@@ -9,11 +9,11 @@ import torch
 
 import fastres
 from fastres.converter import FusedConvBN
-from fastres.bench.models import torchvision_model
+from fastres.bench.models import named_model
 
 
 def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
-    model = torchvision_model("resnet18")
+    model = named_model("resnet18")
     optimized = fastres.optimize(model)
     report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32), per_layer=True)
     assert report.ok, str(report)
@@ -28,7 +28,7 @@ def _fused(optimized, name):
 
 
 def test_verify_catches_a_wrong_kernel_result():
-    model = torchvision_model("resnet18")
+    model = named_model("resnet18")
     optimized = fastres.optimize(model)
     _fused(optimized, "layer3.0.conv1").register_forward_hook(lambda m, args, out: out + 1e-3)
     report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32), per_layer=True)
@@ -38,7 +38,7 @@ def test_verify_catches_a_wrong_kernel_result():
 
 
 def test_verify_catches_a_wrong_rewrite():
-    model = torchvision_model("resnet18")
+    model = named_model("resnet18")
     optimized = fastres.optimize(model)
     _fused(optimized, "layer3.0.conv1").act = "none"  # as if the converter had dropped a ReLU
     report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32))
@@ -46,7 +46,7 @@ def test_verify_catches_a_wrong_rewrite():
 
 
 def test_verify_catches_a_wrong_final_output():
-    model = torchvision_model("resnet18")
+    model = named_model("resnet18")
     optimized = fastres.optimize(model)
     with torch.no_grad():
         optimized.fc.bias.add_(0.5)
@@ -55,7 +55,7 @@ def test_verify_catches_a_wrong_final_output():
 
 
 def test_verify_zoo_model_against_torchvision():
-    theirs = torchvision_model("resnet50")
+    theirs = named_model("resnet50")
     ours = fastres.models.resnet50(weights=theirs.state_dict()).eval()
     assert fastres.verify(theirs, ours, torch.randn(1, 3, 32, 32)).ok
 

@@ -1,9 +1,11 @@
-"""Whole-model inference benchmark: torchvision ResNets, eager vs torch.compile vs fastres.
+"""Whole-model inference benchmark: torchvision or timm models (ResNets by default), eager vs
+torch.compile vs fastres.
 
 Baselines: eager-nchw, eager-cl (channels_last), compile (default mode), compile-max-autotune
 (inductor freezing on), and eager-cl+graph (CUDA graph replay). Contenders: fastres-<backend>
 (fastres.optimize of the same model), fastres-auto+graph and fastres-auto+compile.
-Models get seeded random weights and BN statistics (no download); every contender's output on
+Models get seeded random weights and BN statistics (no download; `named_model`). FLOPs and the
+roofline floor count the convs fastres fuses (all of a ResNet's). Every contender's output on
 the first images is checked against a float64 CPU run of the same model: it must be no worse
 than twice eager's own error (fastres.verify's rule).
 """
@@ -33,12 +35,44 @@ CONTENDERS = ["fastres-auto", "fastres-triton", "fastres-cuda", "fastres-cudnn",
 CHECKED_IMAGES = 4
 
 
-def torchvision_model(arch: str, seed: int = 0) -> nn.Module:
-    """torchvision.models.<arch> in eval mode with seeded random weights and BN statistics."""
+TIMM_PREFIX = "timm:"
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why named_model cannot build `name`, or None."""
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            return f"{name!r} needs timm, which is not installed (pip install timm)"
+        if not timm.is_model(name.removeprefix(TIMM_PREFIX)):
+            return f"{name!r}: timm has no model named {name.removeprefix(TIMM_PREFIX)!r}"
+        return None
     import torchvision
 
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        return (f"{name!r} is not a torchvision classification model (e.g. resnet50, efficientnet_b0); "
+                f"name timm's models '{TIMM_PREFIX}<name>'")
+    return None
+
+
+def named_model(name: str, seed: int = 0) -> nn.Module:
+    """A model by name, in eval mode with seeded random weights and BN statistics (nothing is
+    downloaded): torchvision's classification models by builder name ("resnet50",
+    "efficientnet_b0"), timm's as "timm:<name>" ("timm:regnety_040")."""
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
     torch.manual_seed(seed)
-    return randomize_batchnorm_(getattr(torchvision.models, arch)().eval(), seed)
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        model = timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name)
+    return randomize_batchnorm_(model.eval(), seed)
 
 
 def _graphed(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,7 +177,7 @@ def units(archs: list[str], batches: list[int], image: int, settings: Settings) 
 
     @functools.lru_cache(maxsize=1)  # one model on the device at a time
     def models(arch: str) -> tuple[nn.Module, nn.Module]:
-        model = torchvision_model(arch).to(settings.device)
+        model = named_model(arch).to(settings.device)
         return model, copy.deepcopy(model).cpu().double()
 
     def run(arch: str, batch: int, faults: dict[str, str]) -> list[Row]:
