@@ -7,8 +7,8 @@ fused. In each graph a chain is fused when every link has exactly one user:
 
     nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
     SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a
-    residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU as
-    modules, F.*, torch.* or methods; one module reused in many places is fine)
+    residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU /
+    Hardswish as modules, F.*, torch.* or methods; one module reused in many places is fine)
 
 timm's BatchNorm + activation modules (BatchNormAct2d and kin) are first split into three nodes,
 the BatchNorm (a _NormOf view), their `drop` and their `act`, so each link follows the rules
@@ -48,9 +48,11 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _ACT_FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
+    F.hardswish: "hardswish",
 }
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
-_ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"))  # ReLU6 before its base Hardtanh
+# ReLU6 before its base class Hardtanh
+_ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"))
 
 
 @dataclass

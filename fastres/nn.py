@@ -163,7 +163,7 @@ class _Fused(nn.Module):
 
 
 class ConvBNAct(_Fused):
-    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: none/relu/relu6/silu."""
+    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: none/relu/relu6/silu/hardswish."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: str = "relu", backend: str = "auto") -> None:
         super().__init__()

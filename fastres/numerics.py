@@ -27,6 +27,7 @@ ACT_FUNCTIONS = {
     "relu": F.relu,
     "relu6": F.relu6,
     "silu": F.silu,
+    "hardswish": F.hardswish,
 }
 
 

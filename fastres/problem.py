@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "silu")
+ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "silu", "hardswish")
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 IntPair = tuple[int, int]

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3}
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 
 
 @triton.jit
@@ -22,6 +22,10 @@ def activation(v, ACT: tl.constexpr):
         # silu = v * sigmoid(v), with sigmoid from exp(-|v|) so exp never overflows.
         e = tl.exp(-tl.abs(v))
         v = v * tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    elif ACT == 4:
+        # hardswish = v * relu6(v + 3) / 6, clamped the same NaN-propagating way.
+        t = v + 3.0
+        v = v * tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
     return v
 
 

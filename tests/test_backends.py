@@ -14,6 +14,7 @@ import torch
 
 import fastres
 from fastres import tuning
+from fastres.problem import ACTIVATIONS
 from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, make_inputs, model_cases, model_projection_cases
 from helpers import INTERPRETER, assert_matches, poison_cuda_allocator, reference_for, run_op_case
 
@@ -30,9 +31,26 @@ def test_cudnn_backend_epilogue(case, dtype):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_cudnn_backend_activations(act):
     run_op_case(ODD_CASES[1].replace(act=act, residual=True), torch.float32, "cudnn", CPU)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "cudnn", "reference"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_nan_and_inf_through_every_activation_as_in_eager(act, backend):
+    """Each epilogue's activation lets NaN through and maps +-Inf where eager's does."""
+    x = torch.randn(1, 4, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    w = torch.randn(8, 4, 1, 1).abs()
+    residual = torch.randn(1, 8, 5, 5)
+    residual[0, 3, 4, 4], residual[0, 5, 0, 0] = float("-inf"), float("inf")
+    out = fastres.ops.conv_bn_act(x, w, residual=residual, act=act, backend=backend)
+    ref = torch.nn.functional.conv2d(x.double(), w.double()) + residual.double()
+    ref = fastres.numerics.ACT_FUNCTIONS[act](ref)
+    assert torch.isnan(out).any()
+    torch.testing.assert_close(out, ref.float(), equal_nan=True)  # float32 tolerances
 
 
 # --- projected residuals: fused where a backend can, two calls where it cannot ---------------

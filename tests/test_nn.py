@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastres
+from fastres.problem import ACTIVATIONS
 from fastres.nn import ConvBNAct, bn_scale_shift, eager_conv_bn, set_backend
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
 from helpers import INTERPRETER
@@ -26,7 +27,7 @@ def _conv_bn(c=8, k=16, seed=0):
     return conv, bn
 
 
-@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
 def test_convbnact_eval_matches_the_eager_chain(act):
     conv, bn = _conv_bn()
     module = ConvBNAct(conv, bn, act=act).eval()

@@ -86,7 +86,7 @@ def test_timm_models_built_on_batchnorm_act_modules(name, bn_free):
         assert entries["conv_stem"] == "fused: conv+bn+silu"
         assert entries["blocks.1.1.conv_pwl"] == "fused: conv+bn+add"
     if name == "mobilenetv3_small_100":
-        assert entries["conv_stem"] == "fused: conv+bn"  # its Hardswish is not one of the op's acts
+        assert entries["conv_stem"] == "fused: conv+bn+hardswish"
 
 
 def _norm_act(kind: str, act: nn.Module | None, drop: nn.Module | None = None):
@@ -179,7 +179,7 @@ class Block(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 3, padding="same", bias=bias)
         self.bn2 = bn(8)
         self.relu = nn.ReLU(inplace=True)  # one module used twice
-        self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU()}[act]
+        self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish()}[act]
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -207,7 +207,7 @@ def test_each_add_and_relu_spelling_is_fused(style):
     assert optimized.fastres_report.entries["conv2"] == "fused: conv+bn+add+relu"
 
 
-@pytest.mark.parametrize("act", ["relu6", "silu"])
+@pytest.mark.parametrize("act", ["relu6", "silu", "hardswish"])
 def test_other_activations(act):
     optimized = _check(Block("act-module", act=act), torch.randn(2, 8, 6, 6), fused=2)
     assert optimized.fastres_report.entries["conv2"] == f"fused: conv+bn+add+{act}"

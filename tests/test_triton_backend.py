@@ -22,7 +22,7 @@ from fastres.kernels import compile_ahead
 from fastres.kernels import conv_bn_act as gemm_kernel
 from fastres.kernels import depthwise as depthwise_kernel
 from fastres.numerics import reference_conv_bn_act
-from fastres.problem import ConvProblem
+from fastres.problem import ACTIVATIONS, ConvProblem
 from fastres.shapes import (MODEL_ARCHS, ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs, model_cases,
                             model_projection_cases)
 from fastres.numerics import conv_tf32
@@ -98,7 +98,7 @@ def test_model_layers(case, dtype):
 EPILOGUES = [
     (residual, act, dtype)
     for residual in (True, False) for act in ("relu", "none") for dtype in (torch.float32, torch.float16)
-] + [(True, "relu6", torch.float32), (True, "silu", torch.float32)]
+] + [(True, act, torch.float32) for act in ACTIVATIONS if act not in ("relu", "none")]
 
 
 @needs_interpreter
@@ -192,7 +192,7 @@ def test_split_k(case, split):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("act", ["none", "relu6", "silu"])
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a != "relu"])
 def test_split_k_epilogues_and_layouts(act):
     config = gemm_kernel.Config(64, 64, 32, 8, 4, 3, SPLIT_K=4)
     run_kernel_case(ODD_CASES[3].replace(residual=True, act=act), torch.float32, CPU, config=config, layout="nchw")
