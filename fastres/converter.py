@@ -220,15 +220,13 @@ class _NormOf(nn.Module):
         return normalize(self.module, x)
 
 
-def _split_norm_acts(gm: fx.GraphModule) -> list[str]:
-    """Rewrite each BatchNorm + activation node as norm -> drop -> act nodes; the views' names."""
-    views = []
+def _split_norm_acts(gm: fx.GraphModule) -> None:
+    """Rewrite each BatchNorm + activation node as norm (a _NormOf view) -> drop -> act nodes."""
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not is_norm_act(module := gm.get_submodule(node.target)):
             continue
         view = f"{node.target.replace('.', '_')}_norm_fastres"
         gm.add_submodule(view, _NormOf(module))
-        views.append(view)
         with gm.graph.inserting_before(node):
             last = gm.graph.call_module(view, node.args, node.kwargs)
             for child in ("drop", "act"):
@@ -236,7 +234,6 @@ def _split_norm_acts(gm: fx.GraphModule) -> list[str]:
                     last = gm.graph.call_module(f"{node.target}.{child}", (last,))
         node.replace_all_uses_with(last)
         gm.graph.erase_node(node)
-    return views
 
 
 def _batchnorm_at(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -298,7 +295,7 @@ def _drop_identities(gm: fx.GraphModule) -> None:
 
 
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeReport) -> int:
-    views = _split_norm_acts(gm)
+    _split_norm_acts(gm)
     _drop_identities(gm)
     _views_to_reshapes(gm)
     fused = 0
@@ -341,9 +338,9 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         fused += 1
     _fuse_projections(gm, report)
     used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-    for view in views:
-        if view not in used:
-            gm.delete_submodule(view)
+    for name, child in list(gm.named_children()):
+        if isinstance(child, _NormOf) and name not in used:  # its node became part of a fused op
+            gm.delete_submodule(name)
     gm.graph.lint()
     gm.recompile()
     return fused
