@@ -8,7 +8,11 @@ fused. In each graph a chain is fused when every link has exactly one user:
     nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
     SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a
     residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU /
-    Hardswish as modules, F.*, torch.* or methods; one module reused in many places is fine)
+    Hardswish / Sigmoid / Hardsigmoid as modules, F.*, torch.* or methods; one module reused in
+    many places is fine)
+
+A conv with no BatchNorm after it fuses the same way when an add or an activation follows it
+(VGG's conv + ReLU; the conv's bias becomes the op's shift); a conv alone stays as it is.
 
 timm's BatchNorm + activation modules (BatchNormAct2d and kin) are first split into three nodes,
 the BatchNorm (a _NormOf view), their `drop` and their `act`, so each link follows the rules
@@ -48,11 +52,16 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _ACT_FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
-    F.hardswish: "hardswish",
+    F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid",
 }
-_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+# Functions and methods that are activations the op has no epilogue for (named in the report).
+_OTHER_ACT_NAMES = frozenset(
+    f"{name}{suffix}" for suffix in ("", "_") for name in (
+        "gelu", "leaky_relu", "elu", "selu", "celu", "mish", "tanh", "hardtanh", "softplus", "prelu", "rrelu", "logsigmoid"))
 # ReLU6 before its base class Hardtanh
-_ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"))
+_ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
+                (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"))
 
 
 @dataclass
@@ -79,11 +88,13 @@ class OptimizeReport:
 
 class FusedConvBN(nn.Module):
     """act(bn(conv(x)) + residual) as one fastres op; conv and bn stay registered where they were.
+    bn is None for a conv with no BatchNorm after it (VGG, SqueezeNet, squeeze-excite): its bias
+    is the op's shift.
 
-    Train mode (bn.training), or a call outside the op's contract, runs the eager chain.
+    Train mode (conv or bn training), or a call outside the op's contract, runs the eager chain.
     """
 
-    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.Module, padding: tuple[int, int], act: str, backend: str) -> None:
+    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str) -> None:
         super().__init__()
         # A tuple keeps conv/bn out of this module's children: no duplicate state_dict keys.
         self._modules_ref = (conv, bn)
@@ -105,7 +116,7 @@ class FusedConvBN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self._modules_ref
         projection = self._projection_ref
-        if bn.training or conv.training or (projection is not None and (projection[0].training or projection[1].training)):
+        if any(m is not None and m.training for m in (conv, bn, *(projection or ()))):
             return eager_conv_bn(conv, bn, x, residual, self.act, projection)
         why = self._outside_contract(x, residual)
         if why is not None:
@@ -265,6 +276,24 @@ def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None
     return None
 
 
+def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:
+    """The name of the activation `node` applies to `value` when the op has no epilogue for it
+    (GELU, LeakyReLU, Tanh, ...), or None."""
+    if node.args[:1] != (value,):
+        return None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        # torch.nn.modules.activation, timm.layers.activations(_me), ... (not MultiheadAttention)
+        is_activation = "activation" in type(module).__module__ and not list(module.children())
+        return type(module).__name__ if is_activation else None
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    return target if node.op in ("call_function", "call_method") and target in _OTHER_ACT_NAMES else None
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str:
+    return _unfused_activation(node, gm, value) or f"{node.op} {node.target}"
+
+
 def _residual_of(node: fx.Node, value: fx.Node) -> fx.Node | None:
     """If `node` is value + other (alpha 1, no broadcasting scalar), the other operand."""
     is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
@@ -305,18 +334,17 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         conv = gm.get_submodule(conv_node.target)
         name = prefix + conv_node.target
         why = _conv_problem(conv)
-        bn_node = _single_user(conv_node)
-        if why is None and bn_node is None:
-            why = f"its output has {len(conv_node.users)} users (must feed only a BatchNorm)"
-        bn = _batchnorm_at(gm, bn_node) if why is None else None
-        if why is None and bn is None:
-            why = f"not followed by a BatchNorm (next: {bn_node.op} {bn_node.target})"
-        if why is None:
+        first = _single_user(conv_node)
+        if why is None and first is None:
+            why = f"its output has {len(conv_node.users)} users (must feed only a BatchNorm, residual add or activation)"
+        bn = _batchnorm_at(gm, first) if why is None else None
+        if why is None and bn is not None:
             why = _bn_problem(bn, conv)
         if why is not None:
             report.entries[name] = f"eager: {why}"
             continue
-        chain, last, residual, act = [conv_node, bn_node], bn_node, None, "none"
+        chain = [conv_node] if bn is None else [conv_node, first]
+        last, residual, act = chain[-1], None, "none"
         nxt = _single_user(last)
         if nxt is not None and (other := _residual_of(nxt, last)) is not None:
             chain.append(nxt)
@@ -325,6 +353,12 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         if nxt is not None and (found := _activation(nxt, gm, last)) is not None:
             chain.append(nxt)
             last, act = nxt, found
+            nxt = None
+        if len(chain) == 1:  # a conv alone: its bias is all there is to fuse
+            report.entries[name] = ("eager: not followed by a BatchNorm, residual add or one of the op's "
+                                    f"activations (next: {_describe(first, gm, conv_node)})")
+            continue
+        unfused = None if nxt is None else _unfused_activation(nxt, gm, last)
         fused_name = f"{conv_node.target.replace('.', '_')}_fastres"
         gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend))
         with gm.graph.inserting_before(last):
@@ -333,8 +367,10 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         last.replace_all_uses_with(new)
         for node in reversed(chain):
             gm.graph.erase_node(node)
-        parts = "conv+bn" + ("+add" if residual is not None else "") + ("" if act == "none" else f"+{act}")
-        report.entries[name] = f"fused: {parts}"
+        parts = "conv" + ("" if bn is None else "+bn") + ("+add" if residual is not None else "") + (
+            "" if act == "none" else f"+{act}")
+        report.entries[name] = f"fused: {parts}" + (
+            "" if unfused is None else f" (then {unfused}, not one of the op's activations, runs eagerly)")
         fused += 1
     _fuse_projections(gm, report)
     used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
@@ -387,7 +423,8 @@ def _fuse_projections(gm: fx.GraphModule, report: OptimizeReport) -> None:
 
 
 def _projectable(module: FusedConvBN) -> bool:
-    return module.padding == (0, 0) and is_projection_conv(module._modules_ref[0])
+    conv, bn = module._modules_ref
+    return bn is not None and module.padding == (0, 0) and is_projection_conv(conv)
 
 
 def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport) -> nn.Module:
@@ -424,7 +461,8 @@ def optimize(
     channels_last: bool = True,
     example_inputs: tuple | torch.Tensor | None = None,
 ) -> nn.Module:
-    """A copy of `model` whose conv -> BN -> (+ residual) -> act chains run as fused fastres ops.
+    """A copy of `model` whose conv -> BN -> (+ residual) -> act chains run as fused fastres ops
+    (and conv -> (+ residual) -> act chains without a BN, the conv's bias as the op's shift).
 
     model: an eval-mode nn.Module (torchvision / timm ResNets, your own conv net); it is not changed.
     backend: the fused op's backend; dtype: cast the copy (e.g. torch.float16); channels_last:

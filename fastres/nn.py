@@ -5,8 +5,9 @@ The modules keep ordinary nn.Conv2d / nn.BatchNorm2d children (state_dict keys, 
 DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torchvision's exact
 attribute names). In train mode they run the unfused eager chain, so BN statistics update. In
 eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached
-per BN module and recomputed whenever a parameter or buffer changes (tensor versions and
-storage are part of the cache key: optimizer steps, load_state_dict and .to() all invalidate it).
+per BN module (a conv without BN: its bias as the float32 shift, per conv) and recomputed
+whenever a parameter or buffer changes (tensor versions and storage are part of the cache key:
+optimizer steps, load_state_dict and .to() all invalidate it).
 Under torch.compile the fold is traced inline instead, so compiled graphs never hold stale values.
 A CUDA graph captured in eager mode keeps the folded values of capture time: capture again
 after changing BN parameters.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,9 @@ from fastres.ops import conv_bn_act
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
 
-_fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_T = TypeVar("_T")
+# Per module (a BN, or a conv without one): the version key of the tensors a fold read, and the fold.
+_fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
 _fold_lock = threading.Lock()  # serving processes call models from many threads
 
 
@@ -34,30 +37,33 @@ def _bn_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, ...]:
     return (bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None))
 
 
-def _version_key(tensors: tuple[torch.Tensor | None, ...], eps: float) -> tuple:
-    return (eps,) + tuple(
-        None if t is None else (t._version, t.data_ptr(), t.device, t.dtype, t.shape) for t in tensors
-    )
+def _version_key(tensors: tuple[torch.Tensor | None, ...]) -> tuple:
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.device, t.dtype, t.shape) for t in tensors)
+
+
+def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple, compute: Callable[[], _T]) -> _T:
+    """compute(), cached per owner module until any of `tensors` changes."""
+    # Inference tensors (made under torch.inference_mode) carry no version counter: compute afresh.
+    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
+        return compute()
+    key = extra + _version_key(tensors)
+    with _fold_lock:
+        cached = _fold_cache.get(owner)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        value = compute()
+    with _fold_lock:
+        _fold_cache[owner] = (key, value)
+    return value
 
 
 def bn_scale_shift(
     bn: nn.Module, conv_bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BN (eval) as (scale, shift) on BN's device, cached until any BN or bias tensor changes."""
-    tensors = _bn_tensors(bn) + (conv_bias,)
-    # Inference tensors (made under torch.inference_mode) carry no version counter: fold afresh.
-    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
-        return fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype)
-    key = _version_key(tensors, bn.eps) + (dtype,)
-    with _fold_lock:
-        cached = _fold_cache.get(bn)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    with torch.no_grad():
-        scale, shift = fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype)
-    with _fold_lock:
-        _fold_cache[bn] = (key, scale, shift)
-    return scale, shift
+    return _cached(bn, _bn_tensors(bn) + (conv_bias,), (bn.eps, dtype),
+                   lambda: fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype))
 
 
 Projection = tuple[nn.Conv2d, nn.Module]  # a residual's (1x1 conv, BN): a ResNet downsample branch
@@ -70,22 +76,29 @@ def is_projection_conv(conv: nn.Module) -> bool:
             and conv.padding in ((0, 0), "valid", "same"))
 
 
-def conv_bn_fold(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """bn (and conv's bias) as the op's (scale, shift): float64 for a float64 conv, else float32."""
-    return bn_scale_shift(bn, conv.bias, torch.float64 if conv.weight.dtype == torch.float64 else torch.float32)
+def conv_bn_fold(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """bn (and conv's bias) as the op's (scale, shift): float64 for a float64 conv, else float32.
+    Without a BN there is no scale, and conv's bias (if any) is the shift."""
+    dtype = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    if bn is not None:
+        return bn_scale_shift(bn, conv.bias, dtype)
+    bias = conv.bias
+    if bias is None:
+        return None, None
+    return None, _cached(conv, (bias,), (dtype,), lambda: bias.detach().to(dtype).contiguous())
 
 
 def fused_conv_bn(
     conv: nn.Conv2d,
-    bn: nn.Module,
+    bn: nn.Module | None,
     x: torch.Tensor,
     residual: torch.Tensor | None = None,
     act: str = "relu",
     backend: str = "auto",
     projection: Projection | None = None,
 ) -> torch.Tensor:
-    """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form); with
-    `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call."""
+    """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form; bn=None: a
+    conv with no BN after it); with `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call."""
     scale, shift = conv_bn_fold(conv, bn)
     extra = {}
     if projection is not None:
@@ -126,11 +139,11 @@ def normalize(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def eager_conv_bn(
-    conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
+    conv: nn.Conv2d, bn: nn.Module | None, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
     projection: Projection | None = None,
 ) -> torch.Tensor:
     """The same computation as separate eager modules (train mode, and the ground truth)."""
-    y = normalize(bn, conv(x))
+    y = conv(x) if bn is None else normalize(bn, conv(x))
     if projection is not None:
         residual = normalize(projection[1], projection[0](residual))
     if residual is not None:
@@ -163,7 +176,7 @@ class _Fused(nn.Module):
 
 
 class ConvBNAct(_Fused):
-    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: none/relu/relu6/silu/hardswish."""
+    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: one of fastres.problem.ACTIVATIONS."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: str = "relu", backend: str = "auto") -> None:
         super().__init__()

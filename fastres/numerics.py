@@ -28,6 +28,8 @@ ACT_FUNCTIONS = {
     "relu6": F.relu6,
     "silu": F.silu,
     "hardswish": F.hardswish,
+    "sigmoid": torch.sigmoid,
+    "hardsigmoid": F.hardsigmoid,
 }
 
 

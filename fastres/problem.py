@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "silu", "hardswish")
+ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid")
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 IntPair = tuple[int, int]

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6}
 
 
 @triton.jit
@@ -18,14 +18,16 @@ def activation(v, ACT: tl.constexpr):
         v = tl.where(v < 0, 0.0, v)
     elif ACT == 2:
         v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))
-    elif ACT == 3:
-        # silu = v * sigmoid(v), with sigmoid from exp(-|v|) so exp never overflows.
+    elif ACT == 3 or ACT == 5:
+        # sigmoid from exp(-|v|) so exp never overflows; silu = v * sigmoid(v).
         e = tl.exp(-tl.abs(v))
-        v = v * tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    elif ACT == 4:
-        # hardswish = v * relu6(v + 3) / 6, clamped the same NaN-propagating way.
+        sigmoid = tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        v = v * sigmoid if ACT == 3 else sigmoid
+    elif ACT == 4 or ACT == 6:
+        # hardsigmoid = relu6(v + 3) / 6, clamped the same NaN-propagating way; hardswish = v * that.
         t = v + 3.0
-        v = v * tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
+        hardsigmoid = tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
+        v = v * hardsigmoid if ACT == 4 else hardsigmoid
     return v
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fastres
 from fastres.problem import ACTIVATIONS
-from fastres.nn import ConvBNAct, bn_scale_shift, eager_conv_bn, set_backend
+from fastres.nn import ConvBNAct, bn_scale_shift, conv_bn_fold, eager_conv_bn, set_backend
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
 from helpers import INTERPRETER
 
@@ -87,6 +87,20 @@ def test_bn_fold_is_recomputed_when_anything_changes(change):
 def test_bn_fold_is_cached_while_nothing_changes():
     conv, bn = _conv_bn()
     assert bn_scale_shift(bn)[0] is bn_scale_shift(bn)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_a_conv_without_batchnorm_folds_to_its_bias_alone(dtype):
+    """No scale, and the bias as the shift in the op's float32 (float64) epilogue precision: cached
+    while the bias is unchanged, refolded after an in-place update (an optimizer step)."""
+    conv = nn.Conv2d(4, 8, 3).to(dtype)
+    scale, shift = conv_bn_fold(conv, None)
+    assert scale is None and shift.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert conv_bn_fold(conv, None)[1] is shift
+    with torch.no_grad():
+        conv.bias.add_(1.0)
+    torch.testing.assert_close(conv_bn_fold(conv, None)[1], conv.bias.to(shift.dtype))
+    assert conv_bn_fold(nn.Conv2d(4, 8, 3, bias=False), None) == (None, None)
 
 
 def test_inference_mode_tensors_fold_afresh():

@@ -125,7 +125,7 @@ BAD_INPUTS = [
      r"Calculated padded input size per channel: \(2 x 2\)\. Kernel size: \(3 x 3\)\. Kernel size can't be greater"),
     ("stride of three values", dict(stride=(1, 1, 1)), RuntimeError,
      r"expected stride to be a single integer value or a list of 2 values"),
-    ("unknown activation", dict(act="gelu"), ValueError, r"act must be one of 'none', 'relu', 'relu6', 'silu', 'hardswish', but got 'gelu'"),
+    ("unknown activation", dict(act="gelu"), ValueError, r"act must be one of 'none', 'relu', 'relu6', 'silu', 'hardswish', 'sigmoid', 'hardsigmoid', but got 'gelu'"),
     ("unknown backend", dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),
     # a projected residual: (2, 4, 12, 12) through a stride-2 1x1 conv to the (2, 6, 6, 6) output
     ("residual_weight without a residual", dict(residual_weight=torch.randn(6, 4, 1, 1)), RuntimeError,

@@ -14,6 +14,7 @@ import torchvision
 
 import fastres
 from fastres.converter import FusedConvBN
+from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
 
 
@@ -52,41 +53,51 @@ def test_torchvision_resnets_are_fully_fused(arch, convs):
     assert sum(c.projection is not None for c in calls.cases) == downsamples
 
 
+@pytest.mark.parametrize("arch,convs", [("alexnet", 5), ("vgg11", 8), ("squeezenet1_0", 26)])
+def test_torchvision_nets_without_batchnorm_fuse_conv_bias_and_relu(arch, convs):
+    torch.manual_seed(0)
+    optimized = _check(getattr(torchvision.models, arch)(), torch.randn(2, 3, 64, 64), fused=convs, total=convs)
+    assert set(optimized.fastres_report.entries.values()) == {"fused: conv+relu"}
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet18d", "resnext50_32x4d", "seresnet50"])
 def test_timm_resnets(name):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    se_convs = sum(isinstance(m, nn.Conv2d) for n, m in model.named_modules() if ".se." in n)
-    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs - se_convs, total=convs)
-    for name_, what in optimized.fastres_report.eager.items():
-        assert ".se." in name_ and "not followed by a BatchNorm" in what
+    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs, total=convs)
+    entries = optimized.fastres_report.entries
+    for gate in [n for n in entries if n.endswith(".se.fc2")]:  # squeeze-excite: no BN, bias + act
+        assert entries[gate.replace("fc2", "fc1")] == "fused: conv+relu"
+        assert entries[gate] == "fused: conv+sigmoid"
 
 
-@pytest.mark.parametrize("name,bn_free", [("regnety_002", []), ("efficientnet_b0", []),
-                                          ("mobilenetv3_small_100", ["conv_head"])])
-def test_timm_models_built_on_batchnorm_act_modules(name, bn_free):
+@pytest.mark.parametrize("name", ["regnety_002", "efficientnet_b0", "mobilenetv3_small_100"])
+def test_timm_models_built_on_batchnorm_act_modules(name):
     """timm builds these with BatchNormAct2d (BN, drop and act in one module): every conv with a BN
-    fuses, the convs without one (squeeze-excite, MobileNetV3's head) stay eager, RegNet's
-    downsample becomes a projection."""
+    fuses, so do the convs without one that an activation follows (squeeze-excite's two convs,
+    MobileNetV3's head), and RegNet's downsample becomes a projection."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    eager = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and (".se." in n or n in bn_free)]
-    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs - len(eager), total=convs)
-    assert sorted(optimized.fastres_report.eager) == sorted(eager)
+    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs, total=convs)
     assert not any(type(m).__name__ == "_NormOf" for m in optimized.modules())  # fused views are gone
     entries = optimized.fastres_report.entries
     if name == "regnety_002":
         assert entries["s1.b1.conv3.conv"] == "fused: conv+bn+add+relu"
         assert entries["s1.b1.downsample.conv"] == "fused: conv+bn, the projected residual of s1.b1.conv3.conv (one op)"
+        assert entries["s1.b1.se.fc1"] == "fused: conv+relu" and entries["s1.b1.se.fc2"] == "fused: conv+sigmoid"
     if name == "efficientnet_b0":
         assert entries["conv_stem"] == "fused: conv+bn+silu"
         assert entries["blocks.1.1.conv_pwl"] == "fused: conv+bn+add"
+        assert entries["blocks.1.1.se.conv_reduce"] == "fused: conv+silu"
+        assert entries["blocks.1.1.se.conv_expand"] == "fused: conv+sigmoid"
     if name == "mobilenetv3_small_100":
         assert entries["conv_stem"] == "fused: conv+bn+hardswish"
+        assert entries["conv_head"] == "fused: conv+hardswish"
+        assert entries["blocks.0.0.se.conv_expand"] == "fused: conv+hardsigmoid"
 
 
 def _norm_act(kind: str, act: nn.Module | None, drop: nn.Module | None = None):
@@ -179,7 +190,8 @@ class Block(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 3, padding="same", bias=bias)
         self.bn2 = bn(8)
         self.relu = nn.ReLU(inplace=True)  # one module used twice
-        self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish()}[act]
+        self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish(),
+                    "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid()}[act]
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -207,7 +219,7 @@ def test_each_add_and_relu_spelling_is_fused(style):
     assert optimized.fastres_report.entries["conv2"] == "fused: conv+bn+add+relu"
 
 
-@pytest.mark.parametrize("act", ["relu6", "silu", "hardswish"])
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a not in ("none", "relu")])
 def test_other_activations(act):
     optimized = _check(Block("act-module", act=act), torch.randn(2, 8, 6, 6), fused=2)
     assert optimized.fastres_report.entries["conv2"] == f"fused: conv+bn+add+{act}"
@@ -231,7 +243,7 @@ class Unfusable(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.no_bn = nn.Conv2d(4, 8, 3, padding=1)
+        self.gelu = nn.Conv2d(4, 8, 3, padding=1)
         self.bn_first = nn.BatchNorm2d(8)
         self.after_bn = nn.Conv2d(8, 8, 1)
         self.used_twice = nn.Conv2d(8, 8, 1)
@@ -242,7 +254,7 @@ class Unfusable(nn.Module):
         self.bn_no_stats = nn.BatchNorm2d(8, track_running_stats=False)
 
     def forward(self, x):
-        y = F.relu(self.no_bn(x))
+        y = F.gelu(self.gelu(x))
         y = self.after_bn(self.bn_first(y))
         t = self.used_twice(y)
         y = self.bn_twice(t) + t
@@ -253,11 +265,64 @@ class Unfusable(nn.Module):
 def test_unfusable_chains_stay_eager_with_reasons():
     optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
     eager = optimized.fastres_report.eager
-    assert "not followed by a BatchNorm" in eager["no_bn"]
-    assert "not followed by a BatchNorm" in eager["after_bn"]
+    assert "not followed by a BatchNorm, residual add or one of the op's activations (next: gelu)" in eager["gelu"]
+    assert "(next: call_module used_twice)" in eager["after_bn"]
     assert "2 users" in eager["used_twice"]
     assert "padding_mode='reflect'" in eager["reflect"]
     assert "running statistics" in eager["no_stats"]
+
+
+class NoBatchNorm(nn.Module):
+    """Convs with no BatchNorm after them: with and without bias, before an add, an activation, both,
+    or nothing (which stays eager)."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu_bias = nn.Conv2d(4, 8, 3, padding=1)
+        self.relu6_no_bias = nn.Conv2d(8, 8, 1, bias=False)
+        self.add_relu = nn.Conv2d(8, 8, 3, padding=1)
+        self.add_only = nn.Conv2d(8, 8, 1)
+        self.alone = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.then_gelu = nn.Conv2d(8, 8, 1)
+        self.gate, self.hard_gate = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.relu_bias(x))
+        y = F.relu6(self.relu6_no_bias(y))
+        y = F.relu(self.add_relu(y) + y)
+        y = self.add_only(y) + y
+        y = y * self.gate(y).sigmoid() * F.hardsigmoid(self.hard_gate(y))
+        y = self.then_gelu(self.alone(y) * 2)
+        return F.gelu(self.bn(y))
+
+
+def test_convs_without_batchnorm_fuse_their_bias_with_the_add_and_activation():
+    torch.manual_seed(0)
+    model = NoBatchNorm()
+    x = torch.randn(2, 4, 7, 7)
+    optimized = _check(model, x, fused=7, total=8)
+    entries = optimized.fastres_report.entries
+    assert entries["relu_bias"] == entries["add_relu"].replace("+add", "") == "fused: conv+relu"
+    assert entries["relu6_no_bias"] == "fused: conv+relu6"
+    assert entries["add_only"] == "fused: conv+add"
+    assert entries["gate"] == "fused: conv+sigmoid" and entries["hard_gate"] == "fused: conv+hardsigmoid"
+    assert "(next: call_function <built-in function mul>)" in entries["alone"]
+    assert entries["then_gelu"] == "fused: conv+bn (then gelu, not one of the op's activations, runs eagerly)"
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(x)
+    scales_and_shifts = [(args[2], args[3]) for args, _ in calls.calls]
+    assert [scale is None for scale, _ in scales_and_shifts] == [True] * 6 + [False]
+    assert scales_and_shifts[1][1] is None  # no bias, no shift
+    torch.testing.assert_close(scales_and_shifts[0][1], model.relu_bias.bias)
+
+    with torch.no_grad():  # an optimizer step on a bias: the next call sees it, nothing stale
+        optimized.relu_bias.bias.add_(0.5)
+        model.relu_bias.bias.add_(0.5)
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-4, atol=1e-4)
+    optimized.train()  # train mode runs the eager chain: the same autograd graph as the model's
+    optimized(x).sum().backward()
+    assert optimized.relu_bias.weight.grad is not None
 
 
 class Downsampling(nn.Module):
@@ -269,6 +334,8 @@ class Downsampling(nn.Module):
         self.conv, self.bn = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
         kernel = 3 if shortcut == "3x3" else 1
         self.down = nn.Sequential(nn.Conv2d(8, 16, kernel, stride=2, padding=kernel // 2, bias=True), nn.BatchNorm2d(16))
+        if shortcut == "no-bn":
+            self.down = nn.Conv2d(8, 16, 1, stride=2)
 
     def forward(self, x):
         identity = self.down(x)
@@ -286,7 +353,7 @@ def test_a_1x1_shortcut_becomes_the_projected_residual():
     assert [c.projection for c in calls.cases] == [ProjectionCase(8, 9, 9, (2, 2))]
 
 
-@pytest.mark.parametrize("shortcut", ["3x3", "relu", "reused"])
+@pytest.mark.parametrize("shortcut", ["3x3", "relu", "reused", "no-bn"])
 def test_shortcuts_that_are_not_a_plain_projection_stay_their_own_op(shortcut):
     optimized = _check(Downsampling(shortcut), torch.randn(2, 8, 9, 9), fused=2, total=2)
     assert "projected residual" not in str(optimized.fastres_report)

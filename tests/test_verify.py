@@ -23,6 +23,15 @@ def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
     assert "layer2.0.conv2 + layer2.0.downsample.0" in [r.name for r in report.layers]
 
 
+def test_verify_checks_convs_fused_without_a_batchnorm():
+    model = named_model("squeezenet1_0")
+    optimized = fastres.optimize(model)
+    report = fastres.verify(model, optimized, torch.randn(2, 3, 64, 64), per_layer=True)
+    assert report.ok, str(report)
+    assert sorted(r.name for r in report.layers) == sorted(optimized.fastres_report.fused)
+    assert len(report.layers) == 26
+
+
 def _fused(optimized, name):
     return next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name == name)
 
