@@ -55,6 +55,7 @@ class ConvCase:
     residual: bool = False
     act: str = "relu"
     projection: ProjectionCase | None = None  # the residual's 1x1 conv (residual must be True)
+    bn: bool = True  # False: no BN after the conv (VGG, squeeze-excite), its bias is the shift
 
     @property
     def output_hw(self) -> IntPair:
@@ -89,14 +90,15 @@ class ConvCase:
 
 @dataclass
 class ConvInputs:
-    """Random inputs for a case: x, weight (Kaiming scale), a BN in eval mode and its folded form;
-    for a projected case also the projection's weight, BN and folded form (residual is its input)."""
+    """Random inputs for a case: x, weight (Kaiming scale), a BN in eval mode and its folded form
+    (a case without BN: no BN, no scale, and a conv bias as the shift); for a projected case also
+    the projection's weight, BN and folded form (residual is its input)."""
 
     x: torch.Tensor
     weight: torch.Tensor
-    bn: nn.BatchNorm2d
-    scale: torch.Tensor
-    shift: torch.Tensor
+    bn: nn.BatchNorm2d | None
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
     residual: torch.Tensor | None
     projection: Projection | None = None
     projection_bn: nn.BatchNorm2d | None = None
@@ -117,14 +119,15 @@ class ConvInputs:
         return dict(residual_weight=pr.weight, residual_scale=pr.scale, residual_shift=pr.shift, residual_stride=pr.stride)
 
     @property
-    def gain(self) -> torch.Tensor:
+    def gain(self) -> torch.Tensor | None:
         """Per-channel |scale| for fastres.numerics.compare: the larger of the two branches' scales."""
-        if self.projection is None:
+        if self.projection is None or self.scale is None:
             return self.scale
         return torch.maximum(self.scale.abs(), self.projection.scale.abs())
 
     def reference(self, case: ConvCase, act: str | None = None) -> torch.Tensor:
-        """The float64 ground truth for these inputs: the unfused chain (bn None: no scale/shift)."""
+        """The float64 ground truth for these inputs: the unfused chain (bn None: the shift alone, a
+        conv bias, or nothing)."""
         from fastres.numerics import reference_conv_bn_act
 
         residual = self.residual
@@ -132,8 +135,9 @@ class ConvInputs:
             residual = reference_conv_bn_act(residual, self.projection.weight, bn=self.projection_bn,
                                              stride=self.projection.stride, act="none")
         return reference_conv_bn_act(
-            self.x, self.weight, bn=self.bn, residual=residual, stride=case.stride,
-            padding=case.padding, dilation=case.dilation, groups=case.groups, act=case.act if act is None else act,
+            self.x, self.weight, bn=self.bn, shift=self.shift if self.bn is None else None, residual=residual,
+            stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
+            act=case.act if act is None else act,
         )
 
 
@@ -162,6 +166,8 @@ def make_inputs(
     fan_in = case.reduction
     weight = torch.randn(case.k, case.c // case.groups, case.r, case.s, generator=gen) * (2.0 / max(fan_in, 1)) ** 0.5
     bn, scale, shift = _random_bn(case.k, gen, fold_dtype)
+    if not case.bn:  # the folded shift stands in for the conv's bias
+        bn, scale = None, None
     residual = projection = projection_bn = None
     if case.projection is not None:
         pr = case.projection
@@ -176,7 +182,7 @@ def make_inputs(
         x=x.to(device=device, dtype=dtype).contiguous(memory_format=cl),
         weight=weight.to(device=device, dtype=dtype).contiguous(memory_format=cl),
         bn=bn,
-        scale=scale.to(device),
+        scale=None if scale is None else scale.to(device),
         shift=shift.to(device),
         residual=None if residual is None else residual.to(device=device, dtype=dtype).contiguous(memory_format=cl),
         projection=projection,
@@ -220,7 +226,7 @@ class ConvCallRecorder(TorchDispatchMode):
     def cases(self) -> list[ConvCase]:
         return [self._case(*args, **kwargs) for args, kwargs in self.calls]
 
-    def _case(self, x, w, _scale, _shift, residual, stride, padding, dilation, groups, act, _backend,
+    def _case(self, x, w, scale, _shift, residual, stride, padding, dilation, groups, act, _backend,
               residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None) -> ConvCase:
         n, c, h, wd = x.shape
         k, _, r, s = w.shape
@@ -228,7 +234,7 @@ class ConvCallRecorder(TorchDispatchMode):
         if residual_weight is not None:
             projection = ProjectionCase(*residual.shape[1:], tuple(residual_stride or (1, 1)))
         case = ConvCase("", n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
-                        residual is not None, act, projection)
+                        residual is not None, act, projection, bn=scale is not None)
         return case.replace(name=_tag(self.prefix, case))
 
 
@@ -240,7 +246,7 @@ def _tag(prefix: str, case: ConvCase) -> str:
         tag += f"+proj(c{case.projection.c}h{case.projection.h}s{case.projection.stride[0]})"
     elif case.residual:
         tag += "+res"
-    return tag + ("" if case.act == "relu" else f"-{case.act}")
+    return tag + ("" if case.act == "relu" else f"-{case.act}") + ("" if case.bn else "-nobn")
 
 
 def on_device(device: torch.device, value):
@@ -330,6 +336,8 @@ ODD_CASES: tuple[ConvCase, ...] = (
     ConvCase("odd:groups20-C4", 2, 80, 6, 5, 80, 3, 3, padding=(1, 1), groups=20),
     # 1x1 whose rows are whole 16-byte units (TMA-eligible) with an edge in M, N and the channels
     ConvCase("odd:1x1-C72-K36", 3, 72, 5, 7, 36, 1, 1),
+    # no BN after the conv (VGG, squeeze-excite): no scale, the bias alone as the shift
+    ConvCase("odd:bias-no-bn", 2, 16, 6, 7, 24, 3, 3, padding=(1, 1), bn=False),
 )
 
 

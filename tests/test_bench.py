@@ -105,6 +105,26 @@ def test_models_by_name_and_their_fused_convs(name):
     assert all(c.name.startswith(f"{name}:") for c in calls)
 
 
+def test_layers_without_a_batchnorm_are_timed_against_their_own_eager_chain():
+    """A VGG-style layer (conv + bias + ReLU, no BN) is a case of its own ("-nobn"), and its eager
+    baselines run conv + bias + ReLU, not a BN the model does not have."""
+    from fastres.bench.harness import Rotation
+    from fastres.bench.layers import layer_cases, runner
+    from fastres.numerics import compare, tolerance
+    from fastres.shapes import make_inputs
+
+    cases = layer_cases(["squeezenet1_0"], 1, 64)
+    assert cases and all(not c.bn and c.name.endswith("-nobn") for c in cases)
+    assert all(c.bn for c in layer_cases(["resnet18"], 1, 64))
+    case = cases[1]
+    inputs = make_inputs(case, torch.float32)
+    assert inputs.bn is None and inputs.scale is None
+    expected = inputs.reference(case)
+    for contender in ("eager-nchw", "eager-cl", "fastres-auto"):
+        out = runner(contender, case, inputs, Rotation([inputs.x, inputs.residual], 1))()
+        assert compare(out, expected, tolerance(torch.float32, case.accumulated)).ok, contender
+
+
 @pytest.mark.parametrize("name,why", [("resnet", "not a torchvision classification model"),
                                       ("timm:no_such_net", "timm has no model named 'no_such_net'")])
 def test_unknown_model_names_are_refused_before_anything_runs(name, why):

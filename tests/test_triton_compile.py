@@ -107,8 +107,8 @@ from fastres.shapes import ODD_CASES, ConvCase, make_inputs
 CPU = torch.device("cpu")
 late = ConvCase("late", 1, 512, 7, 7, 512, 3, 3, padding=(1, 1), residual=True)  # few tiles: split-K
 launches = []
-for case, pick in ((ODD_CASES[-1].replace(residual=True), lambda cs: cs),  # 1x1: tiles and TMA
-                   (ODD_CASES[-2], lambda cs: [c for c in cs if c.PACK_GROUPS]),
+for case, pick in ((ODD_CASES[13].replace(residual=True), lambda cs: cs),  # 1x1: tiles and TMA
+                   (ODD_CASES[12], lambda cs: [c for c in cs if c.PACK_GROUPS]),
                    (late, lambda cs: [c for c in cs if c.SPLIT_K > 1][:2]),
                    (ConvCase("dw", 2, 32, 9, 9, 32, 3, 3, padding=(1, 1), groups=32), lambda cs: cs)):
     inputs = make_inputs(case, torch.float16)

@@ -1,4 +1,5 @@
-"""Per-layer benchmark: every distinct conv + BN + [residual] + ReLU of the chosen models, then
+"""Per-layer benchmark: every distinct conv + BN + [residual] + ReLU of the chosen models (a conv
+with no BN after it, as in VGG or squeeze-excite: conv + bias + ...; its case name ends "-nobn"), then
 every block tail with a projected residual (last conv + downsample branch + add + ReLU, one op).
 
 Baselines, timed in the same run on the same inputs:
@@ -54,13 +55,19 @@ def smoke_cases() -> list[ConvCase]:
             PROJECTION_ODD_CASES[0].replace(name="smoke:c20h7-k36:3x3s1+proj(c12h13s2)")]
 
 
-def _modules(case: ConvCase, weight: torch.Tensor, bn: nn.BatchNorm2d, memory_format) -> tuple[nn.Conv2d, nn.Module]:
-    conv = nn.Conv2d(case.c, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, case.groups, bias=False)
+def _modules(
+    case: ConvCase, weight: torch.Tensor, bn: nn.BatchNorm2d | None, bias: torch.Tensor | None, memory_format
+) -> tuple[nn.Conv2d, nn.Module | None]:
+    """The unfused layer's modules; without a BN, the conv carries `bias` (the op's shift)."""
+    conv = nn.Conv2d(case.c, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, case.groups,
+                     bias=bn is None and bias is not None)
     conv = conv.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(weight)
+        if conv.bias is not None:
+            conv.bias.copy_(bias)
     conv = conv.to(memory_format=memory_format).eval()
-    return conv, bn.to(device=weight.device, dtype=weight.dtype).eval()
+    return conv, None if bn is None else bn.to(device=weight.device, dtype=weight.dtype).eval()
 
 
 def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callable[[], torch.Tensor]:
@@ -87,10 +94,11 @@ def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callab
 
         return run
     memory_format = torch.contiguous_format if contender == "eager-nchw" else torch.channels_last
-    conv, bn = _modules(case, inputs.weight, inputs.bn, memory_format)
+    conv, bn = _modules(case, inputs.weight, inputs.bn, inputs.shift, memory_format)
     projection = None
     if case.projection is not None:
-        projection = _modules(case.projection_case(), inputs.projection.weight, inputs.projection_bn, memory_format)
+        projection = _modules(case.projection_case(), inputs.projection.weight, inputs.projection_bn, None,
+                              memory_format)
     layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act, projection)  # noqa: E731
     if contender == "compile":
         layer = torch.compile(layer)
@@ -132,7 +140,7 @@ def run_case(case: ConvCase, settings: Settings, faults: dict[str, str] | None =
     bytes_per_set = sum(t.numel() * t.element_size() for t in (inputs.x, inputs.residual) if t is not None)
     rotation = Rotation([inputs.x, inputs.residual], copies_to_exceed_l2(bytes_per_set, device))
     ref = inputs.reference(case)
-    conv_ref = dataclasses.replace(inputs, bn=None, residual=None, projection=None).reference(case, act="none")
+    conv_ref = dataclasses.replace(inputs, bn=None, shift=None, residual=None, projection=None).reference(case, act="none")
     floor = floor_ms(case, inputs.x.element_size(), settings.ceilings)
     for contender in contenders:
         settings.progress(f"{case.name} {contender}")
