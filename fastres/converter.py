@@ -291,6 +291,8 @@ def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> st
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str:
+    if node.op == "output":
+        return "the module's output"
     return _unfused_activation(node, gm, value) or f"{node.op} {node.target}"
 
 

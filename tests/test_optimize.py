@@ -286,6 +286,7 @@ class NoBatchNorm(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.then_gelu = nn.Conv2d(8, 8, 1)
         self.gate, self.hard_gate = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.last = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
         y = F.relu(self.relu_bias(x))
@@ -294,20 +295,21 @@ class NoBatchNorm(nn.Module):
         y = self.add_only(y) + y
         y = y * self.gate(y).sigmoid() * F.hardsigmoid(self.hard_gate(y))
         y = self.then_gelu(self.alone(y) * 2)
-        return F.gelu(self.bn(y))
+        return self.last(F.gelu(self.bn(y)))
 
 
 def test_convs_without_batchnorm_fuse_their_bias_with_the_add_and_activation():
     torch.manual_seed(0)
     model = NoBatchNorm()
     x = torch.randn(2, 4, 7, 7)
-    optimized = _check(model, x, fused=7, total=8)
+    optimized = _check(model, x, fused=7, total=9)
     entries = optimized.fastres_report.entries
     assert entries["relu_bias"] == entries["add_relu"].replace("+add", "") == "fused: conv+relu"
     assert entries["relu6_no_bias"] == "fused: conv+relu6"
     assert entries["add_only"] == "fused: conv+add"
     assert entries["gate"] == "fused: conv+sigmoid" and entries["hard_gate"] == "fused: conv+hardsigmoid"
     assert "(next: call_function <built-in function mul>)" in entries["alone"]
+    assert "(next: the module's output)" in entries["last"]
     assert entries["then_gelu"] == "fused: conv+bn (then gelu, not one of the op's activations, runs eagerly)"
     with ConvCallRecorder() as calls, torch.no_grad():
         optimized(x)
