@@ -58,7 +58,8 @@ _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_
 # Functions and methods that are activations the op has no epilogue for (named in the report).
 _OTHER_ACT_NAMES = frozenset(
     f"{name}{suffix}" for suffix in ("", "_") for name in (
-        "gelu", "leaky_relu", "elu", "selu", "celu", "mish", "tanh", "hardtanh", "softplus", "prelu", "rrelu", "logsigmoid"))
+        "gelu", "leaky_relu", "elu", "selu", "celu", "mish", "tanh", "hardtanh", "softplus", "prelu", "rrelu",
+        "logsigmoid"))
 # ReLU6 before its base class Hardtanh
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
                 (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"))
@@ -94,7 +95,9 @@ class FusedConvBN(nn.Module):
     Train mode (conv or bn training), or a call outside the op's contract, runs the eager chain.
     """
 
-    def __init__(self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str) -> None:
+    def __init__(
+        self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str
+    ) -> None:
         super().__init__()
         # A tuple keeps conv/bn out of this module's children: no duplicate state_dict keys.
         self._modules_ref = (conv, bn)
@@ -355,12 +358,12 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         if nxt is not None and (found := _activation(nxt, gm, last)) is not None:
             chain.append(nxt)
             last, act = nxt, found
-            nxt = None
         if len(chain) == 1:  # a conv alone: its bias is all there is to fuse
             report.entries[name] = ("eager: not followed by a BatchNorm, residual add or one of the op's "
                                     f"activations (next: {_describe(first, gm, conv_node)})")
             continue
-        unfused = None if nxt is None else _unfused_activation(nxt, gm, last)
+        # an activation the op lacks, right after the chain (named in the report)
+        unfused = None if nxt is None or act != "none" else _unfused_activation(nxt, gm, last)
         fused_name = f"{conv_node.target.replace('.', '_')}_fastres"
         gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend))
         with gm.graph.inserting_before(last):
