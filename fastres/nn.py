@@ -8,7 +8,8 @@ eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fo
 per BN module (a conv without BN: its bias as the float32 shift, per conv) and recomputed
 whenever a parameter or buffer changes (tensor versions and storage are part of the cache key:
 optimizer steps, load_state_dict and .to() all invalidate it).
-Under torch.compile the fold is traced inline instead, so compiled graphs never hold stale values.
+Under torch.compile the fold is traced inline instead, so compiled graphs never hold stale values;
+with autograd on it is recomputed every call, so gradients reach BN's and the conv's parameters.
 A CUDA graph captured in eager mode keeps the folded values of capture time: capture again
 after changing BN parameters.
 """
@@ -42,9 +43,11 @@ def _version_key(tensors: tuple[torch.Tensor | None, ...]) -> tuple:
 
 
 def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple, compute: Callable[[], _T]) -> _T:
-    """compute(), cached per owner module until any of `tensors` changes."""
+    """compute(), cached per owner module until any of `tensors` changes; computed afresh, with
+    autograd, when gradients are wanted (a cached value would cut them off)."""
     # Inference tensors (made under torch.inference_mode) carry no version counter: compute afresh.
-    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors):
+    if (torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors)
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
         return compute()
     key = extra + _version_key(tensors)
     with _fold_lock:
@@ -85,7 +88,7 @@ def conv_bn_fold(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[torch.Tensor | 
     bias = conv.bias
     if bias is None:
         return None, None
-    return None, _cached(conv, (bias,), (dtype,), lambda: bias.detach().to(dtype).contiguous())
+    return None, _cached(conv, (bias,), (dtype,), lambda: bias.to(dtype).contiguous())
 
 
 def fused_conv_bn(

@@ -32,6 +32,18 @@ ACT_FUNCTIONS = {
     "hardsigmoid": F.hardsigmoid,
 }
 
+# The gradient through each activation, given the output's gradient g and the pre-activation z:
+# eager autograd's own backward kernels, so a fused model's gradients are eager's.
+ACT_BACKWARDS = {
+    "none": lambda g, z: g,
+    "relu": lambda g, z: torch.ops.aten.threshold_backward(g, z, 0),
+    "relu6": lambda g, z: torch.ops.aten.hardtanh_backward(g, z, 0.0, 6.0),
+    "silu": torch.ops.aten.silu_backward,
+    "hardswish": torch.ops.aten.hardswish_backward,
+    "sigmoid": lambda g, z: torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z)),
+    "hardsigmoid": torch.ops.aten.hardsigmoid_backward,
+}
+
 
 def conv_tf32_enabled() -> bool:
     """Whether torch's own convolutions may use TF32 for float32 right now (our fp32 kernels follow it)."""
@@ -76,15 +88,16 @@ def fold_bn(
     """BatchNorm in eval mode as y = conv * scale + shift, in float32 (float64 for float64 models).
 
     scale = gamma / sqrt(var + eps); shift = beta - mean * scale (+ conv_bias * scale).
+    Differentiable: with autograd on, gradients reach gamma, beta and conv_bias.
     """
-    var = running_var.detach().to(dtype)
-    mean = running_mean.detach().to(dtype)
-    gamma = weight.detach().to(dtype) if weight is not None else torch.ones_like(var)
-    beta = bias.detach().to(dtype) if bias is not None else torch.zeros_like(var)
+    var = running_var.to(dtype)
+    mean = running_mean.to(dtype)
+    gamma = weight.to(dtype) if weight is not None else torch.ones_like(var)
+    beta = bias.to(dtype) if bias is not None else torch.zeros_like(var)
     scale = gamma * torch.rsqrt(var + eps)
     shift = beta - mean * scale
     if conv_bias is not None:
-        shift = shift + conv_bias.detach().to(dtype) * scale
+        shift = shift + conv_bias.to(dtype) * scale
     return scale.contiguous(), shift.contiguous()
 
 

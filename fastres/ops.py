@@ -6,6 +6,11 @@ than triton_op on purpose: the op chooses among several backends at run time (Tr
 cuDNN + a fused epilogue, the reference), per device and per shape, which a traceable triton_op
 body cannot express. Opaque to Inductor, it still works under torch.compile(fullgraph=True),
 CUDA graphs and torch.export, through the fake kernel below.
+
+Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
+the activation's derivative with eager autograd's own kernels and the conv's with
+aten.convolution_backward, so saliency maps, Grad-CAM or input gradients of an eval-mode fused
+model are eager's. Not twice differentiable.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fastres import backends
+from fastres.numerics import ACT_BACKWARDS
 from fastres.problem import ConvProblem, Projection, check_inputs, empty_output, pair
 
 __all__ = ["conv_bn_act"]
@@ -57,6 +64,73 @@ def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilati
     shape = check_inputs(x, weight, scale, shift, residual, tuple(stride), tuple(padding), tuple(dilation), groups, act,
                          projection)
     return empty_output(x, shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, weight, scale, shift, residual, stride, padding, dilation, groups, act, _backend,
+     residual_weight, residual_scale, residual_shift, residual_stride) = inputs
+    ctx.save_for_backward(x, weight, scale, shift, residual, residual_weight, residual_scale, residual_shift)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+    ctx.act = act
+    ctx.residual_stride = [1, 1] if residual_stride is None else list(residual_stride)
+
+
+def _backward(ctx, grad: torch.Tensor) -> tuple:
+    x, weight, scale, shift, residual, residual_weight, residual_scale, residual_shift = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # The epilogue's precision: float32 (float64 for float64 inputs), as in the forward kernels.
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    main = _ConvTerm(x, weight, scale, shift, *ctx.conv_args, acc)
+    pre = main.value()
+    projected = None
+    if residual_weight is not None:
+        projected = _ConvTerm(residual, residual_weight, residual_scale, residual_shift, ctx.residual_stride,
+                              [0, 0], [1, 1], 1, acc)
+        pre = pre + projected.value()
+    elif residual is not None:
+        pre = pre + residual.to(acc)
+    g = ACT_BACKWARDS[ctx.act](grad.to(acc), pre)
+    grad_x, grad_weight, grad_scale, grad_shift = main.gradients(g, needs[0:4])
+    grad_residual = grad_rweight = grad_rscale = grad_rshift = None
+    if projected is not None:
+        grad_residual, grad_rweight, grad_rscale, grad_rshift = projected.gradients(g, needs[4:5] + needs[11:14])
+    elif residual is not None and needs[4]:
+        grad_residual = g.to(residual.dtype)
+    return (grad_x, grad_weight, grad_scale, grad_shift, grad_residual, None, None, None, None, None, None,
+            grad_rweight, grad_rscale, grad_rshift, None)
+
+
+class _ConvTerm:
+    """conv2d(x, weight) * scale + shift, recomputed in the backward, and its gradients."""
+
+    def __init__(self, x, weight, scale, shift, stride, padding, dilation, groups, acc: torch.dtype) -> None:
+        self.x, self.weight, self.scale, self.shift = x, weight, scale, shift
+        self.args = (stride, padding, dilation, groups)
+        self.acc = acc
+        self.conv = F.conv2d(x, weight, None, *self.args).to(acc)
+
+    def value(self) -> torch.Tensor:
+        y = self.conv if self.scale is None else self.conv * self.scale.to(self.acc).view(1, -1, 1, 1)
+        return y if self.shift is None else y + self.shift.to(self.acc).view(1, -1, 1, 1)
+
+    def gradients(self, g: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+        """Gradients w.r.t. (x, weight, scale, shift), given the gradient g of value()."""
+        grad_scale = grad_shift = None
+        if self.scale is not None and needs[2]:
+            grad_scale = (g * self.conv).sum((0, 2, 3)).to(self.scale.dtype)
+        if self.shift is not None and needs[3]:
+            grad_shift = g.sum((0, 2, 3)).to(self.shift.dtype)
+        grad_x = grad_weight = None
+        if needs[0] or needs[1]:
+            g_conv = g if self.scale is None else g * self.scale.to(self.acc).view(1, -1, 1, 1)
+            stride, padding, dilation, groups = self.args
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                g_conv.to(self.x.dtype), self.x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [needs[0], needs[1], False])
+        return grad_x, grad_weight, grad_scale, grad_shift
+
+
+_conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _projection(

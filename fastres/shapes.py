@@ -151,7 +151,7 @@ def _random_bn(k: int, gen: torch.Generator, fold_dtype: torch.dtype) -> tuple[n
         bn.running_var.copy_(10.0 ** (torch.rand(k, generator=gen) * 6.0 - 4.0))
         bn.weight.uniform_(0.5, 1.5, generator=gen)
         bn.bias.normal_(0.0, 0.5, generator=gen)
-    return bn, *fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, dtype=fold_dtype)
+        return bn, *fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, dtype=fold_dtype)
 
 
 def make_inputs(

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fastres
 from fastres.problem import ACTIVATIONS
-from fastres.nn import ConvBNAct, bn_scale_shift, conv_bn_fold, eager_conv_bn, set_backend
+from fastres.nn import ConvBNAct, bn_scale_shift, conv_bn_fold, eager_conv_bn, fused_conv_bn, set_backend
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
 from helpers import INTERPRETER
 
@@ -86,7 +86,26 @@ def test_bn_fold_is_recomputed_when_anything_changes(change):
 
 def test_bn_fold_is_cached_while_nothing_changes():
     conv, bn = _conv_bn()
-    assert bn_scale_shift(bn)[0] is bn_scale_shift(bn)[0]
+    with torch.no_grad():
+        assert bn_scale_shift(bn)[0] is bn_scale_shift(bn)[0]
+
+
+@pytest.mark.parametrize("with_bn", [True, False], ids=["bn", "bias-only"])
+def test_with_autograd_on_the_fold_is_recomputed_and_differentiable(with_bn):
+    """A cached fold would cut the gradients of BN's weight and bias (or the conv's bias) off."""
+    conv, bn = _conv_bn()
+    if not with_bn:
+        conv, bn = nn.Conv2d(8, 16, 3), None
+    folded = conv_bn_fold(conv, bn)
+    assert all(t.requires_grad for t in folded if t is not None)
+    module = ConvBNAct(conv, bn).eval() if with_bn else None
+    x = torch.randn(2, 8, 5, 5)
+    out = module(x) if with_bn else fused_conv_bn(conv, None, x)
+    params = [p for m in (conv, bn) if m is not None for p in m.parameters()]
+    got = torch.autograd.grad(out.square().sum(), params)
+    want = torch.autograd.grad(eager_conv_bn(conv, bn, x).square().sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
@@ -94,12 +113,12 @@ def test_a_conv_without_batchnorm_folds_to_its_bias_alone(dtype):
     """No scale, and the bias as the shift in the op's float32 (float64) epilogue precision: cached
     while the bias is unchanged, refolded after an in-place update (an optimizer step)."""
     conv = nn.Conv2d(4, 8, 3).to(dtype)
-    scale, shift = conv_bn_fold(conv, None)
-    assert scale is None and shift.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert conv_bn_fold(conv, None)[1] is shift
     with torch.no_grad():
+        scale, shift = conv_bn_fold(conv, None)
+        assert scale is None and shift.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert conv_bn_fold(conv, None)[1] is shift
         conv.bias.add_(1.0)
-    torch.testing.assert_close(conv_bn_fold(conv, None)[1], conv.bias.to(shift.dtype))
+        torch.testing.assert_close(conv_bn_fold(conv, None)[1], conv.bias.to(shift.dtype))
     assert conv_bn_fold(nn.Conv2d(4, 8, 3, bias=False), None) == (None, None)
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres.numerics import reference_conv_bn_act
+from fastres.numerics import ACT_FUNCTIONS, reference_conv_bn_act, tolerance
 from fastres.problem import ACTIVATIONS
-from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs
+from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, ConvInputs, ProjectionCase, make_inputs
 from helpers import DEVICE, INTERPRETER, assert_matches, run_op_case
 
 CASE = ConvCase("api", 2, 8, 6, 6, 16, 3, 3, padding=(1, 1), residual=True)
@@ -206,6 +206,9 @@ def test_opcheck_passes():
         (*projected.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference", pr.weight, None, None, [2, 2]),
     ):
         torch.library.opcheck(torch.ops.fastres.conv_bn_act.default, args)
+        # again with every tensor requiring grad: the autograd registration, traced by AOTAutograd too
+        leaves = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.fastres.conv_bn_act.default, leaves)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
@@ -222,6 +225,84 @@ def test_projection_without_scale_or_shift_is_a_plain_1x1_conv():
     out = fastres.ops.conv_bn_act(x, w, residual=residual, act="none", backend="reference",
                                   residual_weight=pw, residual_stride=(3, 4))
     torch.testing.assert_close(out, F.conv2d(x, w) + F.conv2d(residual, pw, stride=(3, 4)), rtol=1.3e-6, atol=1e-5)
+
+
+# --- gradients: the unfused chain's, for every tensor argument ---------------------------------
+
+GRAD_CASES = (
+    ConvCase("grad:grouped-strided", 2, 4, 5, 6, 6, 3, 3, stride=(2, 2), padding=(1, 1), groups=2, residual=True),
+    ConvCase("grad:projected", 2, 4, 5, 6, 6, 3, 3, stride=(2, 2), padding=(1, 1), groups=2, residual=True,
+             projection=ProjectionCase(3, 5, 6, (2, 2))),
+)
+
+
+def _leaves(inputs: ConvInputs, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The op's tensor arguments, by keyword, as fresh leaves that require grad (cast to dtype)."""
+    pr = inputs.projection
+    tensors = dict(x=inputs.x, weight=inputs.weight, scale=inputs.scale, shift=inputs.shift, residual=inputs.residual,
+                   residual_weight=pr and pr.weight, residual_scale=pr and pr.scale, residual_shift=pr and pr.shift)
+    return {n: t.detach().to(dtype or t.dtype).requires_grad_() for n, t in tensors.items() if t is not None}
+
+
+def _fused(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return fastres.ops.conv_bn_act(
+        **t, stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups, act=case.act,
+        backend="reference", residual_stride=None if case.projection is None else case.projection.stride)
+
+
+def _eager(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unfused chain in torch ops, in x's dtype (scale and shift cast to it, as a model's BN's)."""
+    def affine(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+        y = y if scale is None else y * scale.to(y.dtype).view(1, -1, 1, 1)
+        return y if shift is None else y + shift.to(y.dtype).view(1, -1, 1, 1)
+
+    conv = F.conv2d(t["x"], t["weight"], None, case.stride, case.padding, case.dilation, case.groups)
+    y = affine(conv, t.get("scale"), t.get("shift"))
+    if "residual_weight" in t:
+        projected = F.conv2d(t["residual"], t["residual_weight"], None, case.projection.stride)
+        y = y + affine(projected, t.get("residual_scale"), t.get("residual_shift"))
+    elif "residual" in t:
+        y = y + t["residual"]
+    return ACT_FUNCTIONS[case.act](y)
+
+
+def _gradients(forward, case: ConvCase, t: dict[str, torch.Tensor], grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = forward(case, t)
+    return dict(zip(t, torch.autograd.grad(out, list(t.values()), grad_out.to(out.dtype))))
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_gradients_are_exact_in_float64(case, act):
+    """torch.autograd.gradcheck: the backward against finite differences, every tensor argument."""
+    case = case.replace(act=act)
+    t = _leaves(make_inputs(case, torch.float64))
+    assert torch.autograd.gradcheck(lambda *values: _fused(case, dict(zip(t, values))), tuple(t.values()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ODD_CASES + PROJECTION_ODD_CASES, ids=str)
+def test_gradients_match_eager_autograd(case, dtype):
+    """Every argument's gradient against float64 autograd of the unfused chain: within the dtype's
+    norm-wise tolerance, or no further off than eager autograd in the same dtype (an fp16
+    pre-activation may land on the other side of a ReLU's kink in either)."""
+    case = case.replace(residual=True)
+    inputs = make_inputs(case, dtype)
+    grad_out = torch.randn(case.n, case.k, *case.output_hw, generator=torch.Generator().manual_seed(1))
+    exact = _gradients(_eager, case, _leaves(inputs, torch.float64), grad_out)
+    leaves = _leaves(inputs)
+    fused = _gradients(_fused, case, leaves, grad_out)
+    eager = _gradients(_eager, case, _leaves(inputs), grad_out)
+    bound = tolerance(dtype, case.accumulated).rel_norm
+
+    def error(got: torch.Tensor, name: str) -> float:
+        return float(torch.linalg.vector_norm(got.double() - exact[name]) / torch.linalg.vector_norm(exact[name]))
+
+    assert set(fused) == set(exact)
+    for name, grad in fused.items():
+        assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape
+        assert error(grad, name) <= max(bound, 2 * error(eager[name], name)), (
+            f"{name}: {error(grad, name):.3g} vs eager {error(eager[name], name):.3g}")
 
 
 class _TinyBlock(torch.nn.Module):

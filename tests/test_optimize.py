@@ -327,6 +327,28 @@ def test_convs_without_batchnorm_fuse_their_bias_with_the_add_and_activation():
     assert optimized.relu_bias.weight.grad is not None
 
 
+@pytest.mark.parametrize("make,channels", [(torchvision.models.resnet18, 3), (NoBatchNorm, 4)],
+                         ids=["resnet18", "no-batchnorm"])
+def test_gradients_through_an_optimized_eval_model_are_eagers(make, channels):
+    """Saliency maps, Grad-CAM, adversarial evaluation: backward through the optimized eval-mode
+    model gives eager's gradients, for the input and every parameter (BN's and the conv biases
+    too, which reach the op through the fold), while the forward runs the fused ops."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(make()).eval().double()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, channels, 32, 32, dtype=torch.float64)
+    grads = {}
+    for name, m in (("eager", model), ("fused", optimized)):
+        xi = x.clone().requires_grad_()
+        with ConvCallRecorder() as calls:
+            m(xi).square().sum().backward()
+        assert len(calls.calls) == sum(isinstance(module, FusedConvBN) for module in m.modules())
+        grads[name] = {"input": xi.grad, **{n: p.grad for n, p in m.named_parameters()}}
+    assert grads["fused"].keys() == grads["eager"].keys()
+    for n, want in grads["eager"].items():
+        torch.testing.assert_close(grads["fused"][n], want, rtol=1e-9, atol=1e-12, msg=n)
+
+
 class Downsampling(nn.Module):
     """A block whose shortcut is a 1x1 conv + BN; `shortcut` says what else happens to it."""
 
