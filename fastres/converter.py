@@ -27,11 +27,21 @@ would have.
 A fused 1x1 conv + BN without activation whose only use is another fused chain's residual (a
 ResNet downsample branch) then becomes that chain's residual projection: both convs in one op,
 the branch's output never stored.
+
+The GraphModule that replaces a model's module is an instance of the module's own class (for a
+model's own classes) with its plain attributes, so isinstance, timm's pretrained_cfg and methods
+such as forward_features keep working.
+
+Hooks (fastres.hooks): a module with forward or backward hooks is traced as a whole, so they see
+what they saw in eager; a hooked module that would have been traced through is then rewritten on
+its own, and its hooks move onto its replacement. A hooked conv, BatchNorm or activation is never
+part of a fused chain.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -42,8 +52,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
+from fastres.nn import (_Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize,
+                        not_scriptable)
 from fastres.compilation import precompile
+from fastres.hooks import call_hooks, hook_memo, move_hooks
 from fastres.problem import output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
@@ -94,6 +106,8 @@ class FusedConvBN(nn.Module):
 
     Train mode (conv or bn training), or a call outside the op's contract, runs the eager chain.
     """
+
+    __prepare_scriptable__ = not_scriptable
 
     def __init__(
         self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str
@@ -188,6 +202,8 @@ def _conv_problem(conv: nn.Module) -> str | None:
         return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
     if _explicit_padding(conv) is None:
         return f"padding={conv.padding!r} is asymmetric"
+    if (hooks := call_hooks(conv)) is not None:
+        return f"it has {hooks} (the fused op would skip it)"
     return None
 
 
@@ -211,9 +227,13 @@ def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
 
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
-    and fastres's own fused modules."""
+    fastres's own fused modules, and any module with call hooks (they must run as in eager)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return call_hooks(m) is not None or self.is_whole(m, qualname)
+
+    def is_whole(self, m: nn.Module, qualname: str) -> bool:
+        """Whether m is a leaf whatever its hooks (nothing inside it to fuse)."""
         return (_is_batchnorm(m) or is_norm_act(m) or isinstance(m, (_Fused, FusedConvBN))
                 or super().is_leaf_module(m, qualname))
 
@@ -237,7 +257,8 @@ class _NormOf(nn.Module):
 def _split_norm_acts(gm: fx.GraphModule) -> None:
     """Rewrite each BatchNorm + activation node as norm (a _NormOf view) -> drop -> act nodes."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not is_norm_act(module := gm.get_submodule(node.target)):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is None or not is_norm_act(module) or call_hooks(module) is not None:
             continue
         view = f"{node.target.replace('.', '_')}_norm_fastres"
         gm.add_submodule(view, _NormOf(module))
@@ -266,7 +287,7 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 
 def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:
-    """The activation `node` applies to `value`, if it is one we fuse."""
+    """The activation `node` applies to `value`, if it is one the op has."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         for cls, act in _ACT_MODULES:
@@ -291,6 +312,21 @@ def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> st
         return type(module).__name__ if is_activation else None
     target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
     return target if node.op in ("call_function", "call_method") and target in _OTHER_ACT_NAMES else None
+
+
+def _eager_after(node: fx.Node, gm: fx.GraphModule, value: fx.Node, prefix: str) -> str | None:
+    """Why the activation `node` applies to `value` right after a fused chain runs eagerly (it is
+    not one of the op's, or its module has hooks), or None when `node` is no activation."""
+    hooks = _hooks_at(gm, node)
+    if hooks is not None and _activation(node, gm, value) is not None:
+        return f"{prefix}{node.target}, which has {hooks}"
+    unfused = _unfused_activation(node, gm, value)
+    return None if unfused is None else f"{unfused}, not one of the op's activations"
+
+
+def _hooks_at(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The call hooks of the module a graph node runs (fastres.hooks.call_hooks), or None."""
+    return call_hooks(gm.get_submodule(node.target)) if node.op == "call_module" else None
 
 
 def _describe(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str:
@@ -323,7 +359,8 @@ def _views_to_reshapes(gm: fx.GraphModule) -> None:
 
 def _drop_identities(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity and len(node.args) == 1:
+        is_identity = node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity
+        if is_identity and len(node.args) == 1 and _hooks_at(gm, node) is None:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
 
@@ -342,6 +379,8 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         first = _single_user(conv_node)
         if why is None and first is None:
             why = f"its output has {len(conv_node.users)} users (must feed only a BatchNorm, residual add or activation)"
+        if why is None and (hooks := _hooks_at(gm, first)) is not None:
+            why = f"its output goes to {prefix}{first.target}, which has {hooks} (the fused op would skip it)"
         bn = _batchnorm_at(gm, first) if why is None else None
         if why is None and bn is not None:
             why = _bn_problem(bn, conv)
@@ -355,15 +394,15 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
             chain.append(nxt)
             last, residual = nxt, other
             nxt = _single_user(last)
-        if nxt is not None and (found := _activation(nxt, gm, last)) is not None:
+        if nxt is not None and (found := _activation(nxt, gm, last)) is not None and _hooks_at(gm, nxt) is None:
             chain.append(nxt)
             last, act = nxt, found
         if len(chain) == 1:  # a conv alone: its bias is all there is to fuse
             report.entries[name] = ("eager: not followed by a BatchNorm, residual add or one of the op's "
                                     f"activations (next: {_describe(first, gm, conv_node)})")
             continue
-        # an activation the op lacks, right after the chain (named in the report)
-        unfused = None if nxt is None or act != "none" else _unfused_activation(nxt, gm, last)
+        # an activation right after the chain that runs eagerly (named in the report)
+        after = None if nxt is None or act != "none" else _eager_after(nxt, gm, last, prefix)
         fused_name = f"{conv_node.target.replace('.', '_')}_fastres"
         gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend))
         with gm.graph.inserting_before(last):
@@ -374,8 +413,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
             gm.graph.erase_node(node)
         parts = "conv" + ("" if bn is None else "+bn") + ("+add" if residual is not None else "") + (
             "" if act == "none" else f"+{act}")
-        report.entries[name] = f"fused: {parts}" + (
-            "" if unfused is None else f" (then {unfused}, not one of the op's activations, runs eagerly)")
+        report.entries[name] = f"fused: {parts}" + ("" if after is None else f" (then {after}, runs eagerly)")
         fused += 1
     _fuse_projections(gm, report)
     used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
@@ -439,15 +477,18 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
             if isinstance(sub, nn.Conv2d):
                 report.entries[name] = "fused: already a fastres module"
         return module
+    tracer = _Tracer()
     try:
-        graph = _Tracer().trace(module)
+        graph = tracer.trace(module)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: try the children
         for child_name, child in list(module.named_children()):
             setattr(module, child_name, _rewrite(child, f"{prefix}{child_name}.", backend, report))
         if isinstance(module, nn.Conv2d) and prefix.rstrip(".") not in report.entries:
             report.entries[prefix.rstrip(".")] = f"eager: not traceable with torch.fx ({type(exc).__name__})"
         return module
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm = _graph_module_class(type(module))(module, graph, class_name=type(module).__name__)
+    for name, value in vars(module).items():  # plain attributes: timm's pretrained_cfg, num_classes, ...
+        gm.__dict__.setdefault(name, value)
     # GraphModule copies only what the graph touches, into fresh containers; put the original
     # children and root tensors back so every state_dict key (used or not) stays as it was.
     for child_name, child in module.named_children():
@@ -456,7 +497,47 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
         if tensor is not None and not hasattr(gm, tensor_name):
             (gm.register_parameter if tensor_name in module._parameters else gm.register_buffer)(tensor_name, tensor)
     _fuse_graph(gm, prefix, backend, report)
+    # Hooked modules were leaves of this trace: fuse inside them on their own.
+    for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):
+        sub = gm.get_submodule(target)
+        if call_hooks(sub) is not None and not tracer.is_whole(sub, target):
+            parent, _, child = target.rpartition(".")
+            setattr(gm.get_submodule(parent), child, _rewrite(sub, f"{prefix}{target}.", backend, report))
+    move_hooks(module, gm)
     return gm
+
+
+class _ModuleInit(nn.Module):
+    """Between GraphModule and a model's class: GraphModule's super().__init__() is nn.Module's."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+
+@functools.cache
+def _graph_module_class(cls: type) -> type:
+    """The GraphModule class that replaces an instance of `cls`: for a model's own classes (not
+    torch's, not containers, whose indexing would see the fused modules), a subclass of both, so
+    isinstance holds and cls's other methods (forward_features, get_classifier, ...) work; they
+    run on the original children: unfused, but right. GraphModule's deepcopy keeps it."""
+    if cls.__module__.startswith("torch.") or issubclass(
+            cls, (fx.GraphModule, nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return fx.GraphModule
+    try:
+        return type(cls.__name__, (fx.GraphModule, _ModuleInit, cls),
+                    {"__module__": __name__, "__deepcopy__": _deepcopy_with_attributes})
+    except TypeError:  # a metaclass or __init_subclass__ that refuses: a plain GraphModule, as before
+        return fx.GraphModule
+
+
+def _deepcopy_with_attributes(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
+    """GraphModule's deepcopy keeps the class but drops plain attributes and the class name: keep them."""
+    copied = fx.GraphModule.__deepcopy__(gm, memo)
+    for name, value in gm.__dict__.items():
+        if name not in copied.__dict__:
+            copied.__dict__[name] = copy.deepcopy(value, memo)
+    type(copied).__name__ = type(gm).__name__
+    return copied
 
 
 def optimize(
@@ -482,13 +563,16 @@ def optimize(
             "fastres.optimize expects a model in eval mode (BatchNorm must use its running statistics); "
             "call model.eval() first. Training runs the unfused model."
         )
-    model = copy.deepcopy(model)
+    try:
+        model = copy.deepcopy(model, hook_memo(model))
+    except RuntimeError as exc:  # e.g. torch.nn.utils.weight_norm's computed weight
+        raise RuntimeError(f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}") from exc
     if dtype is not None:
         model = model.to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     report = OptimizeReport(backend)
-    baseline = copy.deepcopy(model) if example_inputs is not None else None
+    baseline = copy.deepcopy(model, hook_memo(model)) if example_inputs is not None else None
     optimized = _rewrite(model, "", backend, report)
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:

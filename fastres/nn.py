@@ -8,8 +8,9 @@ eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fo
 per BN module (a conv without BN: its bias as the float32 shift, per conv) and recomputed
 whenever a parameter or buffer changes (tensor versions and storage are part of the cache key:
 optimizer steps, load_state_dict and .to() all invalidate it).
-Under torch.compile the fold is traced inline instead, so compiled graphs never hold stale values;
-with autograd on it is recomputed every call, so gradients reach BN's and the conv's parameters.
+Under torch.compile and torch.jit.trace the fold is traced inline instead, so compiled and traced
+graphs never hold stale values; with autograd on it is recomputed every call, so gradients reach
+BN's and the conv's parameters.
 A CUDA graph captured in eager mode keeps the folded values of capture time: capture again
 after changing BN parameters.
 """
@@ -46,7 +47,8 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
     """compute(), cached per owner module until any of `tensors` changes; computed afresh, with
     autograd, when gradients are wanted (a cached value would cut them off)."""
     # Inference tensors (made under torch.inference_mode) carry no version counter: compute afresh.
-    if (torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in tensors)
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or any(t is not None and t.is_inference() for t in tensors)
             or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
         return compute()
     key = extra + _version_key(tensors)
@@ -154,10 +156,18 @@ def eager_conv_bn(
     return ACT_FUNCTIONS[act](y)
 
 
+def not_scriptable(module: nn.Module) -> nn.Module:
+    """torch.jit.script's hook on fused modules: refuse in words, rather than fail deep in TorchScript."""
+    raise RuntimeError(
+        f"fastres's {type(module).__name__} cannot be compiled with torch.jit.script, which "
+        "torch deprecates; torch.jit.trace, torch.export and torch.compile all keep the fused op")
+
+
 class _Fused(nn.Module):
     """Shared switch: fused op in eval mode (backend chosen per module), eager chain in train mode."""
 
     backend: str = "auto"
+    __prepare_scriptable__ = not_scriptable
 
     def _conv_bn(
         self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",

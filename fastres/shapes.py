@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastres.hooks import hooks_held
 from fastres.problem import ConvProblem, IntPair, Projection, output_hw
 
 MODEL_ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "resnext50_32x4d")
@@ -261,10 +262,11 @@ def on_device(device: torch.device, value):
 
 def record_meta_run(model: nn.Module, inputs: tuple, prefix: str = "") -> ConvCallRecorder:
     """The fastres ops of model(*inputs), run on meta copies of its parameters, buffers and inputs
-    (no memory, no kernels; the model itself is untouched, BN's cached folds included)."""
+    (no memory, no kernels; the model itself is untouched, BN's cached folds included, and its
+    modules' hooks are held off)."""
     meta = torch.device("meta")
     state = {name: on_device(meta, t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    with ConvCallRecorder(prefix) as recorder, torch.no_grad():
+    with ConvCallRecorder(prefix) as recorder, torch.no_grad(), hooks_held(model):
         torch.func.functional_call(model, state, tuple(on_device(meta, t) for t in inputs))
     return recorder
 

@@ -4,6 +4,7 @@ fuses and every one it must leave alone: same answers, same state_dict keys, a t
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torchvision
 import fastres
 from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
-from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_
+from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
@@ -71,6 +72,25 @@ def test_timm_resnets(name):
     for gate in [n for n in entries if n.endswith(".se.fc2")]:  # squeeze-excite: no BN, bias + act
         assert entries[gate.replace("fc2", "fc1")] == "fused: conv+relu"
         assert entries[gate] == "fused: conv+sigmoid"
+
+
+def test_the_optimized_model_is_still_an_instance_of_its_class_with_its_attributes():
+    """timm's inference scripts read model.pretrained_cfg (resolve_data_config: input size, mean,
+    std) and call forward_features / get_classifier: they must find the model's own, also in a
+    deepcopy (EMA, checkpoints)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained_cfg_overlay=dict(input_size=(3, 160, 160), mean=(0.5,) * 3))
+    model = randomize_batchnorm_(model).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    for fast in (optimized, copy.deepcopy(optimized)):
+        assert isinstance(fast, type(model)) and type(fast).__name__ == "ResNet"
+        assert timm.data.resolve_data_config(model=fast) == timm.data.resolve_data_config(model=model)
+        assert fast.num_classes == model.num_classes and fast.get_classifier() is fast.fc
+        with torch.no_grad():
+            torch.testing.assert_close(fast.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["regnety_002", "efficientnet_b0", "mobilenetv3_small_100"])
@@ -440,6 +460,133 @@ def test_a_model_with_nothing_to_fuse_comes_back_working():
     assert "0 of 0 convs fused" in str(optimized.fastres_report)
 
 
+class _HookLog:
+    """Records what each hook saw, by hook name; a bound method as a hook, as feature extractors use."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def forward_hook(self, name):
+        return lambda module, args, out: self.seen.append((name, out.detach().clone()))
+
+    def pre_hook(self, name):
+        return lambda module, args: self.seen.append((name, args[0].detach().clone()))
+
+    def backward_hook(self, module, grad_input, grad_output):
+        self.seen.append(("layer4 backward", grad_output[0].detach().clone()))
+
+
+def test_hooks_run_as_in_eager_and_what_they_watch_is_not_fused():
+    """Feature extraction, Grad-CAM, spectral_norm: every forward, pre- and backward hook runs on
+    the values it gets in eager, none runs while optimize traces or precompiles; a hooked conv,
+    BN or activation stays out of the fused op, and a hooked container is still fused inside."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    log = _HookLog()
+    model.register_forward_hook(log.forward_hook("model"))
+    model.layer3.register_forward_hook(log.forward_hook("layer3"))
+    model.layer1[0].conv1.register_forward_hook(log.forward_hook("layer1.0.conv1"))
+    model.layer2[0].bn1.register_forward_pre_hook(log.pre_hook("layer2.0.bn1 input"))
+    model.layer4[1].relu.register_forward_hook(log.forward_hook("layer4.1.relu"))
+    model.layer4.register_full_backward_hook(log.backward_hook)
+    x = torch.randn(2, 3, 32, 32)
+    optimized = fastres.optimize(model)
+    calls = record_meta_run(optimized, (x,)).calls  # precompile's run, on meta tensors
+    assert len(calls) == sum(isinstance(m, FusedConvBN) for m in optimized.modules())
+    assert log.seen == []
+    runs = {}
+    for name, m in (("eager", model), ("fused", optimized)):
+        log.seen = []
+        m(x.clone().requires_grad_()).square().sum().backward()
+        runs[name] = log.seen
+    assert [n for n, _ in runs["fused"]] == [n for n, _ in runs["eager"]]
+    assert len(runs["eager"]) == 7  # layer4.1.relu runs twice
+    for (name, got), (_, want) in zip(runs["fused"], runs["eager"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+    entries = optimized.fastres_report.entries
+    assert entries["layer1.0.conv1"] == "eager: it has a forward hook (the fused op would skip it)"
+    assert entries["layer2.0.conv1"] == ("eager: its output goes to layer2.0.bn1, which has a forward pre-hook "
+                                         "(the fused op would skip it)")
+    assert entries["layer4.1.conv1"] == "fused: conv+bn (then layer4.1.relu, which has a forward hook, runs eagerly)"
+    assert entries["layer4.1.conv2"] == "fused: conv+bn+add (then layer4.1.relu, which has a forward hook, runs eagerly)"
+    assert entries["layer3.1.conv2"] == entries["layer4.0.conv2"] == "fused: conv+bn+add+relu"
+    assert len(optimized.fastres_report.fused) == 18
+
+
+class SelfObserving(nn.Module):
+    """A module whose hook is its own method, as torch.ao's observers are: the copy's hook must be the copy's."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.calls = 0
+        self.register_forward_hook(self.count)
+
+    def count(self, module, args, out):
+        self.calls += 1
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_hook_that_is_a_models_own_method_acts_on_the_copy():
+    model = SelfObserving().eval()
+    optimized = fastres.optimize(model)
+    with torch.no_grad():
+        optimized(torch.randn(1, 3, 8, 8))
+    assert (model.calls, optimized.calls) == (0, 1)
+
+
+@pytest.mark.parametrize("hooked", ["identity", "norm_act"])
+def test_a_hooked_module_that_fusion_would_remove_keeps_its_hook(hooked):
+    """An nn.Identity is dropped and timm's BatchNorm + act is split before fusing, unless hooked."""
+    torch.manual_seed(0)
+    if hooked == "identity":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Identity(), nn.ReLU())
+        expected = "fused: conv+bn"
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), _norm_act("batchnorm", nn.ReLU())(8))
+        expected = "eager: its output goes to 1, which has a forward hook (the fused op would skip it)"
+    model = randomize_batchnorm_(model).eval()
+    log = _HookLog()
+    model[-2 if hooked == "identity" else -1].register_forward_hook(log.forward_hook(hooked))
+    optimized = fastres.optimize(model)
+    assert optimized.fastres_report.entries["0"] == expected
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
+    (_, got), (_, want) = log.seen
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "parametrizations.spectral_norm", "parametrizations.weight_norm"])
+def test_weight_reparametrizations_follow_their_parameters(norm):
+    """A reparametrized weight is recomputed where the model recomputes it: spectral_norm's forward
+    pre-hook keeps its conv eager (a fused op would run on a stale weight); a parametrization is
+    fused and read afresh each call. Both follow a new state_dict."""
+    wrap = eval(f"torch.nn.utils.{norm}")
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3, padding=1)), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    optimized = fastres.optimize(model)
+    fused = norm.startswith("parametrizations")
+    assert optimized.fastres_report.entries["0"] == (
+        "fused: conv+bn+relu" if fused else "eager: it has a forward pre-hook (the fused op would skip it)")
+    state = {k: v * 1.5 if k.endswith(("original0", "weight_orig")) else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    optimized.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_deepcopy_cannot_copy_is_refused_with_the_reason():
+    with pytest.warns(FutureWarning):
+        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 8, 3))
+    with pytest.raises(RuntimeError, match=r"works on a copy of the model, and copy.deepcopy\(model\) failed: .*"):
+        fastres.optimize(nn.Sequential(conv, nn.ReLU()).eval())
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow at the top defeats torch.fx; its block still gets fused."""
 
@@ -541,6 +688,35 @@ def test_train_mode_after_optimize_runs_eagerly():
     assert "layer2.0.downsample.1.running_mean" in stats  # a projected residual's BN learns too
     for key, value in stats.items():
         torch.testing.assert_close(optimized.state_dict()[key], value)
+
+
+def test_torch_jit_trace_of_the_optimized_model_follows_its_parameters():
+    """torch.jit.trace (deprecated, still used to deploy) works with or without autograd, and
+    traces BN's fold inline: a parameter changed after tracing reaches the traced module."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation and the tracer's warnings
+            traced = torch.jit.trace(optimized, x)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for m in (model, optimized):
+            m.layer1[0].bn1.weight.mul_(2.0)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: fastres.optimize(torchvision.models.resnet18().eval()),
+                                  lambda: fastres.models.resnet18().eval()], ids=["optimized", "zoo"])
+def test_torch_jit_script_is_refused_in_words(make):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation
+        with pytest.raises(RuntimeError, match="cannot be compiled with torch.jit.script, which torch deprecates; "
+                                               "torch.jit.trace, torch.export and torch.compile all keep the fused op"):
+            torch.jit.script(make())
 
 
 def test_torch_compile_on_the_optimized_model():

@@ -1,0 +1,79 @@
+"""Module hooks under fastres.optimize: a hook must run where and when it ran in the user's model.
+
+optimize treats a module with call hooks (forward, forward pre-, backward) as a whole in its trace,
+so they run on the values eager gives them; it never fuses a hooked conv, BatchNorm or activation
+(the fused op would skip their hooks), and moves a rewritten module's hooks onto its replacement.
+Its copy of the model keeps the user's hook callables themselves: a hook that is a bound method
+must go on writing to the user's object, not to a copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import OrderedDict
+from typing import Iterator
+
+import torch.nn as nn
+
+__all__ = ["call_hooks", "move_hooks", "hook_memo", "hooks_held"]
+
+# The hooks nn.Module.__call__ runs, and how a report names them.
+_CALL_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+               "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+# Everything a module's hooks consist of (flags and state_dict hooks included), moved together.
+_HOOK_STATE = (*_CALL_HOOKS, "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_is_full_backward_hook", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def call_hooks(module: nn.Module) -> str | None:
+    """The hooks that run when `module` is called, in words ("a forward hook", "2 forward
+    pre-hooks and a backward hook"), or None when it has none."""
+    kinds = []
+    for attr, kind in _CALL_HOOKS.items():
+        count = len(getattr(module, attr, None) or ())
+        if count:
+            kinds.append(f"a {kind}" if count == 1 else f"{count} {kind}s")
+    return " and ".join(kinds) or None
+
+
+def move_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give `target`, the module that replaces `source`, source's hooks (they then receive target
+    as their module argument; a hook that is a method of source becomes target's)."""
+    def rebound(hook: object) -> object:
+        return types.MethodType(hook.__func__, target) if getattr(hook, "__self__", None) is source else hook
+
+    for attr in _HOOK_STATE:
+        if not hasattr(source, attr):
+            continue
+        value = getattr(source, attr)
+        if isinstance(value, dict):
+            value = type(value)((key, rebound(hook)) for key, hook in value.items())
+        setattr(target, attr, value)
+
+
+def hook_memo(model: nn.Module) -> dict[int, object]:
+    """A copy.deepcopy memo under which the hook callables of `model` are kept, not copied; but a
+    hook that is a method of one of model's own modules (a quantization observer, a lazy module's
+    state_dict hook) is copied with its module, so the copy's hook acts on the copy."""
+    own = {id(module) for module in model.modules()}
+    return {id(hook): hook for module in model.modules() for attr in _HOOK_STATE
+            if isinstance(hooks := getattr(module, attr, None), dict) for hook in hooks.values()
+            if id(getattr(hook, "__self__", None)) not in own}
+
+
+@contextlib.contextmanager
+def hooks_held(model: nn.Module) -> Iterator[None]:
+    """Call hooks of every module of `model` held off for the duration (a run on meta tensors, to
+    list the model's op calls, must not feed meta tensors to user hooks)."""
+    held = [(module, {attr: getattr(module, attr) for attr in _CALL_HOOKS}) for module in model.modules()]
+    for module, _ in held:
+        for attr in _CALL_HOOKS:
+            setattr(module, attr, OrderedDict())
+    try:
+        yield
+    finally:
+        for module, hooks in held:
+            for attr, value in hooks.items():
+                setattr(module, attr, value)
