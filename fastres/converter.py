@@ -540,6 +540,14 @@ def _deepcopy_with_attributes(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
     return copied
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """optimize's deepcopy of `model`, sharing the user's hook callables (fastres.hooks.hook_memo)."""
+    try:
+        return copy.deepcopy(model, hook_memo(model))
+    except RuntimeError as exc:  # e.g. torch.nn.utils.weight_norm's computed weight
+        raise RuntimeError(f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}") from exc
+
+
 def optimize(
     model: nn.Module,
     backend: str = "auto",
@@ -563,16 +571,13 @@ def optimize(
             "fastres.optimize expects a model in eval mode (BatchNorm must use its running statistics); "
             "call model.eval() first. Training runs the unfused model."
         )
-    try:
-        model = copy.deepcopy(model, hook_memo(model))
-    except RuntimeError as exc:  # e.g. torch.nn.utils.weight_norm's computed weight
-        raise RuntimeError(f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}") from exc
+    model = _copy(model)
     if dtype is not None:
         model = model.to(dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     report = OptimizeReport(backend)
-    baseline = copy.deepcopy(model, hook_memo(model)) if example_inputs is not None else None
+    baseline = _copy(model) if example_inputs is not None else None
     optimized = _rewrite(model, "", backend, report)
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:
