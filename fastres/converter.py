@@ -21,9 +21,11 @@ nn.Identity nodes are dropped (timm puts them between BN and ReLU), and `.view` 
 `.reshape` (a view wherever one is possible; a copy where the channels_last layouts would make
 `x.view(n, -1)` fail). The conv and BN modules stay where they were (the state_dict keys do not
 change); a FusedConvBN module that refers to them replaces the chain in the graph. It runs the
-eager chain in train mode and whenever a call is outside the op's contract (a broadcasting
-residual, mixed dtypes), so the answer never changes, and returns the memory format eager's conv
-would have.
+eager chain whenever a call is outside the op's contract (a broadcasting residual, mixed dtypes),
+so the answer never changes, and returns the memory format eager's conv would have.
+Each rewritten module runs its own, unfused forward (on the same children) in train mode, as the
+graph was traced in eval mode, and while a module its graph does not call has a hook added
+after optimize (_EagerFallback).
 A fused 1x1 conv + BN without activation whose only use is another fused chain's residual (a
 ResNet downsample branch) then becomes that chain's residual projection: both convs in one op,
 the branch's output never stored.
@@ -35,7 +37,7 @@ such as forward_features keep working.
 Hooks (fastres.hooks): a module with forward or backward hooks is traced as a whole, so they see
 what they saw in eager; a hooked module that would have been traced through is then rewritten on
 its own, and its hooks move onto its replacement. A hooked conv, BatchNorm or activation is never
-part of a fused chain.
+part of a fused chain. Hooks added later to a module the graph bypasses are watched (HookWatch).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import functools
 import operator
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -55,7 +58,7 @@ from fastres.backends import check_name
 from fastres.nn import (_Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize,
                         not_scriptable)
 from fastres.compilation import precompile
-from fastres.hooks import call_hooks, hook_memo, move_hooks
+from fastres.hooks import HookWatch, call_hooks, hook_memo, move_hooks
 from fastres.problem import output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
@@ -99,15 +102,14 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
-class FusedConvBN(nn.Module):
+class FusedConvBN(_Fused):
     """act(bn(conv(x)) + residual) as one fastres op; conv and bn stay registered where they were.
     bn is None for a conv with no BatchNorm after it (VGG, SqueezeNet, squeeze-excite): its bias
     is the op's shift.
 
-    Train mode (conv or bn training), or a call outside the op's contract, runs the eager chain.
+    conv or bn in train mode (in a model otherwise in eval), or a call outside the op's contract,
+    runs the eager chain. A _Fused module: fastres.nn.set_backend reaches it.
     """
-
-    __prepare_scriptable__ = not_scriptable
 
     def __init__(
         self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str
@@ -119,6 +121,10 @@ class FusedConvBN(nn.Module):
         self.projection_name: str | None = None
         self._projection_ref: tuple[nn.Conv2d, nn.Module] | None = None
         self._warned = False
+
+    def fused_modules(self) -> list[nn.Module]:
+        """The modules whose work this op does (conv, BN, and the projection's)."""
+        return [m for m in (*self._modules_ref, *(self._projection_ref or ())) if m is not None]
 
     def project_residual(self, name: str, conv: nn.Conv2d, bn: nn.Module) -> None:
         """Take the residual through `conv` (1x1) and `bn` inside this module's op."""
@@ -227,14 +233,23 @@ def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
 
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
-    fastres's own fused modules, and any module with call hooks (they must run as in eager)."""
+    fastres's own fused modules, and any module with call hooks (they must run as in eager).
+    `called` names every module the traced forward called, leaves or traced through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called: dict[str, None] = {}
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self.called.setdefault(self.path_of_module(m))
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return call_hooks(m) is not None or self.is_whole(m, qualname)
 
     def is_whole(self, m: nn.Module, qualname: str) -> bool:
         """Whether m is a leaf whatever its hooks (nothing inside it to fuse)."""
-        return (_is_batchnorm(m) or is_norm_act(m) or isinstance(m, (_Fused, FusedConvBN))
+        return (_is_batchnorm(m) or is_norm_act(m) or _is_fastres(m)
                 or super().is_leaf_module(m, qualname))
 
 
@@ -470,12 +485,30 @@ def _projectable(module: FusedConvBN) -> bool:
     return bn is not None and module.padding == (0, 0) and is_projection_conv(conv)
 
 
+def _is_fastres(module: nn.Module) -> bool:
+    """fastres's own modules (the zoo's, FusedConvBN) and models fastres.optimize made: kept whole."""
+    return isinstance(module, _Fused) or "_fastres_eager" in vars(module)
+
+
+def _report_as_before(module: nn.Module, prefix: str, report: OptimizeReport) -> None:
+    """Report the convs of one of fastres's own modules as an earlier optimize did, or as fused."""
+    earlier = getattr(module, "fastres_report", None)
+    fused = {id(m) for sub in module.modules() if isinstance(sub, FusedConvBN) for m in sub.fused_modules()}
+    for name, conv in module.named_modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        if isinstance(earlier, OptimizeReport) and name in earlier.entries:
+            report.entries[prefix + name] = earlier.entries[name]
+        elif isinstance(module, _Fused) or id(conv) in fused:
+            report.entries[prefix + name] = "fused: already a fastres module"
+        else:
+            report.entries[prefix + name] = "eager: left unfused by an earlier fastres.optimize"
+
+
 def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport) -> nn.Module:
     """The module with its chains fused: a GraphModule if it traces, else itself with rewritten children."""
-    if isinstance(module, (_Fused, FusedConvBN)):
-        for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
-            if isinstance(sub, nn.Conv2d):
-                report.entries[name] = "fused: already a fastres module"
+    if _is_fastres(module):
+        _report_as_before(module, prefix, report)
         return module
     tracer = _Tracer()
     try:
@@ -500,11 +533,85 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     # Hooked modules were leaves of this trace: fuse inside them on their own.
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):
         sub = gm.get_submodule(target)
-        if call_hooks(sub) is not None and not tracer.is_whole(sub, target):
+        if _is_fastres(sub) and not isinstance(sub, FusedConvBN):  # (this graph's own are reported)
+            _report_as_before(sub, f"{prefix}{target}.", report)
+        elif call_hooks(sub) is not None and not tracer.is_whole(sub, target):
             parent, _, child = target.rpartition(".")
             setattr(gm.get_submodule(parent), child, _rewrite(sub, f"{prefix}{target}.", backend, report))
     move_hooks(module, gm)
+    _EagerFallback.install(gm, module, tracer)
     return gm
+
+
+class _EagerFallback:
+    """When a fused graph runs its model's own forward instead: in train mode (the graph was
+    traced in eval mode, its `self.training` branches and F.dropout(training=...) frozen so), and
+    while a module the graph runs without calling (a fused conv, BN or activation, a block traced
+    through) has hooks added after optimize, which only the model's forward would run.
+    The check is the first line of the graph's code (fx's on_generate_code)."""
+
+    def __init__(self, forward: Callable[..., Any], unfused: nn.Module | None, watch: HookWatch | None) -> None:
+        self.forward, self.unfused, self.watch = forward, unfused, watch
+        self._warned = False
+
+    @staticmethod
+    def install(gm: fx.GraphModule, module: nn.Module, tracer: _Tracer) -> None:
+        """Give gm, which replaces `module`, its fallback to module's forward."""
+        still_called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+        bypassed = {name: gm.get_submodule(name) for name in tracer.called if name not in still_called}
+        # The model's own class: its forward runs on gm's children. Torch's containers (no tensors
+        # of their own): the original container runs.
+        unfused = None if isinstance(gm, type(module)) else module
+        gm._fastres_eager = _EagerFallback(type(module).forward, unfused, HookWatch(bypassed))
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        star = next((i for i, n in enumerate(names) if n.startswith("*")), len(names))
+        passed = ", ".join(["self", *names[:star], *(n if n.startswith("*") else f"{n}={n}" for n in names[star:])])
+        line = f"if self._fastres_eager.wanted(self): return self._fastres_eager({passed})\n"
+        gm.graph.on_generate_code(lambda previous: functools.partial(_prepend, line, previous))
+        gm.recompile()
+
+    def wanted(self, gm: nn.Module) -> bool:
+        if self.watch is None:
+            return False
+        if gm.training:
+            return True
+        hooked = self.watch.hooked()
+        if hooked is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"fastres: {hooked}, which the graph fastres.optimize fused would skip; the model runs "
+                          "its own, unfused forward while it is there (register hooks before optimize to keep the "
+                          "fused ops)", RuntimeWarning, stacklevel=3)
+        return hooked is not None
+
+    def __call__(self, gm: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.unfused is None:
+            return self.forward(gm, *args, **kwargs)
+        self.unfused.training = gm.training
+        return self.forward(self.unfused, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> _EagerFallback:
+        return _EagerFallback(self.forward, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo))
+
+    def __reduce__(self) -> tuple:
+        # torch.save re-traces the graph's code on load: its fallback is off (the check sees None)
+        return (_EagerFallback, (None, None, None))
+
+
+def _prepend(line: str, previous: Callable[[list[str]], list[str]] | None, body: list[str]) -> list[str]:
+    return [line, *(body if previous is None else previous(body))]
+
+
+class _GraphModule(fx.GraphModule):
+    """What replaces a traced module: fx's deepcopy keeps only what the graph uses and renames the
+    class; this one keeps plain attributes (the eager fallback, timm's pretrained_cfg) and the name."""
+
+    def __deepcopy__(self, memo: dict) -> fx.GraphModule:
+        copied = fx.GraphModule.__deepcopy__(self, memo)
+        for name, value in self.__dict__.items():
+            if name not in copied.__dict__:
+                copied.__dict__[name] = copy.deepcopy(value, memo)
+        type(copied).__name__ = type(self).__name__
+        return copied
 
 
 class _ModuleInit(nn.Module):
@@ -519,25 +626,14 @@ def _graph_module_class(cls: type) -> type:
     """The GraphModule class that replaces an instance of `cls`: for a model's own classes (not
     torch's, not containers, whose indexing would see the fused modules), a subclass of both, so
     isinstance holds and cls's other methods (forward_features, get_classifier, ...) work; they
-    run on the original children: unfused, but right. GraphModule's deepcopy keeps it."""
+    run on the original children: unfused, but right."""
     if cls.__module__.startswith("torch.") or issubclass(
             cls, (fx.GraphModule, nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        return fx.GraphModule
+        return _GraphModule
     try:
-        return type(cls.__name__, (fx.GraphModule, _ModuleInit, cls),
-                    {"__module__": __name__, "__deepcopy__": _deepcopy_with_attributes})
+        return type(cls.__name__, (_GraphModule, _ModuleInit, cls), {"__module__": __name__})
     except TypeError:  # a metaclass or __init_subclass__ that refuses: a plain GraphModule, as before
-        return fx.GraphModule
-
-
-def _deepcopy_with_attributes(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
-    """GraphModule's deepcopy keeps the class but drops plain attributes and the class name: keep them."""
-    copied = fx.GraphModule.__deepcopy__(gm, memo)
-    for name, value in gm.__dict__.items():
-        if name not in copied.__dict__:
-            copied.__dict__[name] = copy.deepcopy(value, memo)
-    type(copied).__name__ = type(gm).__name__
-    return copied
+        return _GraphModule
 
 
 def _copy(model: nn.Module) -> nn.Module:

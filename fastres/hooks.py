@@ -5,6 +5,8 @@ so they run on the values eager gives them; it never fuses a hooked conv, BatchN
 (the fused op would skip their hooks), and moves a rewritten module's hooks onto its replacement.
 Its copy of the model keeps the user's hook callables themselves: a hook that is a bound method
 must go on writing to the user's object, not to a copy of it.
+A hook added after optimize to a module the fused graph runs without calling (a fused conv, a
+block it traced through) is seen by a HookWatch, so the graph can run its model's own forward.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections import OrderedDict
 from typing import Iterator
 
 import torch.nn as nn
+from torch.nn.modules.module import _has_any_global_hook
 
-__all__ = ["call_hooks", "move_hooks", "hook_memo", "hooks_held"]
+__all__ = ["call_hooks", "has_call_hooks", "move_hooks", "hook_memo", "hooks_held", "HookWatch"]
 
 # The hooks nn.Module.__call__ runs, and how a report names them.
 _CALL_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
@@ -36,6 +39,17 @@ def call_hooks(module: nn.Module) -> str | None:
         if count:
             kinds.append(f"a {kind}" if count == 1 else f"{count} {kind}s")
     return " and ".join(kinds) or None
+
+
+def has_call_hooks(*modules: nn.Module | None) -> bool:
+    """Whether calling any of `modules` would run a hook, global module hooks included (cheap
+    enough for every call of a fused op)."""
+    if _has_any_global_hook():
+        return True
+    for m in modules:
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+            return True
+    return False
 
 
 def move_hooks(source: nn.Module, target: nn.Module) -> None:
@@ -77,3 +91,46 @@ def hooks_held(model: nn.Module) -> Iterator[None]:
         for module, hooks in held:
             for attr, value in hooks.items():
                 setattr(module, attr, value)
+
+
+class _WatchedHooks(OrderedDict):
+    """A module's hook dict that marks its HookWatch changed when a hook is added or removed."""
+
+    def __init__(self, hooks: dict = (), watch: HookWatch | None = None) -> None:  # type: ignore[assignment]
+        self.watch = watch  # before the items: OrderedDict's init adds them through __setitem__
+        super().__init__(hooks)
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        if self.watch is not None:
+            self.watch.changed = True
+
+    def __delitem__(self, key: object) -> None:
+        super().__delitem__(key)
+        if self.watch is not None:
+            self.watch.changed = True
+
+
+class HookWatch:
+    """Which of some modules has call hooks now, global module hooks included. The modules' hook
+    dicts report additions and removals, so a call costs an attribute read until one happens."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.changed = True
+        self._hooked: str | None = None
+        self._watched: list[tuple[str, _WatchedHooks, str]] = []
+        for name, module in modules.items():
+            for attr, kind in _CALL_HOOKS.items():
+                hooks = _WatchedHooks(getattr(module, attr), self)
+                setattr(module, attr, hooks)
+                self._watched.append((name, hooks, kind))
+
+    def hooked(self) -> str | None:
+        """The first watched module with a call hook ("layer1.0.conv1 has a forward hook"), or
+        the global module hooks, which every module runs; None if there are none."""
+        if self.changed or self._hooked is not None:  # recounted while hooked: removals by any means
+            self.changed = False
+            self._hooked = next((f"{name} has a {kind}" for name, hooks, kind in self._watched if hooks), None)
+        if self._hooked is None and _has_any_global_hook():
+            return "a global module hook is set (nn.modules.module.register_module_forward_hook and kin)"
+        return self._hooked

@@ -3,8 +3,9 @@ A block's downsample branch (1x1 conv + BN) is the residual's projection inside 
 
 The modules keep ordinary nn.Conv2d / nn.BatchNorm2d children (state_dict keys, .to(), .half(),
 DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torchvision's exact
-attribute names). In train mode they run the unfused eager chain, so BN statistics update. In
-eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached
+attribute names). In train mode they run the unfused eager chain, so BN statistics update; so
+does an op whose conv, BN, relu or downsample has a hook (global module hooks included), calling
+its modules in torchvision's order, so hooks see what they see in torchvision. In eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached
 per BN module (a conv without BN: its bias as the float32 shift, per conv) and recomputed
 whenever a parameter or buffer changes (tensor versions and storage are part of the cache key:
 optimizer steps, load_state_dict and .to() all invalidate it).
@@ -24,6 +25,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.nn as nn
 
+from fastres.hooks import has_call_hooks
 from fastres.numerics import ACT_FUNCTIONS, fold_bn
 from fastres.ops import conv_bn_act
 
@@ -145,15 +147,19 @@ def normalize(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def eager_conv_bn(
     conv: nn.Conv2d, bn: nn.Module | None, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
-    projection: Projection | None = None,
+    projection: Projection | nn.Module | None = None, act_module: nn.Module | None = None,
 ) -> torch.Tensor:
-    """The same computation as separate eager modules (train mode, and the ground truth)."""
+    """The same computation as separate eager modules (train mode, and the ground truth), in
+    torchvision's order; a projection may be a whole module (a block's downsample), and
+    act_module, if given, applies `act` (so their hooks run)."""
     y = conv(x) if bn is None else normalize(bn, conv(x))
-    if projection is not None:
+    if isinstance(projection, nn.Module):
+        residual = projection(residual)
+    elif projection is not None:
         residual = normalize(projection[1], projection[0](residual))
     if residual is not None:
         y = y + residual
-    return ACT_FUNCTIONS[act](y)
+    return ACT_FUNCTIONS[act](y) if act_module is None else act_module(y)
 
 
 def not_scriptable(module: nn.Module) -> nn.Module:
@@ -164,24 +170,31 @@ def not_scriptable(module: nn.Module) -> nn.Module:
 
 
 class _Fused(nn.Module):
-    """Shared switch: fused op in eval mode (backend chosen per module), eager chain in train mode."""
+    """Shared switch: fused op in eval mode (backend chosen per module); the eager chain of modules
+    in train mode, and while one of the op's modules (conv, BN, a block's `relu`) has a hook."""
 
     backend: str = "auto"
     __prepare_scriptable__ = not_scriptable
 
     def _conv_bn(
         self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
-        projection: Projection | None = None,
+        projection: Projection | nn.Module | None = None,
     ) -> torch.Tensor:
-        if self.training:
-            return eager_conv_bn(conv, bn, x, residual, act, projection)
+        act_module = self._modules.get("relu") if act == "relu" else None
+        if (self.training or isinstance(projection, nn.Module)
+                or has_call_hooks(conv, bn, act_module, *(projection or ()))):
+            return eager_conv_bn(conv, bn, x, residual, act, projection, act_module)
         return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection)
 
-    def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, Projection | None]:
+    def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, Projection | nn.Module | None]:
         """The block's residual and its projection: the downsample's 1x1 conv + BN go into the
-        block's last op (eval) when the op can take them, else run first, as their own op."""
+        block's last op (eval) when the op can take them, else run first, as their own op. In
+        train mode and while it has hooks, the downsample module is the projection: the last op
+        then runs eagerly, calling it where torchvision does."""
         if self.downsample is None:
             return x, None
+        if self.training or has_call_hooks(self.downsample):
+            return x, self.downsample
         conv, bn = self.downsample[0], self.downsample[1]
         if is_projection_conv(conv) and len(self.downsample) == 2:
             return x, (conv, bn)

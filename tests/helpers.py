@@ -77,3 +77,32 @@ def poison_cuda_allocator(nbytes: int, device: torch.device) -> None:
     kernel fails to write reads as NaN (the op allocates its own outputs)."""
     block = torch.full((nbytes // 2 + 1,), float("nan"), dtype=torch.float16, device=device)
     del block
+
+
+class HookLog:
+    """Records what each hook saw, by hook name; a bound method as a hook, as feature extractors use."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def forward_hook(self, name):
+        return lambda module, args, out: self.seen.append((name, out.detach().clone()))
+
+    def pre_hook(self, name):
+        return lambda module, args: self.seen.append((name, args[0].detach().clone()))
+
+    def backward_hook(self, module, grad_input, grad_output):
+        self.seen.append(("layer4 backward", grad_output[0].detach().clone()))
+
+
+def register_hook(model: torch.nn.Module, where: str, log: HookLog):
+    """A hook on the module named `where` (a BN: a pre-hook; "layer4": a full backward hook;
+    "global": a global module forward hook), recording into `log`; returns its handle."""
+    if where == "global":
+        return torch.nn.modules.module.register_module_forward_hook(log.forward_hook(where))
+    module = model.get_submodule(where)
+    if isinstance(module, torch.nn.BatchNorm2d):
+        return module.register_forward_pre_hook(log.pre_hook(where))
+    if where == "layer4":
+        return module.register_full_backward_hook(log.backward_hook)
+    return module.register_forward_hook(log.forward_hook(where))

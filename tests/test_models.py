@@ -11,7 +11,8 @@ import fastres
 from fastres.models import ARCHITECTURES
 from fastres.numerics import compare, tolerance
 from fastres.shapes import randomize_batchnorm_
-from helpers import INTERPRETER
+from fastres.shapes import ConvCallRecorder
+from helpers import INTERPRETER, HookLog, register_hook
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -64,6 +65,35 @@ def test_train_mode_matches_torchvision_including_bn_statistics():
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.layer2[0].bn1.running_var, theirs.layer2[0].bn1.running_var)
+
+
+@pytest.mark.parametrize("where,fused", [("layer1.0.conv1", 16), ("layer2.0.bn2", 16), ("layer3.1.relu", 15),
+                                         ("layer4.0.downsample.0", 16), ("layer4", 17), ("global", 0)])
+def test_hooks_on_a_blocks_modules_run_as_in_torchvision(where, fused):
+    """A hook on a conv, BN, relu or downsample inside a block runs as in torchvision (with the
+    values torchvision gives it): the ops that call that module run as eager modules, the
+    others stay fused."""
+    torch.manual_seed(0)
+    theirs = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    ours = fastres.models.resnet18(weights=theirs.state_dict(), backend="reference").eval()
+    x = torch.randn(2, 3, 32, 32)
+    runs = []
+    for model in (theirs, ours):
+        log = HookLog()
+        handle = register_hook(model, where, log)
+        try:
+            with ConvCallRecorder() as calls:
+                out = model(x.clone().requires_grad_())
+                out.square().sum().backward()
+        finally:
+            handle.remove()
+        runs.append((out, log.seen, len(calls.calls)))
+    (want, want_seen, _), (got, got_seen, fused_calls) = runs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [n for n, _ in got_seen] == [n for n, _ in want_seen] and got_seen
+    for (name, seen), (_, expected) in zip(got_seen, want_seen):
+        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)
+    assert fused_calls == fused
 
 
 def test_zoo_options_follow_torchvision():

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 import fastres
 from fastres.problem import ACTIVATIONS
@@ -130,9 +131,14 @@ def test_inference_mode_tensors_fold_afresh():
         torch.testing.assert_close(module(x), eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
 
 
-def test_set_backend_reaches_every_fused_module():
-    model = set_backend(fastres.models.resnet18(), "reference")
+@pytest.mark.parametrize("optimized", [False, True], ids=["zoo", "optimized"])
+def test_set_backend_reaches_every_fused_module(optimized):
+    model = fastres.optimize(torchvision.models.resnet18().eval()) if optimized else fastres.models.resnet18().eval()
+    set_backend(model, "reference")
     assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"reference"}
+    with ConvCallRecorder() as calls, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert [args[10] for args, _ in calls.calls] == ["reference"] * 17
     with pytest.raises(ValueError, match="backend must be one of"):
         set_backend(model, "tensorrt")
 

@@ -4,6 +4,7 @@ fuses and every one it must leave alone: same answers, same state_dict keys, a t
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import fastres
 from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
+from helpers import HookLog, register_hook
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
@@ -460,29 +462,13 @@ def test_a_model_with_nothing_to_fuse_comes_back_working():
     assert "0 of 0 convs fused" in str(optimized.fastres_report)
 
 
-class _HookLog:
-    """Records what each hook saw, by hook name; a bound method as a hook, as feature extractors use."""
-
-    def __init__(self):
-        self.seen: list[tuple[str, torch.Tensor]] = []
-
-    def forward_hook(self, name):
-        return lambda module, args, out: self.seen.append((name, out.detach().clone()))
-
-    def pre_hook(self, name):
-        return lambda module, args: self.seen.append((name, args[0].detach().clone()))
-
-    def backward_hook(self, module, grad_input, grad_output):
-        self.seen.append(("layer4 backward", grad_output[0].detach().clone()))
-
-
 def test_hooks_run_as_in_eager_and_what_they_watch_is_not_fused():
     """Feature extraction, Grad-CAM, spectral_norm: every forward, pre- and backward hook runs on
     the values it gets in eager, none runs while optimize traces or precompiles; a hooked conv,
     BN or activation stays out of the fused op, and a hooked container is still fused inside."""
     torch.manual_seed(0)
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
-    log = _HookLog()
+    log = HookLog()
     model.register_forward_hook(log.forward_hook("model"))
     model.layer3.register_forward_hook(log.forward_hook("layer3"))
     model.layer1[0].conv1.register_forward_hook(log.forward_hook("layer1.0.conv1"))
@@ -512,6 +498,72 @@ def test_hooks_run_as_in_eager_and_what_they_watch_is_not_fused():
     assert entries["layer4.1.conv2"] == "fused: conv+bn+add (then layer4.1.relu, which has a forward hook, runs eagerly)"
     assert entries["layer3.1.conv2"] == entries["layer4.0.conv2"] == "fused: conv+bn+add+relu"
     assert len(optimized.fastres_report.fused) == 18
+
+
+@pytest.mark.parametrize("where", ["layer4.1", "layer1.0.conv1", "layer2.0.bn2", "layer3.0.relu", "layer4", "global"])
+def test_hooks_added_after_optimize_run_and_the_model_runs_unfused_while_they_are_there(where):
+    """Grad-CAM and feature extractors hook a block, a conv, a BN or an activation of the model
+    they are given: on an optimized model the fused graph does not call those modules, so while
+    such a hook is there the model runs its own forward (every hook sees eager's values, and a
+    warning says why); once it is removed the fused ops run again."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    runs = {}
+    for name, m in (("eager", model), ("fused", optimized)):
+        log = HookLog()
+        handle = register_hook(m, where, log)
+        try:
+            with ConvCallRecorder() as calls, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = m(x.clone().requires_grad_())
+                out.square().sum().backward()
+        finally:
+            handle.remove()
+        runs[name] = (out, log.seen, calls.calls, [str(w.message) for w in caught])
+    (want, want_seen, _, _), (got, got_seen, fused_calls, messages) = runs["eager"], runs["fused"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [n for n, _ in got_seen] == [n for n, _ in want_seen] and got_seen
+    for (name, seen), (_, expected) in zip(got_seen, want_seen):
+        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)
+    assert fused_calls == []
+    named = "a global module hook is set" if where == "global" else f"{where} has a "
+    assert any(m.startswith(f"fastres: {named}") and "runs its own, unfused forward" in m for m in messages), messages
+    with ConvCallRecorder() as calls, torch.no_grad():
+        torch.testing.assert_close(optimized(x), want.detach(), rtol=1e-4, atol=1e-4)
+    assert len(calls.calls) == 17
+
+
+def test_a_copy_of_an_optimized_model_watches_its_own_modules():
+    """copy.deepcopy (EMA, checkpoints) of an optimized Sequential: a hook on the copy's conv makes
+    the copy, not the original, run unfused."""
+    model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    optimized = fastres.optimize(model)
+    copied = copy.deepcopy(optimized)
+    log = HookLog()
+    copied.get_submodule("0").register_forward_hook(log.forward_hook("conv"))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), ConvCallRecorder() as calls, pytest.warns(RuntimeWarning, match="fastres: 0 has a forward"):
+        torch.testing.assert_close(copied(x), model(x), rtol=1e-5, atol=1e-5)
+    assert calls.calls == [] and len(log.seen) == 1
+    with torch.no_grad(), ConvCallRecorder() as calls:
+        optimized(x)
+    assert len(calls.calls) == 1
+
+
+def test_torch_save_of_the_whole_optimized_model_loads_fused():
+    """torch.save(model) (not only its state_dict), mid fine-tuning: fx rebuilds the graph from its
+    code on load, with the fused ops, not the train-mode fallback."""
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    buffer = io.BytesIO()
+    torch.save(fastres.optimize(model).train(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), ConvCallRecorder() as calls:
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(calls.calls) == 17
 
 
 class SelfObserving(nn.Module):
@@ -549,7 +601,7 @@ def test_a_hooked_module_that_fusion_would_remove_keeps_its_hook(hooked):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), _norm_act("batchnorm", nn.ReLU())(8))
         expected = "eager: its output goes to 1, which has a forward hook (the fused op would skip it)"
     model = randomize_batchnorm_(model).eval()
-    log = _HookLog()
+    log = HookLog()
     model[-2 if hooked == "identity" else -1].register_forward_hook(log.forward_hook(hooked))
     optimized = fastres.optimize(model)
     assert optimized.fastres_report.entries["0"] == expected
@@ -690,6 +742,25 @@ def test_train_mode_after_optimize_runs_eagerly():
         torch.testing.assert_close(optimized.state_dict()[key], value)
 
 
+def test_train_mode_runs_the_models_own_forward():
+    """The graph is traced in eval mode; a forward that reads self.training (timm's head dropout,
+    F.dropout(training=self.training)) must see train mode when fine-tuning the optimized model."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(timm.create_model("resnet18", drop_rate=0.5, num_classes=10)).eval()
+    optimized = fastres.optimize(model, channels_last=False).train()
+    eager = copy.deepcopy(model).train()
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for m in (optimized, eager):
+        torch.manual_seed(1)
+        outs.append(m(x))
+    torch.testing.assert_close(*outs)
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized.eval()(x)
+    assert len(calls.calls) == 17
+
+
 def test_torch_jit_trace_of_the_optimized_model_follows_its_parameters():
     """torch.jit.trace (deprecated, still used to deploy) works with or without autograd, and
     traces BN's fold inline: a parameter changed after tracing reaches the traced module."""
@@ -728,11 +799,32 @@ def test_torch_compile_on_the_optimized_model():
         torch.testing.assert_close(torch.compile(optimized)(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_optimizing_a_fastres_model_keeps_it():
+@pytest.mark.parametrize("inside", [False, True], ids=["alone", "inside-a-model"])
+def test_optimizing_a_fastres_model_keeps_it(inside):
     model = fastres.models.resnet18().eval()
-    optimized = fastres.optimize(model)
+    optimized = fastres.optimize(nn.Sequential(model, nn.Softmax(1)).eval() if inside else model)
     assert len(optimized.fastres_report.fused) == 20
     assert set(optimized.fastres_report.entries.values()) == {"fused: already a fastres module"}
+    assert ("0.layer1.0.conv1" if inside else "layer1.0.conv1") in optimized.fastres_report.entries
+
+
+def test_optimizing_an_optimized_model_keeps_its_graph_report_and_hook_watch():
+    """optimize(optimize(model)): the same fused graph and report, the same later-hook check."""
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    model.layer1[0].conv1.register_forward_hook(lambda m, args, out: None)
+    once = fastres.optimize(model)
+    twice = fastres.optimize(once)
+    assert twice.fastres_report.entries == once.fastres_report.entries
+    assert len(twice.fastres_report.fused) == 19
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), ConvCallRecorder() as calls:
+        torch.testing.assert_close(twice(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(calls.calls) == 16
+    log = HookLog()
+    register_hook(twice, "layer2.0.conv1", log)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="layer2.0.conv1 has a forward hook"):
+        twice(x)
+    assert len(log.seen) == 1
 
 
 @pytest.mark.gpu
