@@ -47,7 +47,8 @@ import functools
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -55,8 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import (_Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize,
-                        not_scriptable)
+from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
 from fastres.compilation import precompile
 from fastres.hooks import HookWatch, call_hooks, hook_memo, move_hooks
 from fastres.problem import output_hw
@@ -614,6 +614,29 @@ class _GraphModule(fx.GraphModule):
         return copied
 
 
+class _GraphSequential(_GraphModule):
+    """What replaces an nn.Sequential: indexing, slicing, len and iteration see its layers (the
+    modules the graph's fused ops refer to), as the Sequential's would, not the fused modules."""
+
+    def _layer_names(self) -> list[str]:
+        return list(self._fastres_eager.unfused._modules)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        names = self._layer_names()
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict((name, self._modules[name]) for name in names[index]))
+        return self._modules[names[index]]
+
+    def __len__(self) -> int:
+        return len(self._layer_names())
+
+    def __bool__(self) -> bool:  # fx tests `if graph.owning_module:`, before and after the layers are known
+        return True
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (self._modules[name] for name in self._layer_names())
+
+
 class _ModuleInit(nn.Module):
     """Between GraphModule and a model's class: GraphModule's super().__init__() is nn.Module's."""
 
@@ -626,9 +649,10 @@ def _graph_module_class(cls: type) -> type:
     """The GraphModule class that replaces an instance of `cls`: for a model's own classes (not
     torch's, not containers, whose indexing would see the fused modules), a subclass of both, so
     isinstance holds and cls's other methods (forward_features, get_classifier, ...) work; they
-    run on the original children: unfused, but right."""
-    if cls.__module__.startswith("torch.") or issubclass(
-            cls, (fx.GraphModule, nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+    run on the original children: unfused, but right. A Sequential's indexes as a Sequential."""
+    if issubclass(cls, nn.Sequential):
+        return _GraphSequential
+    if cls.__module__.startswith("torch.") or issubclass(cls, (fx.GraphModule, nn.ModuleList, nn.ModuleDict)):
         return _GraphModule
     try:
         return type(cls.__name__, (_GraphModule, _ModuleInit, cls), {"__module__": __name__})

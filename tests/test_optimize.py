@@ -552,6 +552,24 @@ def test_a_copy_of_an_optimized_model_watches_its_own_modules():
     assert len(calls.calls) == 1
 
 
+def test_an_optimized_sequential_indexes_slices_and_iterates_as_the_sequential():
+    """fast[0], fast[-1], fast[:2], len(fast), list(fast): the model's layers, as before optimize
+    (a slice runs them unfused); a hook on fast[0] is watched like any bypassed module."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten())).eval()
+    optimized = fastres.optimize(model, channels_last=False)
+    assert len(optimized) == 4 and [type(m) for m in optimized] == [type(m) for m in model]
+    assert optimized[0] is optimized.get_submodule("0") and optimized[-1] is optimized.get_submodule("3")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized[:3](x), model[:3](x))
+    log = HookLog()
+    optimized[0].register_forward_hook(log.forward_hook("0"))
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="fastres: 0 has a forward hook"):
+        optimized(x)
+    assert len(log.seen) == 1
+
+
 def test_torch_save_of_the_whole_optimized_model_loads_fused():
     """torch.save(model) (not only its state_dict), mid fine-tuning: fx rebuilds the graph from its
     code on load, with the fused ops, not the train-mode fallback."""
