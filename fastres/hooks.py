@@ -116,21 +116,23 @@ class HookWatch:
     dicts report additions and removals, so a call costs an attribute read until one happens."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.changed = True
-        self._hooked: str | None = None
         self._watched: list[tuple[str, _WatchedHooks, str]] = []
         for name, module in modules.items():
             for attr, kind in _CALL_HOOKS.items():
                 hooks = _WatchedHooks(getattr(module, attr), self)
                 setattr(module, attr, hooks)
                 self._watched.append((name, hooks, kind))
+        self._recount()  # now, so torch.compile's first call sees the state later calls see
+
+    def _recount(self) -> None:
+        self.changed = False
+        self._hooked = next((f"{name} has a {kind}" for name, hooks, kind in self._watched if hooks), None)
 
     def hooked(self) -> str | None:
         """The first watched module with a call hook ("layer1.0.conv1 has a forward hook"), or
         the global module hooks, which every module runs; None if there are none."""
         if self.changed or self._hooked is not None:  # recounted while hooked: removals by any means
-            self.changed = False
-            self._hooked = next((f"{name} has a {kind}" for name, hooks, kind in self._watched if hooks), None)
+            self._recount()
         if self._hooked is None and _has_any_global_hook():
             return "a global module hook is set (nn.modules.module.register_module_forward_hook and kin)"
         return self._hooked
