@@ -46,8 +46,8 @@ import copy
 import functools
 import operator
 import warnings
-from dataclasses import dataclass, field
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -530,7 +530,8 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
         if tensor is not None and not hasattr(gm, tensor_name):
             (gm.register_parameter if tensor_name in module._parameters else gm.register_buffer)(tensor_name, tensor)
     _fuse_graph(gm, prefix, backend, report)
-    # Hooked modules were leaves of this trace: fuse inside them on their own.
+    # fastres's own modules were leaves of this trace: report them. Hooked modules were too: fuse
+    # inside them on their own.
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):
         sub = gm.get_submodule(target)
         if _is_fastres(sub) and not isinstance(sub, FusedConvBN):  # (this graph's own are reported)

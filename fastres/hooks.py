@@ -96,7 +96,7 @@ def hooks_held(model: nn.Module) -> Iterator[None]:
 class _WatchedHooks(OrderedDict):
     """A module's hook dict that marks its HookWatch changed when a hook is added or removed."""
 
-    def __init__(self, hooks: dict = (), watch: HookWatch | None = None) -> None:  # type: ignore[assignment]
+    def __init__(self, hooks: dict | tuple = (), watch: HookWatch | None = None) -> None:
         self.watch = watch  # before the items: OrderedDict's init adds them through __setitem__
         super().__init__(hooks)
 

@@ -5,10 +5,11 @@ The modules keep ordinary nn.Conv2d / nn.BatchNorm2d children (state_dict keys, 
 DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torchvision's exact
 attribute names). In train mode they run the unfused eager chain, so BN statistics update; so
 does an op whose conv, BN, relu or downsample has a hook (global module hooks included), calling
-its modules in torchvision's order, so hooks see what they see in torchvision. In eval mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached
-per BN module (a conv without BN: its bias as the float32 shift, per conv) and recomputed
-whenever a parameter or buffer changes (tensor versions and storage are part of the cache key:
-optimizer steps, load_state_dict and .to() all invalidate it).
+its modules in torchvision's order, so hooks see what they see in torchvision. In eval mode BN
+becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached per BN module
+(a conv without BN: its bias as the float32 shift, per conv) and recomputed whenever a parameter
+or buffer changes (tensor versions and storage are part of the cache key: optimizer steps,
+load_state_dict and .to() all invalidate it).
 Under torch.compile and torch.jit.trace the fold is traced inline instead, so compiled and traced
 graphs never hold stale values; with autograd on it is recomputed every call, so gradients reach
 BN's and the conv's parameters.
