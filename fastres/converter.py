@@ -139,7 +139,7 @@ class FusedConvBN(_Fused):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self._modules_ref
         projection = self._projection_ref
-        if any(m is not None and m.training for m in (conv, bn, *(projection or ()))):
+        if any(m.training for m in self.fused_modules()):
             return eager_conv_bn(conv, bn, x, residual, self.act, projection)
         why = self._outside_contract(x, residual)
         if why is not None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 
 from fastres.numerics import compare, tolerance
-from fastres.shapes import ConvCase, ConvInputs, make_inputs
+from fastres.shapes import ConvCallRecorder, ConvCase, ConvInputs, make_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -106,3 +107,25 @@ def register_hook(model: torch.nn.Module, where: str, log: HookLog):
     if where == "layer4":
         return module.register_full_backward_hook(log.backward_hook)
     return module.register_forward_hook(log.forward_hook(where))
+
+
+def hooked_run(model: torch.nn.Module, where: str, x: torch.Tensor) -> tuple[torch.Tensor, list, list, list[str]]:
+    """model(x), forward and backward, with a hook on `where` (register_hook) removed afterwards:
+    the output, what the hook saw, the fastres op calls made, and the warnings' messages."""
+    log = HookLog()
+    handle = register_hook(model, where, log)
+    try:
+        with ConvCallRecorder() as calls, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(x.clone().requires_grad_())
+            out.square().sum().backward()
+    finally:
+        handle.remove()
+    return out, log.seen, calls.calls, [str(w.message) for w in caught]
+
+
+def assert_hooks_saw_the_same(got: list, want: list) -> None:
+    """Two HookLog.seen lists: the same hooks, in the same order, on the same values (fp32 tolerance)."""
+    assert [n for n, _ in got] == [n for n, _ in want] and got
+    for (name, seen), (_, expected) in zip(got, want):
+        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)

@@ -11,8 +11,7 @@ import fastres
 from fastres.models import ARCHITECTURES
 from fastres.numerics import compare, tolerance
 from fastres.shapes import randomize_batchnorm_
-from fastres.shapes import ConvCallRecorder
-from helpers import INTERPRETER, HookLog, register_hook
+from helpers import INTERPRETER, assert_hooks_saw_the_same, hooked_run
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -77,23 +76,11 @@ def test_hooks_on_a_blocks_modules_run_as_in_torchvision(where, fused):
     theirs = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     ours = fastres.models.resnet18(weights=theirs.state_dict(), backend="reference").eval()
     x = torch.randn(2, 3, 32, 32)
-    runs = []
-    for model in (theirs, ours):
-        log = HookLog()
-        handle = register_hook(model, where, log)
-        try:
-            with ConvCallRecorder() as calls:
-                out = model(x.clone().requires_grad_())
-                out.square().sum().backward()
-        finally:
-            handle.remove()
-        runs.append((out, log.seen, len(calls.calls)))
-    (want, want_seen, _), (got, got_seen, fused_calls) = runs
+    want, want_seen, _, _ = hooked_run(theirs, where, x)
+    got, got_seen, fused_calls, _ = hooked_run(ours, where, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert [n for n, _ in got_seen] == [n for n, _ in want_seen] and got_seen
-    for (name, seen), (_, expected) in zip(got_seen, want_seen):
-        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)
-    assert fused_calls == fused
+    assert_hooks_saw_the_same(got_seen, want_seen)
+    assert len(fused_calls) == fused
 
 
 def test_zoo_options_follow_torchvision():

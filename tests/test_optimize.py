@@ -18,7 +18,7 @@ import fastres
 from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
-from helpers import HookLog, register_hook
+from helpers import HookLog, assert_hooks_saw_the_same, hooked_run, register_hook
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
@@ -485,10 +485,8 @@ def test_hooks_run_as_in_eager_and_what_they_watch_is_not_fused():
         log.seen = []
         m(x.clone().requires_grad_()).square().sum().backward()
         runs[name] = log.seen
-    assert [n for n, _ in runs["fused"]] == [n for n, _ in runs["eager"]]
+    assert_hooks_saw_the_same(runs["fused"], runs["eager"])
     assert len(runs["eager"]) == 7  # layer4.1.relu runs twice
-    for (name, got), (_, want) in zip(runs["fused"], runs["eager"]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
     entries = optimized.fastres_report.entries
     assert entries["layer1.0.conv1"] == "eager: it has a forward hook (the fused op would skip it)"
@@ -510,23 +508,10 @@ def test_hooks_added_after_optimize_run_and_the_model_runs_unfused_while_they_ar
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     optimized = fastres.optimize(model)
     x = torch.randn(2, 3, 32, 32)
-    runs = {}
-    for name, m in (("eager", model), ("fused", optimized)):
-        log = HookLog()
-        handle = register_hook(m, where, log)
-        try:
-            with ConvCallRecorder() as calls, warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = m(x.clone().requires_grad_())
-                out.square().sum().backward()
-        finally:
-            handle.remove()
-        runs[name] = (out, log.seen, calls.calls, [str(w.message) for w in caught])
-    (want, want_seen, _, _), (got, got_seen, fused_calls, messages) = runs["eager"], runs["fused"]
+    want, want_seen, _, _ = hooked_run(model, where, x)
+    got, got_seen, fused_calls, messages = hooked_run(optimized, where, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert [n for n, _ in got_seen] == [n for n, _ in want_seen] and got_seen
-    for (name, seen), (_, expected) in zip(got_seen, want_seen):
-        torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)
+    assert_hooks_saw_the_same(got_seen, want_seen)
     assert fused_calls == []
     named = "a global module hook is set" if where == "global" else f"{where} has a "
     assert any(m.startswith(f"fastres: {named}") and "runs its own, unfused forward" in m for m in messages), messages
