@@ -32,7 +32,7 @@ the branch's output never stored.
 
 The GraphModule that replaces a model's module is an instance of the module's own class (for a
 model's own classes) with its plain attributes, so isinstance, timm's pretrained_cfg and methods
-such as forward_features keep working.
+such as forward_features keep working, in a deepcopy and after torch.save / torch.load too.
 
 Hooks (fastres.hooks): a module with forward or backward hooks is traced as a whole, so they see
 what they saw in eager; a hooked module that would have been traced through is then rewritten on
@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -519,16 +520,7 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
         if isinstance(module, nn.Conv2d) and prefix.rstrip(".") not in report.entries:
             report.entries[prefix.rstrip(".")] = f"eager: not traceable with torch.fx ({type(exc).__name__})"
         return module
-    gm = _graph_module_class(type(module))(module, graph, class_name=type(module).__name__)
-    for name, value in vars(module).items():  # plain attributes: timm's pretrained_cfg, num_classes, ...
-        gm.__dict__.setdefault(name, value)
-    # GraphModule copies only what the graph touches, into fresh containers; put the original
-    # children and root tensors back so every state_dict key (used or not) stays as it was.
-    for child_name, child in module.named_children():
-        setattr(gm, child_name, child)
-    for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-        if tensor is not None and not hasattr(gm, tensor_name):
-            (gm.register_parameter if tensor_name in module._parameters else gm.register_buffer)(tensor_name, tensor)
+    gm = _graph_module(module, graph, type(module))
     _fuse_graph(gm, prefix, backend, report)
     # fastres's own modules were leaves of this trace: report them. Hooked modules were too: fuse
     # inside them on their own.
@@ -540,7 +532,31 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
             parent, _, child = target.rpartition(".")
             setattr(gm.get_submodule(parent), child, _rewrite(sub, f"{prefix}{target}.", backend, report))
     move_hooks(module, gm)
-    _EagerFallback.install(gm, module, tracer)
+    still_called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    # The model's own class: its forward runs on gm's children. Torch's containers (no tensors of
+    # their own): the original container runs.
+    unfused = None if isinstance(gm, type(module)) else module
+    _EagerFallback.install(gm, type(module), unfused, [name for name in tracer.called if name not in still_called])
+    return gm
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph, cls: type) -> fx.GraphModule:
+    """The GraphModule that runs `graph` in place of `module` (an instance of cls, or what torch.load
+    rebuilt of one): every child, root tensor and plain attribute of module's, as module had them."""
+    gm = _graph_module_class(cls)(module, graph, class_name=cls.__name__)
+    for name, value in vars(module).items():  # plain attributes: timm's pretrained_cfg, num_classes, ...
+        gm.__dict__.setdefault(name, value)
+    # GraphModule copies only what the graph touches, in the graph's order, into fresh containers;
+    # put the original children and root tensors back so every state_dict key (used or not) stays
+    # as it was, in its order.
+    children = dict(module.named_children())
+    gm._modules = {**children, **{name: child for name, child in gm._modules.items() if name not in children}}
+    for name, tensor in module._parameters.items():
+        if tensor is not None and not hasattr(gm, name):
+            gm.register_parameter(name, tensor)
+    for name, tensor in module._buffers.items():
+        if tensor is not None and not hasattr(gm, name):
+            gm.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
     return gm
 
 
@@ -551,19 +567,17 @@ class _EagerFallback:
     through) has hooks added after optimize, which only the model's forward would run.
     The check is the first line of the graph's code (fx's on_generate_code)."""
 
-    def __init__(self, forward: Callable[..., Any], unfused: nn.Module | None, watch: HookWatch | None) -> None:
-        self.forward, self.unfused, self.watch = forward, unfused, watch
+    def __init__(self, cls: type | None, unfused: nn.Module | None, watch: HookWatch | None) -> None:
+        self.cls, self.unfused, self.watch = cls, unfused, watch
         self._warned = False
 
     @staticmethod
-    def install(gm: fx.GraphModule, module: nn.Module, tracer: _Tracer) -> None:
-        """Give gm, which replaces `module`, its fallback to module's forward."""
-        still_called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
-        bypassed = {name: gm.get_submodule(name) for name in tracer.called if name not in still_called}
-        # The model's own class: its forward runs on gm's children. Torch's containers (no tensors
-        # of their own): the original container runs.
-        unfused = None if isinstance(gm, type(module)) else module
-        gm._fastres_eager = _EagerFallback(type(module).forward, unfused, HookWatch(bypassed))
+    def install(gm: fx.GraphModule, cls: type, unfused: nn.Module | None, bypassed: list[str]) -> None:
+        """Give gm, which replaces an instance of cls, its fallback to cls's forward: on gm itself,
+        or on `unfused` (a torch container whose children gm shares). `bypassed` names the modules
+        the traced forward called that gm's graph no longer calls."""
+        watch = HookWatch({name: gm.get_submodule(name) for name in bypassed})
+        gm._fastres_eager = _EagerFallback(cls, unfused, watch)
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         star = next((i for i, n in enumerate(names) if n.startswith("*")), len(names))
         passed = ", ".join(["self", *names[:star], *(n if n.startswith("*") else f"{n}={n}" for n in names[star:])])
@@ -586,15 +600,16 @@ class _EagerFallback:
 
     def __call__(self, gm: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.unfused is None:
-            return self.forward(gm, *args, **kwargs)
+            return self.cls.forward(gm, *args, **kwargs)
         self.unfused.training = gm.training
-        return self.forward(self.unfused, *args, **kwargs)
+        return self.cls.forward(self.unfused, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> _EagerFallback:
-        return _EagerFallback(self.forward, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo))
+        return _EagerFallback(self.cls, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo))
 
     def __reduce__(self) -> tuple:
-        # torch.save re-traces the graph's code on load: its fallback is off (the check sees None)
+        # Pickled inside fx's GraphModule state, which torch.load re-traces from the graph's code:
+        # off there, so the check drops out of the trace; _GraphModule.__reduce__ turns it back on.
         return (_EagerFallback, (None, None, None))
 
 
@@ -604,7 +619,21 @@ def _prepend(line: str, previous: Callable[[list[str]], list[str]] | None, body:
 
 class _GraphModule(fx.GraphModule):
     """What replaces a traced module: fx's deepcopy keeps only what the graph uses and renames the
-    class; this one keeps plain attributes (the eager fallback, timm's pretrained_cfg) and the name."""
+    class; this one keeps plain attributes (the eager fallback, timm's pretrained_cfg) and the name.
+    fx's pickle loads back a plain GraphModule; this one's loads back its class and fallback too."""
+
+    def __reduce__(self) -> tuple:
+        fallback = self.__dict__.get("_fastres_eager")
+        cls = None if fallback is None else fallback.cls
+        if cls is None:
+            return fx.GraphModule.__reduce__(self)
+        if not _importable(cls):
+            warnings.warn(f"fastres: {cls.__qualname__} cannot be imported by name, so this optimized model "
+                          "pickles as fx's plain GraphModule: loaded, it runs the graph traced in eval mode in "
+                          "train mode too and skips hooks added to fused modules (save its state_dict instead)",
+                          RuntimeWarning, stacklevel=2)
+            return fx.GraphModule.__reduce__(self)
+        return (_load_graph_module, (fx.GraphModule.__reduce__(self), cls, fallback.unfused, fallback.watch.names))
 
     def __deepcopy__(self, memo: dict) -> fx.GraphModule:
         copied = fx.GraphModule.__deepcopy__(self, memo)
@@ -613,6 +642,27 @@ class _GraphModule(fx.GraphModule):
                 copied.__dict__[name] = copy.deepcopy(value, memo)
         type(copied).__name__ = type(self).__name__
         return copied
+
+
+def _importable(cls: type) -> bool:
+    """Whether pickle can find cls by its module and qualified name (not a class made in a function)."""
+    try:
+        return functools.reduce(getattr, cls.__qualname__.split("."), sys.modules[cls.__module__]) is cls
+    except (KeyError, AttributeError):
+        return False
+
+
+def _load_graph_module(fx_reduced: tuple, cls: type, unfused: nn.Module | None, bypassed: list[str]) -> fx.GraphModule:
+    """torch.load's rebuild of a _GraphModule: fx re-traces the saved code into a plain GraphModule
+    (the fallback's check, saved off, drops out of that trace); then the class and the fallback."""
+    load, (body, import_block) = fx_reduced
+    plain = load(body, import_block)
+    for container in ("_modules", "_parameters", "_buffers"):  # fx's keep only what its graph uses
+        setattr(plain, container, body[container])
+    gm = _graph_module(plain, plain.graph, cls)
+    move_hooks(plain, gm)
+    _EagerFallback.install(gm, cls, unfused, bypassed)
+    return gm
 
 
 class _GraphSequential(_GraphModule):

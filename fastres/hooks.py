@@ -116,6 +116,7 @@ class HookWatch:
     dicts report additions and removals, so a call costs an attribute read until one happens."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.names = list(modules)
         self._watched: list[tuple[str, _WatchedHooks, str]] = []
         for name, module in modules.items():
             for attr, kind in _CALL_HOOKS.items():

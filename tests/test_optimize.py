@@ -555,18 +555,67 @@ def test_an_optimized_sequential_indexes_slices_and_iterates_as_the_sequential()
     assert len(log.seen) == 1
 
 
-def test_torch_save_of_the_whole_optimized_model_loads_fused():
-    """torch.save(model) (not only its state_dict), mid fine-tuning: fx rebuilds the graph from its
-    code on load, with the fused ops, not the train-mode fallback."""
-    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+def _saved_and_loaded(model: nn.Module) -> nn.Module:
+    """torch.save(model) (the whole module, not its state_dict) and torch.load of what it wrote."""
     buffer = io.BytesIO()
-    torch.save(fastres.optimize(model).train(), buffer)
+    torch.save(model, buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False).eval()
+    return torch.load(buffer, weights_only=False)
+
+
+def test_torch_save_of_the_whole_optimized_model_loads_fused():
+    """torch.save(model) mid fine-tuning: fx rebuilds the graph from its code on load, with the
+    fused ops, not the train-mode fallback."""
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    loaded = _saved_and_loaded(fastres.optimize(model).train())
+    assert loaded.training and loaded.layer1[0].bn1.training
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), ConvCallRecorder() as calls:
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-4)
     assert len(calls.calls) == 17
+
+
+def test_a_saved_and_loaded_optimized_model_is_the_model_it_was():
+    """fx's own pickle loads a plain GraphModule; fastres's loads the model's class, attributes,
+    state_dict keys, report and hook watch back, twice over, and an optimized Sequential indexes."""
+    timm = pytest.importorskip("timm")
+    model = randomize_batchnorm_(timm.create_model("resnet18", num_classes=10)).eval()
+    optimized = fastres.optimize(model, channels_last=False)
+    loaded = _saved_and_loaded(_saved_and_loaded(optimized))
+    assert isinstance(loaded, type(model)) and loaded.pretrained_cfg == model.pretrained_cfg
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert loaded.fastres_report.entries == optimized.fastres_report.entries
+    x = torch.randn(2, 3, 32, 32)
+    want, want_seen, _, _ = hooked_run(model, "layer4.1", x)
+    got, got_seen, fused_calls, messages = hooked_run(loaded, "layer4.1", x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_hooks_saw_the_same(got_seen, want_seen)
+    assert fused_calls == [] and any(m.startswith("fastres: layer4.1 has a forward hook") for m in messages)
+    sequential = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    loaded = _saved_and_loaded(fastres.optimize(sequential))
+    assert len(loaded) == 3 and loaded[0] is loaded.get_submodule("0")
+
+
+def test_an_optimized_model_of_a_class_pickle_cannot_find_saves_as_fxs_graph_module_and_says_so():
+    """A class made inside a function: pickle cannot name it, so the model saves as fx would, with
+    a warning that its train mode and late hooks are then not the model's own."""
+    def make():
+        class Local(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+            def forward(self, x):
+                return self.block(x)
+        return Local()
+
+    model = randomize_batchnorm_(make()).eval()
+    with pytest.warns(RuntimeWarning, match="Local cannot be imported by name.*save its state_dict instead"):
+        loaded = _saved_and_loaded(fastres.optimize(model, channels_last=False))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), ConvCallRecorder() as calls:
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(calls.calls) == 1
 
 
 class SelfObserving(nn.Module):
@@ -745,16 +794,19 @@ def test_train_mode_after_optimize_runs_eagerly():
         torch.testing.assert_close(optimized.state_dict()[key], value)
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["optimized", "saved-and-loaded"])
 @pytest.mark.parametrize("name,drop", [("resnet18", dict(drop_rate=0.5)), ("efficientnet_b0", dict(drop_path_rate=0.2))],
                          ids=["head-dropout", "stochastic-depth"])
-def test_train_mode_runs_the_models_own_forward(name, drop):
+def test_train_mode_runs_the_models_own_forward(name, drop, saved):
     """The graph is traced in eval mode; a forward that reads self.training (timm's head dropout,
     F.dropout(training=self.training), and its DropPath's stochastic depth) must see train mode
-    when fine-tuning the optimized model: the same masks as eager from the same seed."""
+    when fine-tuning the optimized model, or one torch.save wrote and torch.load read back: the
+    same masks as eager from the same seed."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = randomize_batchnorm_(timm.create_model(name, num_classes=10, **drop)).eval()
-    optimized = fastres.optimize(model, channels_last=False).train()
+    optimized = fastres.optimize(model, channels_last=False)
+    optimized = (_saved_and_loaded(optimized) if saved else optimized).train()
     eager = copy.deepcopy(model).train()
     x = torch.randn(4, 3, 32, 32)
     outs = []
