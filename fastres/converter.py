@@ -60,6 +60,7 @@ from fastres.backends import check_name
 from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
 from fastres.compilation import precompile
 from fastres.hooks import HookWatch, call_hooks, hook_memo, move_hooks
+from fastres.ops import autocast_dtype
 from fastres.problem import output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
@@ -155,20 +156,23 @@ class FusedConvBN(_Fused):
 
     def _outside_contract(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
         conv = self._modules_ref[0]
-        if x.dim() != 4 or x.dtype != conv.weight.dtype:
+        dtype = autocast_dtype(x)  # under torch.autocast, both the op's and eager's conv compute in autocast's
+        if x.dim() != 4 or dtype != autocast_dtype(conv.weight):
             return f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
         if residual is None:
             return None
         p, q = output_hw(x.shape[2], x.shape[3], *conv.kernel_size, conv.stride, self.padding, conv.dilation)
         expected = (x.shape[0], conv.out_channels, p, q)
-        got = tuple(residual.shape)
+        got, got_dtype = tuple(residual.shape), residual.dtype
         if self._projection_ref is not None:
             pconv = self._projection_ref[0]
             if residual.dim() != 4 or residual.shape[1] != pconv.in_channels:
                 return f"residual {got} is not the {pconv.in_channels}-channel input of {self.projection_name}"
             got = (got[0], pconv.out_channels, *output_hw(got[2], got[3], 1, 1, pconv.stride, (0, 0), (1, 1)))
-        if got != expected or residual.dtype != x.dtype or residual.device != x.device:
-            return f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {x.dtype}"
+            got_dtype = autocast_dtype(residual)
+        # A residual of another dtype than the conv's output: eager's add would promote.
+        if got != expected or got_dtype != dtype or residual.device != x.device:
+            return f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {dtype}"
         return None
 
     def extra_repr(self) -> str:

@@ -7,6 +7,11 @@ cuDNN + a fused epilogue, the reference), per device and per shape, which a trac
 body cannot express. Opaque to Inductor, it still works under torch.compile(fullgraph=True),
 CUDA graphs and torch.export, through the fake kernel below.
 
+Under torch.autocast it casts as autocast casts conv2d: x, weight, residual and residual_weight
+to autocast's dtype (float32 ones; float64 stays), while scale and shift stay as given, float32,
+since the epilogue applies them in float32 anyway. So an autocast model's fused ops run on the
+tensor cores, as its eager convs would, and return autocast's dtype.
+
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
 aten.convolution_backward, so saliency maps, Grad-CAM or input gradients of an eval-mode fused
@@ -25,7 +30,7 @@ from fastres import backends
 from fastres.numerics import ACT_BACKWARDS
 from fastres.problem import ConvProblem, Projection, check_inputs, empty_output, pair
 
-__all__ = ["conv_bn_act"]
+__all__ = ["conv_bn_act", "autocast_dtype"]
 
 
 @torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
@@ -131,6 +136,39 @@ class _ConvTerm:
 
 
 _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
+
+# The operands autocast casts, by position in the schema (conv2d's: the convs' inputs and weights).
+_AUTOCAST_OPERANDS = (0, 1, 4, 11)
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_LIB = torch.library.Library("fastres", "IMPL")
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the op computes the operand `t` in: autocast's, for a float32 or float16/bfloat16
+    tensor inside an autocast region enabled for its device type, else t's own."""
+    if (t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.device.type in _AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(t.device.type)):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def _register_autocast(device_type: str) -> None:
+    """torch.library.register_autocast casts every floating operand to one dtype fixed at
+    registration; this rule reads autocast's dtype at each call and leaves scale/shift alone."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        args = tuple(a.to(autocast_dtype(a)) if i in _AUTOCAST_OPERANDS and a is not None and a.device.type == device_type
+                     else a for i, a in enumerate(args))
+        with torch._C._ExcludeDispatchKeyGuard(below):
+            return torch.ops.fastres.conv_bn_act.default(*args)
+
+    _LIB.impl("conv_bn_act", kernel, key, with_keyset=True)
+
+
+for _device_type in _AUTOCAST_DEVICES:
+    _register_autocast(_device_type)
 
 
 def _projection(

@@ -5,6 +5,9 @@ original on the CPU is ground truth. Errors grow over fifty layers in any low pr
 the optimized model passes when its error is within the per-dtype tolerance or no more than
 twice the eager model's own error (same dtype, same inputs): "no worse than what you had".
 
+Under torch.autocast (verify called inside the region) "their dtype" is autocast's: tolerances
+are autocast's dtype's, and the float64 reference runs with autocast off.
+
 Per layer (optional): each fused layer's own inputs are captured during the optimized run and
 the layer is recomputed in float64 from them; it must meet the per-dtype layer tolerance of
 fastres.numerics, exactly as the kernel tests require.
@@ -21,6 +24,7 @@ import torch.nn as nn
 from fastres.converter import FusedConvBN
 from fastres.nn import conv_bn_fold
 from fastres.numerics import compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
+from fastres.ops import autocast_dtype
 
 __all__ = ["verify", "VerifyReport", "Row"]
 
@@ -89,7 +93,7 @@ def verify(
     """Run `model`, `optimized` and a float64 reference on `inputs`; report errors (see module doc)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     x = _first_tensor(inputs)
-    dtype = x.dtype
+    dtype = autocast_dtype(x)
     tf32 = dtype == torch.float32 and x.is_cuda and conv_tf32_enabled()
     report = VerifyReport(dtype)
     captured: list[tuple[FusedConvBN, tuple]] = []
@@ -104,7 +108,8 @@ def verify(
             eager_out = _first_tensor(model(*inputs))
             fused_out = _first_tensor(optimized(*inputs))
             reference = copy.deepcopy(model).cpu().double()
-            ref_out = _first_tensor(reference(*_as_float64_cpu(inputs)))
+            with torch.autocast("cpu", enabled=False):
+                ref_out = _first_tensor(reference(*_as_float64_cpu(inputs)))
     finally:
         for hook in hooks:
             hook.remove()

@@ -47,6 +47,18 @@ def _tol(dtype):
     return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_under_autocast_the_zoo_is_torchvision_in_autocasts_dtype(dtype):
+    torch.manual_seed(0)
+    theirs = randomize_batchnorm_(torchvision.models.resnet50()).eval()
+    ours = ARCHITECTURES["resnet50"](weights=theirs.state_dict()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        report = fastres.verify(theirs, ours, x)
+        assert ours(x).dtype == theirs(x).dtype == dtype
+    assert report.ok and report.dtype == dtype, str(report)
+
+
 def test_weights_from_a_path(tmp_path):
     theirs = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     path = tmp_path / "resnet18.pt"

@@ -3,6 +3,7 @@ torch.library registration (opcheck), torch.compile, torch.export, and backend s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 import fastres
 from fastres.numerics import ACT_FUNCTIONS, reference_conv_bn_act, tolerance
 from fastres.problem import ACTIVATIONS
-from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, ConvInputs, ProjectionCase, make_inputs
+from fastres.shapes import (ODD_CASES, PROJECTION_ODD_CASES, ConvCallRecorder, ConvCase, ConvInputs, ProjectionCase,
+                            make_inputs)
 from helpers import DEVICE, INTERPRETER, assert_matches, run_op_case
 
 CASE = ConvCase("api", 2, 8, 6, 6, 16, 3, 3, padding=(1, 1), residual=True)
@@ -341,6 +343,79 @@ def test_torch_export_keeps_the_op():
     assert targets.count(torch.ops.fastres.conv_bn_act.default) == 3
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x))
+
+
+# --- torch.autocast ---------------------------------------------------------------------------
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _case_call(inputs: ConvInputs, case: ConvCase, **kwargs) -> torch.Tensor:
+    return fastres.ops.conv_bn_act(*inputs.op_args(), stride=case.stride, padding=case.padding,
+                                   dilation=case.dilation, groups=case.groups, act=case.act, **inputs.op_kwargs(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [CASE, PROJECTION_ODD_CASES[0]], ids=str)
+def test_autocast_casts_the_conv_operands_as_conv2d_and_keeps_scale_and_shift(case, dtype):
+    """Inside torch.autocast the op takes float32 x, weight, residual and residual weight in
+    autocast's dtype and returns that dtype, as conv2d does; scale and shift stay float32. Same
+    answer as the op on inputs cast by hand."""
+    inputs = make_inputs(case, torch.float32, DEVICE)
+    with torch.autocast(DEVICE.type, dtype=dtype), ConvCallRecorder() as calls:
+        out = _case_call(inputs, case)
+    (args, kwargs), = calls.calls
+    operands = [args[0], args[1], args[4], *(args[11:12] or [kwargs.get("residual_weight")])]
+    assert [t.dtype for t in operands if t is not None] == [dtype] * (3 + (case.projection is not None))
+    assert [t.dtype for t in (args[2], args[3])] == [torch.float32, torch.float32]
+    projection = inputs.projection and dataclasses.replace(inputs.projection, weight=inputs.projection.weight.to(dtype))
+    cast = dataclasses.replace(inputs, x=inputs.x.to(dtype), weight=inputs.weight.to(dtype),
+                               residual=inputs.residual.to(dtype), projection=projection)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, _case_call(cast, case), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_autocast_leaves_float64_and_other_devices_alone_and_is_off_when_disabled(dtype):
+    """As conv2d: float64 is not cast, nor is anything with autocast disabled, nor CUDA tensors
+    under the CPU's autocast (that last check needs a CUDA device)."""
+    inputs = make_inputs(CASE, torch.float64, DEVICE)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        assert _case_call(inputs, CASE).dtype == torch.float64
+        with torch.autocast(DEVICE.type, enabled=False):
+            assert _case_call(make_inputs(CASE, torch.float32, DEVICE), CASE).dtype == torch.float32
+    if DEVICE.type == "cuda":  # autocast for the CPU leaves CUDA tensors alone
+        with torch.autocast("cpu", dtype=dtype):
+            assert _case_call(make_inputs(CASE, torch.float32, DEVICE), CASE).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_autocast_gradients_reach_the_float32_leaves(dtype):
+    """The casts are autograd's: the float32 weight gets a float32 gradient, the one the op
+    gives through casts made by hand."""
+    inputs = make_inputs(CASE, torch.float32, DEVICE)
+    probe = torch.randn(2, 16, 6, 6, device=DEVICE)
+    grads = []
+    for autocast in (True, False):
+        x, weight = inputs.x.clone().requires_grad_(), inputs.weight.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast):
+            args = (x, weight) if autocast else (x.to(dtype), weight.to(dtype))
+            out = fastres.ops.conv_bn_act(*args, inputs.scale, inputs.shift, inputs.residual.to(dtype), padding=1)
+        (out.float() * probe).sum().backward()
+        grads.append((x.grad, weight.grad))
+    assert [g.dtype for g in grads[0]] == [torch.float32, torch.float32]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_torch_compile_under_autocast_matches_eager_autocast():
+    torch._dynamo.reset()
+    model = _TinyBlock().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert compiled.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_auto_on_cpu_is_the_reference():

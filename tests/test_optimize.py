@@ -737,6 +737,24 @@ def test_the_original_model_is_not_changed():
     assert model.conv1.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_an_optimized_float32_model_under_autocast_fuses_every_chain_in_autocasts_dtype(dtype):
+    """torch.autocast on a float32 model: each fused op takes autocast's dtype, as eager's conv
+    would (never a float32 op, never an eager fallback), and fastres.verify passes at that dtype."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(torchvision.models.resnet50()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ConvCallRecorder() as calls:
+            out = optimized(x)
+        report = fastres.verify(model, optimized, x, per_layer=True)
+        assert out.dtype == model(x).dtype == dtype
+    assert len(calls.calls) == 49 and {(args[0].dtype, args[1].dtype) for args, _ in calls.calls} == {(dtype, dtype)}
+    assert report.ok and report.dtype == dtype and len(report.layers) == 49, str(report)
+
+
 def test_dtype_and_channels_last_options():
     optimized = fastres.optimize(torchvision.models.resnet18().eval(), dtype=torch.float64)
     assert optimized.conv1.weight.dtype == torch.float64
