@@ -157,7 +157,7 @@ class FusedConvBN(_Fused):
     def _outside_contract(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
         conv = self._modules_ref[0]
         dtype = autocast_dtype(x)  # under torch.autocast, both the op's and eager's conv compute in autocast's
-        if x.dim() != 4 or dtype != autocast_dtype(conv.weight):
+        if x.dim() != 4 or (conv.weight.dtype != x.dtype and autocast_dtype(conv.weight) != dtype):
             return f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
         if residual is None:
             return None
@@ -169,7 +169,7 @@ class FusedConvBN(_Fused):
             if residual.dim() != 4 or residual.shape[1] != pconv.in_channels:
                 return f"residual {got} is not the {pconv.in_channels}-channel input of {self.projection_name}"
             got = (got[0], pconv.out_channels, *output_hw(got[2], got[3], 1, 1, pconv.stride, (0, 0), (1, 1)))
-            got_dtype = autocast_dtype(residual)
+            got_dtype = dtype if residual.dtype == x.dtype else autocast_dtype(residual)
         # A residual of another dtype than the conv's output: eager's add would promote.
         if got != expected or got_dtype != dtype or residual.device != x.device:
             return f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {dtype}"

@@ -140,15 +140,16 @@ _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 # The operands autocast casts, by position in the schema (conv2d's: the convs' inputs and weights).
 _AUTOCAST_OPERANDS = (0, 1, 4, 11)
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # float64 is never cast
 _LIB = torch.library.Library("fastres", "IMPL")
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the op computes the operand `t` in: autocast's, for a float32 or float16/bfloat16
     tensor inside an autocast region enabled for its device type, else t's own."""
-    if (t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.device.type in _AUTOCAST_DEVICES
-            and torch.is_autocast_enabled(t.device.type)):
-        return torch.get_autocast_dtype(t.device.type)
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # (cheaper than t.device.type)
+    if device_type is not None and t.dtype in _AUTOCAST_CAST and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return t.dtype
 
 
