@@ -25,14 +25,15 @@ eager chain whenever a call is outside the op's contract (a broadcasting residua
 so the answer never changes, and returns the memory format eager's conv would have.
 Each rewritten module runs its own, unfused forward (on the same children) in train mode, as the
 graph was traced in eval mode, and while a module its graph does not call has a hook added
-after optimize (_EagerFallback).
+after optimize (fastres.graph_module.EagerFallback).
 A fused 1x1 conv + BN without activation whose only use is another fused chain's residual (a
 ResNet downsample branch) then becomes that chain's residual projection: both convs in one op,
 the branch's output never stored.
 
-The GraphModule that replaces a model's module is an instance of the module's own class (for a
-model's own classes) with its plain attributes, so isinstance, timm's pretrained_cfg and methods
-such as forward_features keep working, in a deepcopy and after torch.save / torch.load too.
+The GraphModule that replaces a model's module (fastres.graph_module) is an instance of the
+module's own class (for a model's own classes) with its plain attributes, so isinstance, timm's
+pretrained_cfg and methods such as forward_features keep working, in a deepcopy and after
+torch.save / torch.load too.
 
 Hooks (fastres.hooks): a module with forward or backward hooks is traced as a whole, so they see
 what they saw in eager; a hooked module that would have been traced through is then rewritten on
@@ -43,13 +44,10 @@ part of a fused chain. Hooks added later to a module the graph bypasses are watc
 from __future__ import annotations
 
 import copy
-import functools
 import operator
-import sys
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -59,7 +57,8 @@ import torch.nn.functional as F
 from fastres.backends import check_name
 from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
 from fastres.compilation import precompile
-from fastres.hooks import HookWatch, call_hooks, hook_memo, move_hooks
+from fastres.graph_module import EagerFallback, graph_module, is_rewritten
+from fastres.hooks import call_hooks, hook_memo, move_hooks
 from fastres.ops import autocast_dtype
 from fastres.problem import output_hw
 
@@ -492,7 +491,7 @@ def _projectable(module: FusedConvBN) -> bool:
 
 def _is_fastres(module: nn.Module) -> bool:
     """fastres's own modules (the zoo's, FusedConvBN) and models fastres.optimize made: kept whole."""
-    return isinstance(module, _Fused) or "_fastres_eager" in vars(module)
+    return isinstance(module, _Fused) or is_rewritten(module)
 
 
 def _report_as_before(module: nn.Module, prefix: str, report: OptimizeReport) -> None:
@@ -524,7 +523,7 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
         if isinstance(module, nn.Conv2d) and prefix.rstrip(".") not in report.entries:
             report.entries[prefix.rstrip(".")] = f"eager: not traceable with torch.fx ({type(exc).__name__})"
         return module
-    gm = _graph_module(module, graph, type(module))
+    gm = graph_module(module, graph, type(module))
     _fuse_graph(gm, prefix, backend, report)
     # fastres's own modules were leaves of this trace: report them. Hooked modules were too: fuse
     # inside them on their own.
@@ -540,179 +539,8 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     # The model's own class: its forward runs on gm's children. Torch's containers (no tensors of
     # their own): the original container runs.
     unfused = None if isinstance(gm, type(module)) else module
-    _EagerFallback.install(gm, type(module), unfused, [name for name in tracer.called if name not in still_called])
+    EagerFallback.install(gm, type(module), unfused, [name for name in tracer.called if name not in still_called])
     return gm
-
-
-def _graph_module(module: nn.Module, graph: fx.Graph, cls: type) -> fx.GraphModule:
-    """The GraphModule that runs `graph` in place of `module` (an instance of cls, or what torch.load
-    rebuilt of one): every child, root tensor and plain attribute of module's, as module had them."""
-    gm = _graph_module_class(cls)(module, graph, class_name=cls.__name__)
-    for name, value in vars(module).items():  # plain attributes: timm's pretrained_cfg, num_classes, ...
-        gm.__dict__.setdefault(name, value)
-    # GraphModule copies only what the graph touches, in the graph's order, into fresh containers;
-    # put the original children and root tensors back so every state_dict key (used or not) stays
-    # as it was, in its order.
-    children = dict(module.named_children())
-    gm._modules = {**children, **{name: child for name, child in gm._modules.items() if name not in children}}
-    for name, tensor in module._parameters.items():
-        if tensor is not None and not hasattr(gm, name):
-            gm.register_parameter(name, tensor)
-    for name, tensor in module._buffers.items():
-        if tensor is not None and not hasattr(gm, name):
-            gm.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
-    return gm
-
-
-class _EagerFallback:
-    """When a fused graph runs its model's own forward instead: in train mode (the graph was
-    traced in eval mode, its `self.training` branches and F.dropout(training=...) frozen so), and
-    while a module the graph runs without calling (a fused conv, BN or activation, a block traced
-    through) has hooks added after optimize, which only the model's forward would run.
-    The check is the first line of the graph's code (fx's on_generate_code)."""
-
-    def __init__(self, cls: type | None, unfused: nn.Module | None, watch: HookWatch | None) -> None:
-        self.cls, self.unfused, self.watch = cls, unfused, watch
-        self._warned = False
-
-    @staticmethod
-    def install(gm: fx.GraphModule, cls: type, unfused: nn.Module | None, bypassed: list[str]) -> None:
-        """Give gm, which replaces an instance of cls, its fallback to cls's forward: on gm itself,
-        or on `unfused` (a torch container whose children gm shares). `bypassed` names the modules
-        the traced forward called that gm's graph no longer calls."""
-        watch = HookWatch({name: gm.get_submodule(name) for name in bypassed})
-        gm._fastres_eager = _EagerFallback(cls, unfused, watch)
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        star = next((i for i, n in enumerate(names) if n.startswith("*")), len(names))
-        passed = ", ".join(["self", *names[:star], *(n if n.startswith("*") else f"{n}={n}" for n in names[star:])])
-        line = f"if self._fastres_eager.wanted(self): return self._fastres_eager({passed})\n"
-        gm.graph.on_generate_code(lambda previous: functools.partial(_prepend, line, previous))
-        gm.recompile()
-
-    def wanted(self, gm: nn.Module) -> bool:
-        if self.watch is None:
-            return False
-        if gm.training:
-            return True
-        hooked = self.watch.hooked()
-        if hooked is not None and not self._warned:
-            self._warned = True
-            warnings.warn(f"fastres: {hooked}, which the graph fastres.optimize fused would skip; the model runs "
-                          "its own, unfused forward while it is there (register hooks before optimize to keep the "
-                          "fused ops)", RuntimeWarning, stacklevel=3)
-        return hooked is not None
-
-    def __call__(self, gm: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.unfused is None:
-            return self.cls.forward(gm, *args, **kwargs)
-        self.unfused.training = gm.training
-        return self.cls.forward(self.unfused, *args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> _EagerFallback:
-        return _EagerFallback(self.cls, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo))
-
-    def __reduce__(self) -> tuple:
-        # Pickled inside fx's GraphModule state, which torch.load re-traces from the graph's code:
-        # off there, so the check drops out of the trace; _GraphModule.__reduce__ turns it back on.
-        return (_EagerFallback, (None, None, None))
-
-
-def _prepend(line: str, previous: Callable[[list[str]], list[str]] | None, body: list[str]) -> list[str]:
-    return [line, *(body if previous is None else previous(body))]
-
-
-class _GraphModule(fx.GraphModule):
-    """What replaces a traced module: fx's deepcopy keeps only what the graph uses and renames the
-    class; this one keeps plain attributes (the eager fallback, timm's pretrained_cfg) and the name.
-    fx's pickle loads back a plain GraphModule; this one's loads back its class and fallback too."""
-
-    def __reduce__(self) -> tuple:
-        fallback = self.__dict__.get("_fastres_eager")
-        cls = None if fallback is None else fallback.cls
-        if cls is None:
-            return fx.GraphModule.__reduce__(self)
-        if not _importable(cls):
-            warnings.warn(f"fastres: {cls.__qualname__} cannot be imported by name, so this optimized model "
-                          "pickles as fx's plain GraphModule: loaded, it runs the graph traced in eval mode in "
-                          "train mode too and skips hooks added to fused modules (save its state_dict instead)",
-                          RuntimeWarning, stacklevel=2)
-            return fx.GraphModule.__reduce__(self)
-        return (_load_graph_module, (fx.GraphModule.__reduce__(self), cls, fallback.unfused, fallback.watch.names))
-
-    def __deepcopy__(self, memo: dict) -> fx.GraphModule:
-        copied = fx.GraphModule.__deepcopy__(self, memo)
-        for name, value in self.__dict__.items():
-            if name not in copied.__dict__:
-                copied.__dict__[name] = copy.deepcopy(value, memo)
-        type(copied).__name__ = type(self).__name__
-        return copied
-
-
-def _importable(cls: type) -> bool:
-    """Whether pickle can find cls by its module and qualified name (not a class made in a function)."""
-    try:
-        return functools.reduce(getattr, cls.__qualname__.split("."), sys.modules[cls.__module__]) is cls
-    except (KeyError, AttributeError):
-        return False
-
-
-def _load_graph_module(fx_reduced: tuple, cls: type, unfused: nn.Module | None, bypassed: list[str]) -> fx.GraphModule:
-    """torch.load's rebuild of a _GraphModule: fx re-traces the saved code into a plain GraphModule
-    (the fallback's check, saved off, drops out of that trace); then the class and the fallback."""
-    load, (body, import_block) = fx_reduced
-    plain = load(body, import_block)
-    for container in ("_modules", "_parameters", "_buffers"):  # fx's keep only what its graph uses
-        setattr(plain, container, body[container])
-    gm = _graph_module(plain, plain.graph, cls)
-    move_hooks(plain, gm)
-    _EagerFallback.install(gm, cls, unfused, bypassed)
-    return gm
-
-
-class _GraphSequential(_GraphModule):
-    """What replaces an nn.Sequential: indexing, slicing, len and iteration see its layers (the
-    modules the graph's fused ops refer to), as the Sequential's would, not the fused modules."""
-
-    def _layer_names(self) -> list[str]:
-        return list(self._fastres_eager.unfused._modules)
-
-    def __getitem__(self, index: int | slice) -> nn.Module:
-        names = self._layer_names()
-        if isinstance(index, slice):
-            return nn.Sequential(OrderedDict((name, self._modules[name]) for name in names[index]))
-        return self._modules[names[index]]
-
-    def __len__(self) -> int:
-        return len(self._layer_names())
-
-    def __bool__(self) -> bool:  # fx tests `if graph.owning_module:`, before and after the layers are known
-        return True
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return (self._modules[name] for name in self._layer_names())
-
-
-class _ModuleInit(nn.Module):
-    """Between GraphModule and a model's class: GraphModule's super().__init__() is nn.Module's."""
-
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
-
-
-@functools.cache
-def _graph_module_class(cls: type) -> type:
-    """The GraphModule class that replaces an instance of `cls`: for a model's own classes (not
-    torch's, not containers, whose indexing would see the fused modules), a subclass of both, so
-    isinstance holds and cls's other methods (forward_features, get_classifier, ...) work; they
-    run on the original children: unfused, but right. A Sequential's indexes as a Sequential."""
-    if issubclass(cls, nn.Sequential):
-        return _GraphSequential
-    if cls.__module__.startswith("torch.") or issubclass(cls, (fx.GraphModule, nn.ModuleList, nn.ModuleDict)):
-        return _GraphModule
-    try:
-        return type(cls.__name__, (_GraphModule, _ModuleInit, cls), {"__module__": __name__})
-    except TypeError:  # a metaclass or __init_subclass__ that refuses: a plain GraphModule, as before
-        return _GraphModule
 
 
 def _copy(model: nn.Module) -> nn.Module:
