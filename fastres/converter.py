@@ -351,7 +351,8 @@ def _hooks_at(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def _describe(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str:
     if node.op == "output":
         return "the module's output"
-    return _unfused_activation(node, gm, value) or f"{node.op} {node.target}"
+    target = getattr(node.target, "__name__", node.target)  # a function by name, not by its repr's address
+    return _unfused_activation(node, gm, value) or f"{node.op} {target}"
 
 
 def _residual_of(node: fx.Node, value: fx.Node) -> fx.Node | None:
