@@ -545,11 +545,20 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    """optimize's deepcopy of `model`, sharing the user's hook callables (fastres.hooks.hook_memo)."""
+    """optimize's deepcopy of `model`, sharing the user's hook callables (fastres.hooks.hook_memo),
+    with every module in the mode it had in `model`."""
     try:
-        return copy.deepcopy(model, hook_memo(model))
+        copied = copy.deepcopy(model, hook_memo(model))
     except RuntimeError as exc:  # e.g. torch.nn.utils.weight_norm's computed weight
         raise RuntimeError(f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}") from exc
+    # Some modules come back from deepcopy in train mode: torchvision's feature extractor
+    # (DualGraphModule) re-runs its __init__, which calls train(). Its train() also swaps its graph.
+    if copied.training != model.training:
+        copied.train(model.training)
+    modes = {name: module.training for name, module in model.named_modules()}
+    for name, module in copied.named_modules():
+        module.training = modes.get(name, module.training)
+    return copied
 
 
 def optimize(

@@ -15,6 +15,9 @@ graphs never hold stale values; with autograd on it is recomputed every call, so
 BN's and the conv's parameters.
 A CUDA graph captured in eager mode keeps the folded values of capture time: capture again
 after changing BN parameters.
+torch.fx symbolic tracing (torchvision's create_feature_extractor, get_graph_node_names) sees
+torchvision's modules called in torchvision's order, so its node names are torchvision's; the
+traced module is unfused until fastres.optimize fuses it again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import weakref
 from typing import Any, Callable, TypeVar
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from fastres.hooks import has_call_hooks
@@ -172,7 +176,8 @@ def not_scriptable(module: nn.Module) -> nn.Module:
 
 class _Fused(nn.Module):
     """Shared switch: fused op in eval mode (backend chosen per module); the eager chain of modules
-    in train mode, and while one of the op's modules (conv, BN, a block's `relu`) has a hook."""
+    in train mode, under torch.fx symbolic tracing, and while one of the op's modules (conv, BN, a
+    block's `relu`) has a hook."""
 
     backend: str = "auto"
     __prepare_scriptable__ = not_scriptable
@@ -182,7 +187,7 @@ class _Fused(nn.Module):
         projection: Projection | nn.Module | None = None,
     ) -> torch.Tensor:
         act_module = self._modules.get("relu") if act == "relu" else None
-        if (self.training or isinstance(projection, nn.Module)
+        if (self.training or isinstance(projection, nn.Module) or isinstance(x, fx.Proxy)
                 or has_call_hooks(conv, bn, act_module, *(projection or ()))):
             return eager_conv_bn(conv, bn, x, residual, act, projection, act_module)
         return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection)
@@ -190,11 +195,11 @@ class _Fused(nn.Module):
     def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, Projection | nn.Module | None]:
         """The block's residual and its projection: the downsample's 1x1 conv + BN go into the
         block's last op (eval) when the op can take them, else run first, as their own op. In
-        train mode and while it has hooks, the downsample module is the projection: the last op
-        then runs eagerly, calling it where torchvision does."""
+        train mode, under fx tracing and while it has hooks, the downsample module is the
+        projection: the last op then runs eagerly, calling it where torchvision does."""
         if self.downsample is None:
             return x, None
-        if self.training or has_call_hooks(self.downsample):
+        if self.training or isinstance(x, fx.Proxy) or has_call_hooks(self.downsample):
             return x, self.downsample
         conv, bn = self.downsample[0], self.downsample[1]
         if is_projection_conv(conv) and len(self.downsample) == 2:

@@ -59,6 +59,23 @@ def test_under_autocast_the_zoo_is_torchvision_in_autocasts_dtype(dtype):
     assert report.ok and report.dtype == dtype, str(report)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_fx_tracing_sees_torchvisions_graph_and_optimize_fuses_it_again(arch):
+    """torchvision's feature extraction on a zoo model: torch.fx sees torchvision's modules and
+    node names (unfused while traced); fastres.optimize of the extractor fuses every conv again."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    theirs = randomize_batchnorm_(getattr(torchvision.models, arch)()).eval()
+    ours = ARCHITECTURES[arch](weights=theirs.state_dict()).eval()
+    assert get_graph_node_names(ours) == get_graph_node_names(theirs)
+    nodes = {"layer2": "mid", "layer4": "features"}
+    optimized = fastres.optimize(create_feature_extractor(ours, nodes))
+    assert len(optimized.fastres_report.fused) == len(optimized.fastres_report.entries)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), create_feature_extractor(theirs, nodes)(x), rtol=1e-4, atol=1e-4)
+
+
 def test_weights_from_a_path(tmp_path):
     theirs = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     path = tmp_path / "resnet18.pt"

@@ -40,6 +40,24 @@ def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = No
     return optimized
 
 
+def test_a_torchvision_feature_extractor_optimizes_in_eval_mode():
+    """create_feature_extractor's DualGraphModule comes back from copy.deepcopy in train mode with
+    its train graph (its __init__ calls train()); optimize's copy keeps the model's modes, so
+    every conv fuses and the features are eval mode's."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = randomize_batchnorm_(torchvision.models.resnet50()).eval()
+    extractor = create_feature_extractor(model, {"layer2": "mid", "layer4": "features"})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = extractor(x)
+        optimized = fastres.optimize(extractor)
+        with ConvCallRecorder() as calls:
+            got = optimized(x)
+    assert len(optimized.fastres_report.fused) == 53 and len(calls.calls) == 49
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def _faster_rcnn() -> tuple[nn.Module, list[torch.Tensor]]:
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=160)
