@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--image", type=int, default=224)
     verify.add_argument("--weights", type=Path, default=None, help="a state_dict file for the model (its own keys)")
     verify.add_argument("--per-layer", action="store_true", help="also check every fused layer on its own inputs")
+    verify.add_argument("--autocast", action="store_true",
+                        help="keep the model float32 and run it under torch.autocast at --dtype (fp16 or bf16)")
     verify.add_argument("--device", default=None)
 
     bench = sub.add_parser("bench", help="benchmark fused layers or whole models against cuDNN and torch.compile")
@@ -97,15 +99,21 @@ def _verify(args: argparse.Namespace) -> int:
     if (problem := model_name_problem(args.model)) is not None:
         print(f"fastres verify: {problem}", file=sys.stderr)
         return 2
+    if args.autocast and dtype not in (torch.float16, torch.bfloat16):
+        print(f"fastres verify: --autocast runs at fp16 or bf16, not {args.dtype}", file=sys.stderr)
+        return 2
+    stored = torch.float32 if args.autocast else dtype
     model = named_model(args.model)
     if args.weights is not None:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    model = model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    model = model.to(device=device, dtype=stored).to(memory_format=torch.channels_last)
     optimized = fastres.optimize(model, backend=args.backend)
     x = torch.randn(args.batch, 3, args.image, args.image, generator=torch.Generator().manual_seed(0))
-    x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    report = fastres.verify(model, optimized, x, per_layer=args.per_layer)
-    print(f"{args.model} on {device} ({args.batch}x3x{args.image}x{args.image}), backend={args.backend!r}")
+    x = x.to(device=device, dtype=stored).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype, enabled=args.autocast):
+        report = fastres.verify(model, optimized, x, per_layer=args.per_layer)
+    autocast = " under torch.autocast" if args.autocast else ""
+    print(f"{args.model} on {device} ({args.batch}x3x{args.image}x{args.image}){autocast}, backend={args.backend!r}")
     print(optimized.fastres_report.__str__().splitlines()[0])
     print(report)
     return 0 if report.ok else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastres
@@ -69,12 +70,21 @@ def test_verify_zoo_model_against_torchvision():
     assert fastres.verify(theirs, ours, torch.randn(1, 3, 32, 32)).ok
 
 
-def test_verify_command_line():
+@pytest.mark.parametrize("options,checked_at", [(["--dtype", "fp32"], "float32"),
+                                               (["--dtype", "bf16", "--autocast"], "bfloat16")], ids=["fp32", "autocast"])
+def test_verify_command_line(options, checked_at):
     out = subprocess.run(
-        [sys.executable, "-m", "fastres", "verify", "resnet18", "--dtype", "fp32", "--batch", "1", "--image", "32",
+        [sys.executable, "-m", "fastres", "verify", "resnet18", *options, "--batch", "1", "--image", "32",
          "--backend", "reference", "--per-layer"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "fastres.verify (float32): PASS" in out.stdout
+    assert f"fastres.verify ({checked_at}): PASS" in out.stdout
     assert "20 of 20 convs fused" in out.stdout
+    assert ("under torch.autocast" in out.stdout) == ("--autocast" in options)
+
+
+def test_verify_command_line_refuses_autocast_at_full_precision():
+    out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", "--dtype", "fp32", "--autocast"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--autocast runs at fp16 or bf16, not fp32" in out.stderr
