@@ -390,6 +390,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
     _drop_identities(gm)
     _views_to_reshapes(gm)
     fused = 0
+    calls: dict[str, list[str]] = {}  # per conv, what became of each of its calls (a shared conv has several)
     for conv_node in list(gm.graph.nodes):
         if conv_node.op != "call_module" or not isinstance(gm.get_submodule(conv_node.target), nn.Conv2d):
             continue
@@ -405,7 +406,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         if why is None and bn is not None:
             why = _bn_problem(bn, conv)
         if why is not None:
-            report.entries[name] = f"eager: {why}"
+            calls.setdefault(name, []).append(f"eager: {why}")
             continue
         chain = [conv_node] if bn is None else [conv_node, first]
         last, residual, act = chain[-1], None, "none"
@@ -418,12 +419,13 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
             chain.append(nxt)
             last, act = nxt, found
         if len(chain) == 1:  # a conv alone: its bias is all there is to fuse
-            report.entries[name] = ("eager: not followed by a BatchNorm, residual add or one of the op's "
-                                    f"activations (next: {_describe(first, gm, conv_node)})")
+            calls.setdefault(name, []).append("eager: not followed by a BatchNorm, residual add or one of the op's "
+                                              f"activations (next: {_describe(first, gm, conv_node)})")
             continue
         # an activation right after the chain that runs eagerly (named in the report)
         after = None if nxt is None or act != "none" else _eager_after(nxt, gm, last, prefix)
-        fused_name = f"{conv_node.target.replace('.', '_')}_fastres"
+        # One module per call: a conv called twice (shared weights) may end two different chains.
+        fused_name = _free_name(gm, f"{conv_node.target.replace('.', '_')}_fastres")
         gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend))
         with gm.graph.inserting_before(last):
             args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
@@ -433,8 +435,10 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
             gm.graph.erase_node(node)
         parts = "conv" + ("" if bn is None else "+bn") + ("+add" if residual is not None else "") + (
             "" if act == "none" else f"+{act}")
-        report.entries[name] = f"fused: {parts}" + ("" if after is None else f" (then {after}, runs eagerly)")
+        calls.setdefault(name, []).append(f"fused: {parts}" + ("" if after is None else f" (then {after}, runs eagerly)"))
         fused += 1
+    for name, whats in calls.items():
+        report.entries[name] = _calls_in_words(whats)
     _fuse_projections(gm, report)
     used = {node.target for node in gm.graph.nodes if node.op == "call_module"}
     for name, child in list(gm.named_children()):
@@ -443,6 +447,26 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
     gm.graph.lint()
     gm.recompile()
     return fused
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """base, or base_1, base_2, ...: the first name gm has no attribute of."""
+    name, n = base, 0
+    while hasattr(gm, name):
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _calls_in_words(whats: list[str]) -> str:
+    """A conv's report entry from what became of each of its calls (one, or several for a shared conv)."""
+    if len(whats) == 1:
+        return whats[0]
+    if len(set(whats)) == 1:
+        return f"{whats[0]} (each of its {len(whats)} calls)"
+    fused = sum(w.startswith("fused") for w in whats)
+    verdict = "fused" if fused == len(whats) else "eager" if fused == 0 else "partly fused"
+    return f"{verdict}: its {len(whats)} calls: " + " | ".join(whats)
 
 
 def _fused_module(gm: fx.GraphModule, node: object) -> FusedConvBN | None:

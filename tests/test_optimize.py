@@ -332,6 +332,45 @@ class Unfusable(nn.Module):
         return self.bn_no_stats(self.no_stats(y))
 
 
+class SharedConv(nn.Module):
+    """One conv called on two inputs, each call ending its own chain (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn1(self.conv(x))) + torch.sigmoid(self.bn2(self.conv(x * 2)))
+
+
+class SharedHead(nn.Module):
+    """One head run on every level of a feature pyramid (RetinaNet's head does this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        return [self.head(level) for level in (x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4))]
+
+
+@pytest.mark.parametrize("make,calls,entry", [
+    (SharedConv, 2, "fused: its 2 calls: fused: conv+bn+relu | fused: conv+bn+sigmoid"),
+    (SharedHead, 3, "fused: conv+relu (each of its 3 calls)"),
+], ids=["two-chains", "one-chain-three-times"])
+def test_a_conv_called_more_than_once_fuses_each_call_as_its_own_chain(make, calls, entry):
+    """Each call of a shared conv gets its own fused op (one module per call: a second chain must
+    not overwrite the first's BN or activation), and the report says what each call became."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(make()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    optimized = fastres.optimize(model, channels_last=False)
+    with torch.no_grad(), ConvCallRecorder() as recorded:
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(recorded.calls) == sum(isinstance(m, FusedConvBN) for m in optimized.modules()) == calls
+    assert next(iter(optimized.fastres_report.entries.values())) == entry
+
+
 def test_unfusable_chains_stay_eager_with_reasons():
     optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
     eager = optimized.fastres_report.eager
