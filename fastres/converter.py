@@ -235,14 +235,35 @@ def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
     return None
 
 
+class _InPlaceProxy(fx.Proxy):
+    """fx's Proxy has no __iadd__, so Python traces `a += b` as `a = a + b`: the graph then no
+    longer writes into a, which another name for that tensor, or the model's caller, may read.
+    This one records operator.iadd and kin, which run in place, as eager's code did."""
+
+
+def _in_place(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor",
+              "ilshift", "irshift"):
+    setattr(_InPlaceProxy, f"__{_name}__", _in_place(getattr(operator, _name)))
+
+
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
     fastres's own fused modules, and any module with call hooks (they must run as in eager).
-    `called` names every module the traced forward called, leaves or traced through."""
+    `called` names every module the traced forward called, leaves or traced through. In-place
+    operators stay in place (_InPlaceProxy)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.called: dict[str, None] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.called.setdefault(self.path_of_module(m))
@@ -356,12 +377,16 @@ def _describe(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str:
 
 
 def _residual_of(node: fx.Node, value: fx.Node) -> fx.Node | None:
-    """If `node` is value + other (alpha 1, no broadcasting scalar), the other operand."""
+    """If `node` is value + other (alpha 1, no broadcasting scalar), the other operand. Not for an
+    in-place add into `other` (`other += value`): code after it, or the caller, may read the
+    tensor it wrote, which the fused op would leave as it was."""
     is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target in _ADD_METHODS)
     if not is_add or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1 or set(node.kwargs) - {"alpha"}:
         return None
     a, b = node.args
+    if node.target in (operator.iadd, "add_") and a is not value:
+        return None
     other = b if a is value else a if b is value else None
     return other if isinstance(other, fx.Node) and other is not value else None
 

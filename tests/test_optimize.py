@@ -371,6 +371,43 @@ def test_a_conv_called_more_than_once_fuses_each_call_as_its_own_chain(make, cal
     assert next(iter(optimized.fastres_report.entries.values())) == entry
 
 
+class AddsInPlaceIntoItsResidual(nn.Module):
+    """`residual += chain` (or .add_) writes into the residual's tensor: in eager, another name for
+    it, or the model's input itself, sees the write."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        if self.style == "into-the-input":
+            x += self.bn(self.conv(x))
+            return F.relu(x)
+        residual = x * 1
+        kept = residual
+        if self.style == "aliased-iadd":
+            residual += self.bn(self.conv(x))
+        else:
+            residual.add_(self.bn(self.conv(x)))
+        return F.relu(residual) + kept
+
+
+@pytest.mark.parametrize("style", ["aliased-iadd", "aliased-add_", "into-the-input"])
+def test_an_in_place_add_into_the_residual_stays_in_place(style):
+    """fx alone would trace `a += b` as `a = a + b` and lose the write; optimize's tracer keeps it,
+    and such an add is not fused (the op would leave the residual as it was)."""
+    model = randomize_batchnorm_(AddsInPlaceIntoItsResidual(style)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    eager_input, fused_input = x.clone(), x.clone()
+    with torch.no_grad():
+        expected = model(eager_input)
+        optimized = fastres.optimize(model, channels_last=False)
+        torch.testing.assert_close(optimized(fused_input), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_input, eager_input, rtol=1e-5, atol=1e-5)
+    assert optimized.fastres_report.entries["conv"] == "fused: conv+bn"
+
+
 def test_unfusable_chains_stay_eager_with_reasons():
     optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
     eager = optimized.fastres_report.eager
