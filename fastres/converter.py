@@ -44,6 +44,7 @@ part of a fused chain. Hooks added later to a module the graph bypasses are watc
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -559,19 +560,63 @@ def _report_as_before(module: nn.Module, prefix: str, report: OptimizeReport) ->
             report.entries[prefix + name] = "eager: left unfused by an earlier fastres.optimize"
 
 
-def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport) -> nn.Module:
-    """The module with its chains fused: a GraphModule if it traces, else itself with rewritten children."""
+def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
+    """module's graph, its tracer, and the arguments it was traced with as constants. fx traces
+    every argument as a tensor, so `if mask is None:` took the other branch and the default call
+    broke: arguments whose defaults are constants (None, a flag, a number, a string) are traced as
+    those constants (the fallback runs calls that pass other values), unless example_inputs gives
+    them (`given` positional ones) or that trace fails (code that needs a tensor there): those
+    are traced as fx would."""
+    constants = _constant_defaults(module, given)
+    if constants:
+        try:
+            return _traced_as(module, constants)
+        except Exception:  # noqa: BLE001 - code that needs a tensor there: trace it as fx would
+            pass
+    return _traced_as(module, {})
+
+
+def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
+    tracer = _Tracer()
+    graph = tracer.trace(module, concrete_args=traced_with or None)
+    # fx names a constant's placeholder `name_1`, which would change the forward's keywords.
+    for node in graph.nodes:
+        original = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
+        if original in traced_with and node.target != original:
+            node.target = original
+            node._rename(original)
+    return tracer, graph, traced_with
+
+
+def _constant_defaults(module: nn.Module, given: int) -> dict[str, Any]:
+    """module.forward's arguments whose defaults are constants, with those defaults; but not its
+    first `given` positional arguments (example_inputs gives them)."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1 + given:]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+            and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport, given: int = 1) -> nn.Module:
+    """The module with its chains fused: a GraphModule if it traces, else itself with rewritten
+    children. `given`: how many positional arguments its calls pass (the model's example_inputs)."""
     if _is_fastres(module):
         _report_as_before(module, prefix, report)
         return module
-    tracer = _Tracer()
+    if _Tracer().is_whole(module, prefix.rstrip(".")):  # a conv, a BN, an activation: nothing inside to fuse
+        return module
     try:
-        graph = tracer.trace(module)
+        tracer, graph, traced_with = _trace(module, given)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: try the children
         for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Conv2d):
+                report.entries[f"{prefix}{child_name}"] = (
+                    f"eager: {prefix.rstrip('.') or 'the model'}, which calls it, is not traceable with torch.fx "
+                    f"({type(exc).__name__})")
             setattr(module, child_name, _rewrite(child, f"{prefix}{child_name}.", backend, report))
-        if isinstance(module, nn.Conv2d) and prefix.rstrip(".") not in report.entries:
-            report.entries[prefix.rstrip(".")] = f"eager: not traceable with torch.fx ({type(exc).__name__})"
         return module
     gm = graph_module(module, graph, type(module))
     _fuse_graph(gm, prefix, backend, report)
@@ -589,7 +634,8 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     # The model's own class: its forward runs on gm's children. Torch's containers (no tensors of
     # their own): the original container runs.
     unfused = None if isinstance(gm, type(module)) else module
-    EagerFallback.install(gm, type(module), unfused, [name for name in tracer.called if name not in still_called])
+    EagerFallback.install(gm, type(module), unfused, [name for name in tracer.called if name not in still_called],
+                          traced_with)
     return gm
 
 
@@ -624,7 +670,9 @@ def optimize(
     backend: the fused op's backend; dtype: cast the copy (e.g. torch.float16); channels_last:
     store 4-D weights channels_last (the kernels' fast layout). example_inputs: if given, the
     optimized copy is run on them once (its Triton kernels compiled first, all in one parallel
-    pool: fastres.precompile), and should that fail, the unfused copy is returned.
+    pool: fastres.precompile), and should that fail, the unfused copy is returned. Arguments of
+    forward with constant defaults (`mask=None`, `flag=False`) are traced as those defaults, and
+    calls that pass other values run the model's own forward, unless example_inputs passes them.
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
     """
     check_name(backend)
@@ -640,7 +688,8 @@ def optimize(
         model = model.to(memory_format=torch.channels_last)
     report = OptimizeReport(backend)
     baseline = _copy(model) if example_inputs is not None else None
-    optimized = _rewrite(model, "", backend, report)
+    given = len(example_inputs) if isinstance(example_inputs, tuple) else 1
+    optimized = _rewrite(model, "", backend, report, given)
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:
             report.entries[name] = "eager: not called by any traced forward"

@@ -59,36 +59,53 @@ class EagerFallback:
     the graph runs without calling (a fused conv, BN or activation, a block traced through) has
     hooks added after optimize, which only the model's forward would run."""
 
-    def __init__(self, cls: type | None, unfused: nn.Module | None, watch: HookWatch | None) -> None:
+    def __init__(self, cls: type | None, unfused: nn.Module | None, watch: HookWatch | None,
+                 traced_with: dict[str, Any] | None = None) -> None:
         self.cls, self.unfused, self.watch = cls, unfused, watch
-        self._warned = False
+        self.traced_with = traced_with or {}
+        self._warned: set[str] = set()
 
     @staticmethod
-    def install(gm: fx.GraphModule, cls: type, unfused: nn.Module | None, bypassed: list[str]) -> None:
+    def install(gm: fx.GraphModule, cls: type, unfused: nn.Module | None, bypassed: list[str],
+                traced_with: dict[str, Any]) -> None:
         """Give gm, which replaces an instance of cls, its fallback to cls's forward: on gm itself,
         or on `unfused` (a torch container whose children gm shares). `bypassed` names the modules
-        the traced forward called that gm's graph no longer calls."""
+        the traced forward called that gm's graph no longer calls; `traced_with`, the arguments
+        the graph was traced with as constants (their defaults: None, a flag): a call that passes
+        another value runs the forward, which branches on it."""
         watch = HookWatch({name: gm.get_submodule(name) for name in bypassed})
-        gm._fastres_eager = EagerFallback(cls, unfused, watch)
+        gm._fastres_eager = EagerFallback(cls, unfused, watch, traced_with)
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         star = next((i for i, n in enumerate(names) if n.startswith("*")), len(names))
         passed = ", ".join(["self", *names[:star], *(n if n.startswith("*") else f"{n}={n}" for n in names[star:])])
-        line = f"if self._fastres_eager.wanted(self): return self._fastres_eager({passed})\n"
+        checked = ", ".join(["self", *(f"{name}={name}" for name in traced_with)])
+        line = f"if self._fastres_eager.wanted({checked}): return self._fastres_eager({passed})\n"
         gm.graph.on_generate_code(lambda previous: functools.partial(_prepend, line, previous))
         gm.recompile()
 
-    def wanted(self, gm: nn.Module) -> bool:
+    def wanted(self, gm: nn.Module, **arguments: Any) -> bool:
         if self.watch is None:
             return False
         if gm.training:
             return True
+        for name, value in arguments.items():
+            traced = self.traced_with[name]
+            if value is not traced and (type(value) is not type(traced) or value != traced):
+                self._warn_once("arguments", f"fastres: this call's {name}={value!r} is not the {traced!r} the graph "
+                                "fastres.optimize fused was traced with; the model runs its own, unfused forward for "
+                                "such calls (to fuse them, give optimize example_inputs that pass it)")
+                return True
         hooked = self.watch.hooked()
-        if hooked is not None and not self._warned:
-            self._warned = True
-            warnings.warn(f"fastres: {hooked}, which the graph fastres.optimize fused would skip; the model runs "
-                          "its own, unfused forward while it is there (register hooks before optimize to keep the "
-                          "fused ops)", RuntimeWarning, stacklevel=3)
+        if hooked is not None:
+            self._warn_once("hooks", f"fastres: {hooked}, which the graph fastres.optimize fused would skip; the model runs "
+                            "its own, unfused forward while it is there (register hooks before optimize to keep the "
+                            "fused ops)")
         return hooked is not None
+
+    def _warn_once(self, why: str, message: str) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def __call__(self, gm: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.unfused is None:
@@ -97,7 +114,8 @@ class EagerFallback:
         return self.cls.forward(self.unfused, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> EagerFallback:
-        return EagerFallback(self.cls, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo))
+        return EagerFallback(self.cls, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo),
+                             self.traced_with)
 
     def __reduce__(self) -> tuple:
         # Pickled inside fx's GraphModule state, which torch.load re-traces from the graph's code:
@@ -125,7 +143,8 @@ class _GraphModule(fx.GraphModule):
                           "train mode too and skips hooks added to fused modules (save its state_dict instead)",
                           RuntimeWarning, stacklevel=2)
             return fx.GraphModule.__reduce__(self)
-        return (_load_graph_module, (fx.GraphModule.__reduce__(self), cls, fallback.unfused, fallback.watch.names))
+        return (_load_graph_module, (fx.GraphModule.__reduce__(self), cls, fallback.unfused, fallback.watch.names,
+                                     fallback.traced_with))
 
     def __deepcopy__(self, memo: dict) -> fx.GraphModule:
         copied = fx.GraphModule.__deepcopy__(self, memo)
@@ -144,7 +163,8 @@ def _importable(cls: type) -> bool:
         return False
 
 
-def _load_graph_module(fx_reduced: tuple, cls: type, unfused: nn.Module | None, bypassed: list[str]) -> fx.GraphModule:
+def _load_graph_module(fx_reduced: tuple, cls: type, unfused: nn.Module | None, bypassed: list[str],
+                       traced_with: dict[str, Any]) -> fx.GraphModule:
     """torch.load's rebuild of a _GraphModule: fx re-traces the saved code into a plain GraphModule
     (the fallback's check, saved off, drops out of that trace); then the class and the fallback."""
     load, (body, import_block) = fx_reduced
@@ -153,7 +173,7 @@ def _load_graph_module(fx_reduced: tuple, cls: type, unfused: nn.Module | None, 
         setattr(plain, container, body[container])
     gm = graph_module(plain, plain.graph, cls)
     move_hooks(plain, gm)
-    EagerFallback.install(gm, cls, unfused, bypassed)
+    EagerFallback.install(gm, cls, unfused, bypassed, traced_with)
     return gm
 
 

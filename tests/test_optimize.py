@@ -821,16 +821,74 @@ class Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
         self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         y = self.block(x)
-        return y * 2 if y.sum() > 0 else y
+        return self.head(y * 2 if y.sum() > 0 else y)
 
 
 def test_untraceable_top_level_falls_back_to_its_children():
-    optimized = _check(Untraceable(), torch.randn(2, 3, 6, 6), fused=1)
-    assert type(optimized) is Untraceable
+    """Its Sequential is fused; its own conv stays an nn.Conv2d (nothing to trace inside it), and
+    the report says why it runs eagerly."""
+    optimized = _check(Untraceable(), torch.randn(2, 3, 6, 6), fused=1, total=2)
+    assert type(optimized) is Untraceable and type(optimized.head) is nn.Conv2d
     assert optimized.fastres_report.entries["block.0"] == "fused: conv+bn+relu"
+    assert optimized.fastres_report.entries["head"] == "eager: the model, which calls it, is not traceable with torch.fx (TraceError)"
+
+
+class DefaultArguments(nn.Module):
+    """A forward whose optional arguments choose its path (`if scale is not None`, a flag), or
+    (`residual`) must be given a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x, scale=None, pooled: bool = False):
+        y = F.relu(self.bn(self.conv(x)))
+        if scale is not None:
+            y = y * scale
+        return y.mean((2, 3)) if pooled else y
+
+
+class NeedsItsResidual(DefaultArguments):
+    def forward(self, x, residual=None):
+        return F.relu(self.bn(self.conv(x)) + residual)
+
+
+def test_arguments_with_constant_defaults_are_traced_as_their_defaults():
+    """fx alone traces `scale=None` as a tensor, takes the `is not None` branch, and the default
+    call breaks; optimize traces constants as their defaults: the default call is fused, a call
+    with other values runs the model's own forward (and says so once), keyword calls work."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(DefaultArguments()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    optimized = fastres.optimize(model, channels_last=False)
+    assert optimized.fastres_report.entries["conv"] == "fused: conv+bn+relu"
+    warned = []
+    for kwargs in ({}, {"scale": 2.0}, {"pooled": True}, {"scale": torch.tensor(3.0), "pooled": False}, {}):
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught, ConvCallRecorder() as recorded:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(optimized(x, **kwargs), model(x, **kwargs), rtol=1e-5, atol=1e-5)
+        assert len(recorded.calls) == (0 if kwargs else 1), kwargs
+        warned += [str(w.message) for w in caught]
+    assert len(warned) == 1 and "this call's scale=2.0 is not the None the graph" in warned[0], warned
+
+
+def test_example_inputs_that_pass_an_argument_trace_it_as_a_tensor():
+    """A `residual=None` that callers always fill: with example_inputs passing it, the graph takes
+    it as a tensor and fuses the add; without, such calls run the model's own forward."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(NeedsItsResidual()).eval()
+    x, residual = torch.randn(2, 3, 6, 6), torch.randn(2, 8, 6, 6)
+    for example_inputs, fused_calls in (((x, residual), 1), (None, 0)):
+        optimized = fastres.optimize(model, channels_last=False, example_inputs=example_inputs)
+        with torch.no_grad(), warnings.catch_warnings(), ConvCallRecorder() as recorded:
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(optimized(x, residual), model(x, residual), rtol=1e-5, atol=1e-5)
+        assert len(recorded.calls) == fused_calls
+    assert fastres.optimize(model, example_inputs=(x, residual)).fastres_report.entries["conv"] == "fused: conv+bn+add+relu"
 
 
 def test_a_broadcasting_residual_runs_eagerly_and_says_so():
