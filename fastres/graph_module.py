@@ -93,7 +93,7 @@ class EagerFallback:
             if value is not traced and (type(value) is not type(traced) or value != traced):
                 self._warn_once("arguments", f"fastres: this call's {name}={value!r} is not the {traced!r} the graph "
                                 "fastres.optimize fused was traced with; the model runs its own, unfused forward for "
-                                "such calls (to fuse them, give optimize example_inputs that pass it)")
+                                "such calls (optimize traces the arguments its example_inputs do not pass as their defaults)")
                 return True
         hooked = self.watch.hooked()
         if hooked is not None:
