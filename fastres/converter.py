@@ -3,7 +3,9 @@ run as fused fastres ops, and report, conv by conv, what was fused and why not.
 
 How: torch.fx. The model is traced (symbolic_trace); a module that cannot be traced is left as it
 is and its children are tried one by one, so an untraceable top level still gets its blocks
-fused. In each graph a chain is fused when every link has exactly one user:
+fused. Two fx habits are corrected: forward's arguments with constant defaults are traced as
+those constants, not as tensors (_trace), and in-place operators stay in place (_InPlaceProxy).
+In each graph a chain is fused when every link has exactly one user:
 
     nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
     SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a

@@ -55,9 +55,10 @@ def graph_module(module: nn.Module, graph: fx.Graph, cls: type) -> fx.GraphModul
 
 
 class EagerFallback:
-    """When a fused graph runs its model's own forward instead: in train mode, and while a module
-    the graph runs without calling (a fused conv, BN or activation, a block traced through) has
-    hooks added after optimize, which only the model's forward would run."""
+    """When a fused graph runs its model's own forward instead: in train mode; while a module the
+    graph runs without calling (a fused conv, BN or activation, a block traced through) has hooks
+    added after optimize, which only the model's forward would run; and for a call whose argument
+    differs from the constant the graph was traced with (`traced_with`)."""
 
     def __init__(self, cls: type | None, unfused: nn.Module | None, watch: HookWatch | None,
                  traced_with: dict[str, Any] | None = None) -> None:
@@ -91,15 +92,16 @@ class EagerFallback:
         for name, value in arguments.items():
             traced = self.traced_with[name]
             if value is not traced and (type(value) is not type(traced) or value != traced):
-                self._warn_once("arguments", f"fastres: this call's {name}={value!r} is not the {traced!r} the graph "
-                                "fastres.optimize fused was traced with; the model runs its own, unfused forward for "
-                                "such calls (optimize traces the arguments its example_inputs do not pass as their defaults)")
+                self._warn_once("arguments", f"fastres: this call's {name}={value!r} is not the {traced!r} the "
+                                "graph fastres.optimize fused was traced with; the model runs its own, unfused forward "
+                                "for such calls (optimize traces the arguments its example_inputs do not pass as their "
+                                "defaults)")
                 return True
         hooked = self.watch.hooked()
         if hooked is not None:
-            self._warn_once("hooks", f"fastres: {hooked}, which the graph fastres.optimize fused would skip; the model runs "
-                            "its own, unfused forward while it is there (register hooks before optimize to keep the "
-                            "fused ops)")
+            self._warn_once("hooks", f"fastres: {hooked}, which the graph fastres.optimize fused would skip; the model "
+                            "runs its own, unfused forward while it is there (register hooks before optimize to keep "
+                            "the fused ops)")
         return hooked is not None
 
     def _warn_once(self, why: str, message: str) -> None:
