@@ -581,6 +581,10 @@ def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, 
 def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
     tracer = _Tracer()
     graph = tracer.trace(module, concrete_args=traced_with or None)
+    if not _output_reads_an_input(graph):
+        # fx followed no data from the inputs to the output: the forward returns what it kept
+        # elsewhere (timm's FeatureHookNet returns what hooks collected), which the trace froze.
+        raise RuntimeError("its traced output does not depend on its inputs")
     # fx names a constant's placeholder `name_1`, which would change the forward's keywords.
     for node in graph.nodes:
         original = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
@@ -588,6 +592,19 @@ def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer,
             node.target = original
             node._rename(original)
     return tracer, graph, traced_with
+
+
+def _output_reads_an_input(graph: fx.Graph) -> bool:
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    seen, stack = set(), list(output.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False
 
 
 def _constant_defaults(module: nn.Module, given: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ block it traced through) is seen by a HookWatch, so the graph can run its model'
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections import OrderedDict
 from typing import Iterator
@@ -69,12 +70,22 @@ def move_hooks(source: nn.Module, target: nn.Module) -> None:
 
 def hook_memo(model: nn.Module) -> dict[int, object]:
     """A copy.deepcopy memo under which the hook callables of `model` are kept, not copied; but a
-    hook that is a method of one of model's own modules (a quantization observer, a lazy module's
-    state_dict hook) is copied with its module, so the copy's hook acts on the copy."""
+    hook that is a method (or a functools.partial of one) of one of model's own modules, or of an
+    object one of them holds (a quantization observer, a lazy module's state_dict hook, timm's
+    FeatureHooks collecting features for FeatureHookNet), is copied with it, so the copy's hook
+    acts on the copy."""
     own = {id(module) for module in model.modules()}
+    own |= {id(value) for module in model.modules() for value in vars(module).values()}
     return {id(hook): hook for module in model.modules() for attr in _HOOK_STATE
             if isinstance(hooks := getattr(module, attr, None), dict) for hook in hooks.values()
-            if id(getattr(hook, "__self__", None)) not in own}
+            if id(_bound_to(hook)) not in own}
+
+
+def _bound_to(hook: object) -> object:
+    """The object a hook is a method of, through functools.partial wrappers; None for a function."""
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    return getattr(hook, "__self__", None)
 
 
 @contextlib.contextmanager

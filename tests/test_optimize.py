@@ -58,6 +58,25 @@ def test_a_torchvision_feature_extractor_optimizes_in_eval_mode():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_timms_hook_based_feature_extraction_collects_its_features_from_the_fused_model():
+    """timm's FeatureHookNet: forward hooks (partials of a FeatureHooks object the model holds)
+    collect the stages' outputs, and forward returns what they collected. The copy's hooks must
+    write into the copy's FeatureHooks, and a trace that froze the collected list (an output that
+    reads no input) is no trace: the stages are fused one by one, hooks and all."""
+    timm = pytest.importorskip("timm")
+    model = randomize_batchnorm_(timm.create_model("resnet50", features_only=True, feature_cls="hook",
+                                                   out_indices=(1, 2, 3))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        optimized = fastres.optimize(model)
+        with ConvCallRecorder() as calls:
+            got = optimized(x)
+    assert len(optimized.fastres_report.fused) == len(optimized.fastres_report.entries) == 53
+    assert len(calls.calls) == 49 and len(got) == len(expected) == 3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def _faster_rcnn() -> tuple[nn.Module, list[torch.Tensor]]:
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=160)
