@@ -40,32 +40,28 @@ def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = No
     return optimized
 
 
-def test_a_torchvision_feature_extractor_optimizes_in_eval_mode():
-    """create_feature_extractor's DualGraphModule comes back from copy.deepcopy in train mode with
-    its train graph (its __init__ calls train()); optimize's copy keeps the model's modes, so
-    every conv fuses and the features are eval mode's."""
+def _torchvision_extractor() -> nn.Module:
     from torchvision.models.feature_extraction import create_feature_extractor
 
     model = randomize_batchnorm_(torchvision.models.resnet50()).eval()
-    extractor = create_feature_extractor(model, {"layer2": "mid", "layer4": "features"})
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = extractor(x)
-        optimized = fastres.optimize(extractor)
-        with ConvCallRecorder() as calls:
-            got = optimized(x)
-    assert len(optimized.fastres_report.fused) == 53 and len(calls.calls) == 49
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    return create_feature_extractor(model, {"layer2": "mid", "layer3": "late", "layer4": "features"})
 
 
-def test_timms_hook_based_feature_extraction_collects_its_features_from_the_fused_model():
-    """timm's FeatureHookNet: forward hooks (partials of a FeatureHooks object the model holds)
-    collect the stages' outputs, and forward returns what they collected. The copy's hooks must
-    write into the copy's FeatureHooks, and a trace that froze the collected list (an output that
-    reads no input) is no trace: the stages are fused one by one, hooks and all."""
+def _timm_hook_features() -> nn.Module:
     timm = pytest.importorskip("timm")
-    model = randomize_batchnorm_(timm.create_model("resnet50", features_only=True, feature_cls="hook",
-                                                   out_indices=(1, 2, 3))).eval()
+    return randomize_batchnorm_(
+        timm.create_model("resnet50", features_only=True, feature_cls="hook", out_indices=(1, 2, 3))).eval()
+
+
+@pytest.mark.parametrize("make", [_torchvision_extractor, _timm_hook_features],
+                         ids=["torchvision-create_feature_extractor", "timm-FeatureHookNet"])
+def test_feature_extractors_fuse_every_conv_and_return_eagers_features(make):
+    """torchvision's extractor (a DualGraphModule) comes back from copy.deepcopy in train mode
+    with its train graph: optimize's copy keeps the model's modes. timm's FeatureHookNet returns
+    what forward hooks (partials of a FeatureHooks object it holds) collected: the copy's hooks
+    write into the copy's FeatureHooks, and a trace that froze the collected list (an output that
+    reads no input) is not used; its stages are fused one by one, hooks and all."""
+    model = make()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
