@@ -137,8 +137,9 @@ class _ConvTerm:
 
 _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 
-# The operands autocast casts, by position in the schema (conv2d's: the convs' inputs and weights).
-_AUTOCAST_OPERANDS = (0, 1, 4, 11)
+# The operands autocast casts (conv2d's: the convs' inputs and weights), by position in the schema.
+_AUTOCAST_OPERANDS = frozenset(i for i, argument in enumerate(torch.ops.fastres.conv_bn_act.default._schema.arguments)
+                               if argument.name in ("x", "weight", "residual", "residual_weight"))
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # float64 is never cast
 _LIB = torch.library.Library("fastres", "IMPL")
@@ -160,8 +161,9 @@ def _register_autocast(device_type: str) -> None:
     below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
     def kernel(_keyset, *args):
-        args = tuple(a.to(autocast_dtype(a)) if i in _AUTOCAST_OPERANDS and a is not None and a.device.type == device_type
-                     else a for i, a in enumerate(args))
+        args = tuple(a.to(autocast_dtype(a))
+                     if i in _AUTOCAST_OPERANDS and a is not None and a.device.type == device_type else a
+                     for i, a in enumerate(args))
         with torch._C._ExcludeDispatchKeyGuard(below):
             return torch.ops.fastres.conv_bn_act.default(*args)
 

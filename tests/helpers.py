@@ -45,6 +45,17 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, case: ConvCase, dtype: 
     assert result.ok, f"{case.name} {dtype}: {result.message}"
 
 
+def call_op(case: ConvCase, inputs: ConvInputs, **kwargs) -> torch.Tensor:
+    """fastres.ops.conv_bn_act on `inputs` with `case`'s conv arguments and activation; kwargs:
+    the op's other keywords (backend)."""
+    import fastres
+
+    return fastres.ops.conv_bn_act(
+        *inputs.op_args(), stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
+        act=case.act, **inputs.op_kwargs(), **kwargs,
+    )
+
+
 def run_op_case(
     case: ConvCase,
     dtype: torch.dtype,
@@ -56,18 +67,12 @@ def run_op_case(
     seed: int = 0,
 ) -> None:
     """Run fastres.ops.conv_bn_act on one case and check it against the float64 reference."""
-    import fastres
-
     inputs = make_inputs(case, dtype, device, seed)
     x = relayout(inputs.x, layout)
     residual = relayout(inputs.residual, residual_layout) if inputs.residual is not None else None
     if residual_alias:
         residual = x
-    out = fastres.ops.conv_bn_act(
-        x, inputs.weight, inputs.scale, inputs.shift, residual,
-        stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
-        act=case.act, backend=backend, **inputs.op_kwargs(),
-    )
+    out = call_op(case, dataclasses.replace(inputs, x=x, residual=residual), backend=backend)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert out.device.type == device.type
     assert_matches(out, reference_for(case, inputs, residual), case, dtype, inputs.gain)

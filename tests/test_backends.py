@@ -16,7 +16,7 @@ import fastres
 from fastres import tuning
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, make_inputs, model_cases, model_projection_cases
-from helpers import INTERPRETER, assert_matches, poison_cuda_allocator, reference_for, run_op_case
+from helpers import INTERPRETER, assert_matches, call_op, poison_cuda_allocator, reference_for, run_op_case
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda")
@@ -148,10 +148,7 @@ def _run_gpu(case, dtype, backend):
     inputs = make_inputs(case, dtype, GPU)
     p, q = case.output_hw
     poison_cuda_allocator(case.n * case.k * p * q * inputs.x.element_size(), GPU)
-    out = fastres.ops.conv_bn_act(
-        *inputs.op_args(), stride=case.stride, padding=case.padding, dilation=case.dilation,
-        groups=case.groups, act=case.act, backend=backend, **inputs.op_kwargs(),
-    )
+    out = call_op(case, inputs, backend=backend)
     assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.gain)
 
 

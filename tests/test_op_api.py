@@ -15,7 +15,7 @@ from fastres.numerics import ACT_FUNCTIONS, reference_conv_bn_act, tolerance
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import (ODD_CASES, PROJECTION_ODD_CASES, ConvCallRecorder, ConvCase, ConvInputs, ProjectionCase,
                             make_inputs)
-from helpers import DEVICE, INTERPRETER, assert_matches, run_op_case
+from helpers import DEVICE, INTERPRETER, assert_matches, call_op, run_op_case
 
 CASE = ConvCase("api", 2, 8, 6, 6, 16, 3, 3, padding=(1, 1), residual=True)
 
@@ -350,11 +350,6 @@ def test_torch_export_keeps_the_op():
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 
 
-def _case_call(inputs: ConvInputs, case: ConvCase, **kwargs) -> torch.Tensor:
-    return fastres.ops.conv_bn_act(*inputs.op_args(), stride=case.stride, padding=case.padding,
-                                   dilation=case.dilation, groups=case.groups, act=case.act, **inputs.op_kwargs(), **kwargs)
-
-
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
 @pytest.mark.parametrize("case", [CASE, PROJECTION_ODD_CASES[0]], ids=str)
 def test_autocast_casts_the_conv_operands_as_conv2d_and_keeps_scale_and_shift(case, dtype):
@@ -363,7 +358,7 @@ def test_autocast_casts_the_conv_operands_as_conv2d_and_keeps_scale_and_shift(ca
     answer as the op on inputs cast by hand."""
     inputs = make_inputs(case, torch.float32, DEVICE)
     with torch.autocast(DEVICE.type, dtype=dtype), ConvCallRecorder() as calls:
-        out = _case_call(inputs, case)
+        out = call_op(case, inputs)
     (args, kwargs), = calls.calls
     operands = [args[0], args[1], args[4], *(args[11:12] or [kwargs.get("residual_weight")])]
     assert [t.dtype for t in operands if t is not None] == [dtype] * (3 + (case.projection is not None))
@@ -372,7 +367,7 @@ def test_autocast_casts_the_conv_operands_as_conv2d_and_keeps_scale_and_shift(ca
     cast = dataclasses.replace(inputs, x=inputs.x.to(dtype), weight=inputs.weight.to(dtype),
                                residual=inputs.residual.to(dtype), projection=projection)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, _case_call(cast, case), rtol=0, atol=0)
+    torch.testing.assert_close(out, call_op(case, cast), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
@@ -381,12 +376,12 @@ def test_autocast_leaves_float64_and_other_devices_alone_and_is_off_when_disable
     under the CPU's autocast (that last check needs a CUDA device)."""
     inputs = make_inputs(CASE, torch.float64, DEVICE)
     with torch.autocast(DEVICE.type, dtype=dtype):
-        assert _case_call(inputs, CASE).dtype == torch.float64
+        assert call_op(CASE, inputs).dtype == torch.float64
         with torch.autocast(DEVICE.type, enabled=False):
-            assert _case_call(make_inputs(CASE, torch.float32, DEVICE), CASE).dtype == torch.float32
+            assert call_op(CASE, make_inputs(CASE, torch.float32, DEVICE)).dtype == torch.float32
     if DEVICE.type == "cuda":  # autocast for the CPU leaves CUDA tensors alone
         with torch.autocast("cpu", dtype=dtype):
-            assert _case_call(make_inputs(CASE, torch.float32, DEVICE), CASE).dtype == torch.float32
+            assert call_op(CASE, make_inputs(CASE, torch.float32, DEVICE)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
