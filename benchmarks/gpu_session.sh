@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh setup test            # build + every gpu test (or: test-triton,
 #                                                        #   then test-others, if it needs two calls)
 #   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck
+#   bash benchmarks/gpu_session.sh setup test-onnx       # torch.onnx.export of GPU models (tests/test_onnx.py)
 #   bash benchmarks/gpu_session.sh setup layers          # ResNet-50 layers + block tails, fp16
 #   bash benchmarks/gpu_session.sh setup layers-others   # ResNet-18 / ResNeXt-50 layers, fp16
 #   bash benchmarks/gpu_session.sh setup models-256      # whole models at batch 256 (throughput)
@@ -16,7 +17,7 @@
 #
 # The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks:
 # on this (networked) machine run `bash benchmarks/gpu_session.sh wheels` once, then name `.whl`
-# in each device call's `carry`. Set FASTRES_COMMIT to the commit being measured. Logs, JSON and
+# in each device call's `carry` (.whl/onnx/ holds ONNX's, installed by test-onnx alone, apart). Set FASTRES_COMMIT to the commit being measured. Logs, JSON and
 # plots go to $OUT (8 files come back at most), a short table last, and each stage's wall time.
 #
 # Nothing measured is lost to the call's time limit, and the next call goes on from it:
@@ -44,6 +45,10 @@ stage_wheels() {
     $PY -m pip download -q --dest .whl --only-binary=:all: --no-deps --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
         -c constraints.txt nvidia-cutlass expecttest && ls .whl
+    # ONNX and its runtime with their compiled dependencies: ~36 MB, only for test-onnx
+    $PY -m pip download -q --dest .whl/onnx --only-binary=:all: --no-deps --python-version 3.12 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+        -c constraints.txt onnx onnxscript onnx-ir onnxruntime ml_dtypes protobuf flatbuffers && ls .whl/onnx
 }
 
 stage_setup() {
@@ -89,6 +94,13 @@ stage_test() { gpu_tests test-gpu; }
 # The same tests in two halves, for when `test` does not fit one 10-minute call.
 stage_test-triton() { gpu_tests test-gpu-triton tests/test_triton_backend.py; }
 stage_test-others() { gpu_tests test-gpu-others --ignore=tests/test_triton_backend.py; }
+
+stage_test-onnx() {
+    # In their own --target, so the benchmarks' stages never import what ONNX's wheels bring.
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-onnx .whl/onnx/*.whl \
+        || return 1
+    PYTHONPATH=/tmp/site-onnx${PYTHONPATH:+:$PYTHONPATH} logged test-onnx.log 25 $PY -m pytest -q -p no:cacheprovider tests/test_onnx.py
+}
 
 stage_sanitize() {
     # memcheck on a few shapes per backend and on one Hopper and one Ampere CUTLASS kernel over all

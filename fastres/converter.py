@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
+from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize, records_modules
 from fastres.compilation import precompile
 from fastres.graph_module import EagerFallback, graph_module, is_rewritten
 from fastres.hooks import call_hooks, hook_memo, move_hooks
@@ -112,7 +112,8 @@ class FusedConvBN(_Fused):
     is the op's shift.
 
     conv or bn in train mode (in a model otherwise in eval), or a call outside the op's contract,
-    runs the eager chain. A _Fused module: fastres.nn.set_backend reaches it.
+    runs the eager chain; so does torch.onnx.export, which then writes the model's own modules.
+    A _Fused module: fastres.nn.set_backend reaches it.
     """
 
     def __init__(
@@ -143,7 +144,7 @@ class FusedConvBN(_Fused):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self._modules_ref
         projection = self._projection_ref
-        if any(m.training for m in self.fused_modules()):
+        if any(m.training for m in self.fused_modules()) or records_modules(x):
             return eager_conv_bn(conv, bn, x, residual, self.act, projection)
         why = self._outside_contract(x, residual)
         if why is not None:

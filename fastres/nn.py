@@ -17,7 +17,9 @@ A CUDA graph captured in eager mode keeps the folded values of capture time: cap
 after changing BN parameters.
 torch.fx symbolic tracing (torchvision's create_feature_extractor, get_graph_node_names) sees
 torchvision's modules called in torchvision's order, so its node names are torchvision's; the
-traced module is unfused until fastres.optimize fuses it again.
+traced module is unfused until fastres.optimize fuses it again. torch.onnx.export sees them too:
+ONNX has no fastres op, and the exported graph is torchvision's (Conv, BatchNormalization, Add,
+Relu), which ONNX Runtime and TensorRT fuse themselves.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 from fastres.hooks import has_call_hooks
 from fastres.numerics import ACT_FUNCTIONS, fold_bn
-from fastres.ops import conv_bn_act
+from fastres.ops import conv_bn_act, exporting_to_onnx
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
 
@@ -167,6 +169,12 @@ def eager_conv_bn(
     return ACT_FUNCTIONS[act](y) if act_module is None else act_module(y)
 
 
+def records_modules(x: torch.Tensor) -> bool:
+    """Whether the call is being recorded for another runtime that should see the model's own
+    modules, not the op: torch.fx symbolic tracing, or torch.onnx.export."""
+    return isinstance(x, fx.Proxy) or exporting_to_onnx()
+
+
 def not_scriptable(module: nn.Module) -> nn.Module:
     """torch.jit.script's hook on fused modules: refuse in words, rather than fail deep in TorchScript."""
     raise RuntimeError(
@@ -176,8 +184,8 @@ def not_scriptable(module: nn.Module) -> nn.Module:
 
 class _Fused(nn.Module):
     """Shared switch: fused op in eval mode (backend chosen per module); the eager chain of modules
-    in train mode, under torch.fx symbolic tracing, and while one of the op's modules (conv, BN, a
-    block's `relu`) has a hook."""
+    in train mode, under torch.fx symbolic tracing and torch.onnx.export, and while one of the op's
+    modules (conv, BN, a block's `relu`) has a hook."""
 
     backend: str = "auto"
     __prepare_scriptable__ = not_scriptable
@@ -187,7 +195,7 @@ class _Fused(nn.Module):
         projection: Projection | nn.Module | None = None,
     ) -> torch.Tensor:
         act_module = self._modules.get("relu") if act == "relu" else None
-        if (self.training or isinstance(projection, nn.Module) or isinstance(x, fx.Proxy)
+        if (self.training or isinstance(projection, nn.Module) or records_modules(x)
                 or has_call_hooks(conv, bn, act_module, *(projection or ()))):
             return eager_conv_bn(conv, bn, x, residual, act, projection, act_module)
         return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection)
@@ -195,11 +203,11 @@ class _Fused(nn.Module):
     def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, Projection | nn.Module | None]:
         """The block's residual and its projection: the downsample's 1x1 conv + BN go into the
         block's last op (eval) when the op can take them, else run first, as their own op. In
-        train mode, under fx tracing and while it has hooks, the downsample module is the
-        projection: the last op then runs eagerly, calling it where torchvision does."""
+        train mode, under fx tracing or ONNX export and while it has hooks, the downsample module is
+        the projection: the last op then runs eagerly, calling it where torchvision does."""
         if self.downsample is None:
             return x, None
-        if self.training or isinstance(x, fx.Proxy) or has_call_hooks(self.downsample):
+        if self.training or records_modules(x) or has_call_hooks(self.downsample):
             return x, self.downsample
         conv, bn = self.downsample[0], self.downsample[1]
         if is_projection_conv(conv) and len(self.downsample) == 2:

@@ -12,6 +12,10 @@ to autocast's dtype (float32 ones; float64 stays), while scale and shift stay as
 since the epilogue applies them in float32 anyway. So an autocast model's fused ops run on the
 tensor cores, as its eager convs would, and return autocast's dtype.
 
+ONNX has no such op and its runtimes (ONNX Runtime, TensorRT) fuse conv chains themselves, so
+under torch.onnx.export conv_bn_act records its arithmetic in standard ops instead of the custom op
+(Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue).
+
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
 aten.convolution_backward, so saliency maps, Grad-CAM or input gradients of an eval-mode fused
@@ -21,16 +25,18 @@ model are eager's. Not twice differentiable.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from fastres import backends
+from fastres.backends import reference
 from fastres.numerics import ACT_BACKWARDS
 from fastres.problem import ConvProblem, Projection, check_inputs, empty_output, pair
 
-__all__ = ["conv_bn_act", "autocast_dtype"]
+__all__ = ["conv_bn_act", "autocast_dtype", "exporting_to_onnx"]
 
 
 @torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
@@ -174,6 +180,13 @@ for _device_type in _AUTOCAST_DEVICES:
     _register_autocast(_device_type)
 
 
+def exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export (either exporter) is tracing the caller: it cannot export the op."""
+    # torch.onnx.is_in_onnx_export costs ~1 us a call; outside of tracing, the first test answers in
+    # ~0.2 us. Its exporters trace with torch.export (is_compiling holds) or torch.jit.trace.
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+
+
 def _projection(
     weight: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, stride: Sequence[int] | None
 ) -> Projection | None:
@@ -215,9 +228,26 @@ def conv_bn_act(
     + residual_shift[k], kept in fp32 inside the kernel. Backends without a fused form run it as two calls.
     Returns a channels_last tensor of x's dtype.
     """
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if exporting_to_onnx():
+        return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
+                             _projection(residual_weight, residual_scale, residual_shift, residual_stride))
     return torch.ops.fastres.conv_bn_act(
-        x, weight, scale, shift, residual,
-        list(pair(stride, "stride")), list(pair(padding, "padding")), list(pair(dilation, "dilation")),
+        x, weight, scale, shift, residual, list(stride), list(padding), list(dilation),
         groups, act, backend, residual_weight, residual_scale, residual_shift,
         None if residual_stride is None else list(pair(residual_stride, "residual_stride")),
     )
+
+
+def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend, projection):
+    """The op, checked as the op checks, in ops ONNX has: convs in x's dtype (tensor cores in the
+    runtime), the epilogue in float32 as in the kernels, x's dtype out."""
+    backends.check_name(backend)
+    with warnings.catch_warnings():
+        # The TorchScript exporter traces sizes as tensors; the checks hold for the shapes it exports.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, projection)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
+                        stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return y.to(x.dtype)

@@ -29,13 +29,38 @@ def fuses_projection(problem: ConvProblem) -> bool:
 
 
 def _conv_bn(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
-             compute: torch.dtype, **conv_args) -> torch.Tensor:
-    y = F.conv2d(x.to(compute), weight.to(compute), None, **conv_args)
+             compute: torch.dtype, conv_dtype: torch.dtype, **conv_args) -> torch.Tensor:
+    y = F.conv2d(x.to(conv_dtype), weight.to(conv_dtype), None, **conv_args).to(compute)
     if scale is not None:
         y = y * scale.to(compute).view(1, -1, 1, 1)
     if shift is not None:
         y = y + shift.to(compute).view(1, -1, 1, 1)
     return y
+
+
+def chain(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    projection: Projection | None,
+    act: str,
+    compute: torch.dtype,
+    conv_dtype: torch.dtype | None = None,
+    **conv_args,
+) -> torch.Tensor:
+    """The op's arithmetic in standard torch ops, in `compute`'s precision (the convs in
+    conv_dtype's, default compute's): the reference, and what an ONNX export of the op records
+    (fastres.ops.conv_bn_act)."""
+    conv_dtype = conv_dtype or compute
+    y = _conv_bn(x, weight, scale, shift, compute, conv_dtype, **conv_args)
+    if projection is not None:
+        residual = _conv_bn(residual, projection.weight, projection.scale, projection.shift, compute, conv_dtype,
+                            stride=projection.stride)
+    if residual is not None:
+        y = y + residual.to(compute)
+    return ACT_FUNCTIONS[act](y)
 
 
 def run(
@@ -48,12 +73,6 @@ def run(
     projection: Projection | None = None,
 ) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" and x.dtype != torch.float64 else torch.float64
-    y = _conv_bn(x, weight, scale, shift, compute, stride=problem.stride, padding=problem.padding,
-                 dilation=problem.dilation, groups=problem.groups)
-    if projection is not None:
-        residual = _conv_bn(residual, projection.weight, projection.scale, projection.shift, compute,
-                            stride=projection.stride)
-    if residual is not None:
-        y = y + residual.to(compute)
-    y = ACT_FUNCTIONS[problem.act](y)
+    y = chain(x, weight, scale, shift, residual, projection, problem.act, compute, stride=problem.stride,
+              padding=problem.padding, dilation=problem.dilation, groups=problem.groups)
     return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
