@@ -5,6 +5,9 @@ How: torch.fx. The model is traced (symbolic_trace); a module that cannot be tra
 is and its children are tried one by one, so an untraceable top level still gets its blocks
 fused. Two fx habits are corrected: forward's arguments with constant defaults are traced as
 those constants, not as tensors (_trace), and in-place operators stay in place (_InPlaceProxy).
+fx does not record `with` blocks either: a forward that switches grad mode, inference mode or
+autocast around traced code (`with torch.no_grad():`, a `@torch.autocast` forward) is treated
+as untraceable (_Tracer.create_node), since its graph would run without them.
 In each graph a chain is fused when every link has exactly one user:
 
     nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
@@ -256,15 +259,38 @@ for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
     setattr(_InPlaceProxy, f"__{_name}__", _in_place(getattr(operator, _name)))
 
 
+class UnfaithfulTrace(RuntimeError):
+    """The forward traced, but its graph would not compute what the forward computes."""
+
+
+def _modes() -> dict[str, Any]:
+    """The global modes a forward may switch with a `with` block, which fx does not record."""
+    return {"grad mode": torch.is_grad_enabled(), "inference mode": torch.is_inference_mode_enabled(),
+            **{f"{d} autocast": (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}}
+
+
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
     fastres's own fused modules, and any module with call hooks (they must run as in eager).
     `called` names every module the traced forward called, leaves or traced through. In-place
-    operators stay in place (_InPlaceProxy)."""
+    operators stay in place (_InPlaceProxy). A node recorded while the forward has switched a
+    global mode (_modes) ends the trace with UnfaithfulTrace."""
 
     def __init__(self) -> None:
         super().__init__()
         self.called: dict[str, None] = {}
+        self._modes_at_start: dict[str, Any] = {}
+
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._modes_at_start = _modes()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        switched = [name for name, mode in _modes().items() if mode != self._modes_at_start[name]]
+        if switched:
+            raise UnfaithfulTrace(f"its forward switches {' and '.join(switched)} inside, which torch.fx "
+                                  "does not record")
+        return super().create_node(*args, **kwargs)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
@@ -585,7 +611,7 @@ def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer,
     if not _output_reads_an_input(graph):
         # fx followed no data from the inputs to the output: the forward returns what it kept
         # elsewhere (timm's FeatureHookNet returns what hooks collected), which the trace froze.
-        raise RuntimeError("its traced output does not depend on its inputs")
+        raise UnfaithfulTrace("its traced output does not depend on its inputs")
     # fx names a constant's placeholder `name_1`, which would change the forward's keywords.
     for node in graph.nodes:
         original = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
@@ -631,11 +657,12 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     try:
         tracer, graph, traced_with = _trace(module, given)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: try the children
+        why = str(exc) if isinstance(exc, UnfaithfulTrace) else type(exc).__name__
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Conv2d):
                 report.entries[f"{prefix}{child_name}"] = (
                     f"eager: {prefix.rstrip('.') or 'the model'}, which calls it, is not traceable with torch.fx "
-                    f"({type(exc).__name__})")
+                    f"({why})")
             setattr(module, child_name, _rewrite(child, f"{prefix}{child_name}.", backend, report))
         return module
     gm = graph_module(module, graph, type(module))

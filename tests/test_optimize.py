@@ -423,6 +423,69 @@ def test_an_in_place_add_into_the_residual_stays_in_place(style):
     assert optimized.fastres_report.entries["conv"] == "fused: conv+bn"
 
 
+class SwitchesAModeInside(nn.Module):
+    """A forward that switches a global mode around its own chain (`block`) or around a child
+    model's call (`child`): torch.fx records neither the `with` block nor a decorator."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.child = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def _chain(self, x):
+        return self.child(F.relu(self.bn(self.conv(x))))
+
+    def forward(self, x):
+        if self.style == "no_grad-block":
+            with torch.no_grad():
+                y = F.relu(self.bn(self.conv(x)))
+            return self.child(y)
+        if self.style == "autocast-block":
+            y = F.relu(self.bn(self.conv(x)))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.child(y)
+        if self.style == "set_grad_enabled-call":
+            torch.set_grad_enabled(False)
+            try:
+                return self._chain(x)
+            finally:
+                torch.set_grad_enabled(True)
+        return getattr(self, self.style)(x)
+
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def autocast_decorated(self, x):
+        return self._chain(x)
+
+    @torch.inference_mode()
+    def inference_mode_decorated(self, x):
+        return self._chain(x)
+
+
+@pytest.mark.parametrize("style", ["no_grad-block", "autocast-block", "set_grad_enabled-call", "autocast_decorated",
+                                   "inference_mode_decorated"])
+def test_a_forward_that_switches_grad_mode_or_autocast_is_not_traced(style):
+    """fx would trace through the switch and the graph would run without it: float32 where eager
+    gives bfloat16, gradients where eager has none. Such a forward is left as it is, with the
+    reason in the report; its child module is fused on its own and runs inside the switch."""
+    model = randomize_batchnorm_(SwitchesAModeInside(style)).eval()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    expected = model(x)
+    optimized = fastres.optimize(model, channels_last=False)
+    with ConvCallRecorder() as recorded:
+        got = optimized(x)
+    assert got.dtype == expected.dtype and got.requires_grad == expected.requires_grad
+    assert got.is_inference() == expected.is_inference()
+    tol = 2e-2 if expected.dtype == torch.bfloat16 else 1e-5  # the fused op rounds once, eager after each step
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    mode = {"no_grad-block": "grad mode", "set_grad_enabled-call": "grad mode",
+            "inference_mode_decorated": "grad mode and inference mode"}.get(style, "cpu autocast")
+    assert optimized.fastres_report.entries["conv"] == (
+        f"eager: the model, which calls it, is not traceable with torch.fx (its forward switches {mode} inside, "
+        "which torch.fx does not record)")
+    assert optimized.fastres_report.entries["child.0"] == "fused: conv+bn+relu" and len(recorded.calls) == 1
+
+
 def test_unfusable_chains_stay_eager_with_reasons():
     optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
     eager = optimized.fastres_report.eager
