@@ -5,7 +5,8 @@ parallel, times them, then does the same for the leaders' variants, layer by lay
 is a few compiles, far fewer than the cores of a GPU machine, so a whole model spends most of its
 first call waiting on short, half-empty compile pools. `precompile` runs the model once on meta
 tensors (no memory, no GPU work) to list its fastres ops, then compiles every config those ops
-will launch in one pool: tuning afterwards finds each kernel compiled.
+will launch in one pool: tuning afterwards finds each kernel compiled. Inside a torch.autocast
+region it lists them as autocast will cast them (meta tensors are outside autocast).
 `fastres.optimize(model, example_inputs=...)` calls it before its example run.
 """
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from fastres import backends
 from fastres.backends import triton as triton_backend
+from fastres.ops import autocast_arguments
 from fastres.problem import ConvProblem, Projection, empty_output, pair
 from fastres.shapes import on_device, record_meta_run
 
@@ -39,7 +41,7 @@ def precompile(model: nn.Module, *inputs: Any) -> int:
 
     def counted() -> Iterator[Callable[[], Any]]:
         nonlocal count
-        for launch in compile_launches(recorded_calls(model, inputs), device):
+        for launch in compile_launches(recorded_calls(model, inputs, device.type), device):
             count += 1
             yield launch
 
@@ -50,10 +52,12 @@ def precompile(model: nn.Module, *inputs: Any) -> int:
     return count
 
 
-def recorded_calls(model: nn.Module, inputs: tuple) -> list[dict[str, Any]]:
+def recorded_calls(model: nn.Module, inputs: tuple, device_type: str | None = None) -> list[dict[str, Any]]:
     """Every fastres::conv_bn_act call of model(*inputs), run on meta copies of its parameters,
-    buffers and inputs, as the op's arguments by name (None for those left out)."""
-    return [by_name(call_args, kwargs) for call_args, kwargs in record_meta_run(model, inputs).calls]
+    buffers and inputs, as the op's arguments by name (None for those left out); with
+    device_type, cast as the op's autocast rule casts them there in the current autocast region."""
+    calls = [by_name(call_args, kwargs) for call_args, kwargs in record_meta_run(model, inputs).calls]
+    return calls if device_type is None else [autocast_arguments(call, device_type) for call in calls]
 
 
 def by_name(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

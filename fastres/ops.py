@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from fastres.backends import reference
 from fastres.numerics import ACT_BACKWARDS
 from fastres.problem import ConvProblem, Projection, check_inputs, empty_output, pair
 
-__all__ = ["conv_bn_act", "autocast_dtype", "exporting_to_onnx"]
+__all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx"]
 
 
 @torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
@@ -143,9 +143,10 @@ class _ConvTerm:
 
 _conv_bn_act.register_autograd(_backward, setup_context=_setup_context)
 
-# The operands autocast casts (conv2d's: the convs' inputs and weights), by position in the schema.
+# The operands autocast casts (conv2d's: the convs' inputs and weights), by name and by position.
+_AUTOCAST_NAMES = frozenset({"x", "weight", "residual", "residual_weight"})
 _AUTOCAST_OPERANDS = frozenset(i for i, argument in enumerate(torch.ops.fastres.conv_bn_act.default._schema.arguments)
-                               if argument.name in ("x", "weight", "residual", "residual_weight"))
+                               if argument.name in _AUTOCAST_NAMES)
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 _AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # float64 is never cast
 _LIB = torch.library.Library("fastres", "IMPL")
@@ -154,10 +155,20 @@ _LIB = torch.library.Library("fastres", "IMPL")
 def autocast_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the op computes the operand `t` in: autocast's, for a float32 or float16/bfloat16
     tensor inside an autocast region enabled for its device type, else t's own."""
-    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # (cheaper than t.device.type)
-    if device_type is not None and t.dtype in _AUTOCAST_CAST and torch.is_autocast_enabled(device_type):
+    return _autocast_to(t.dtype, "cuda" if t.is_cuda else "cpu" if t.is_cpu else None)  # (cheaper than t.device.type)
+
+
+def _autocast_to(dtype: torch.dtype, device_type: str | None) -> torch.dtype:
+    if device_type is not None and dtype in _AUTOCAST_CAST and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return t.dtype
+    return dtype
+
+
+def autocast_arguments(call: dict[str, Any], device_type: str) -> dict[str, Any]:
+    """The op's arguments by name, made elsewhere (meta tensors: fastres.precompile), as the op's
+    autocast rule casts them for a call on `device_type` in the current autocast region."""
+    return {name: a.to(_autocast_to(a.dtype, device_type)) if name in _AUTOCAST_NAMES and a is not None else a
+            for name, a in call.items()}
 
 
 def _register_autocast(device_type: str) -> None:

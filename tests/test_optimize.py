@@ -1032,26 +1032,30 @@ def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
     assert not optimized.fastres_report.fused
 
 
-def test_precompile_lists_the_calls_on_meta_tensors_and_leaves_the_model_untouched(monkeypatch):
-    """What precompile compiles ahead is read off a meta-tensor run: the same calls, shapes and
-    strides as the real first call, and the real call afterwards is still right (BN's cached fold
-    is not left holding meta tensors)."""
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "autocast-bf16"])
+def test_precompile_lists_the_calls_on_meta_tensors_and_leaves_the_model_untouched(monkeypatch, autocast):
+    """What precompile compiles ahead is read off a meta-tensor run: the same calls, shapes,
+    strides and dtypes as the real first call (in an autocast region, autocast's, though meta
+    tensors are outside it), and the real call afterwards is still right (BN's cached fold is not
+    left holding meta tensors)."""
     from fastres.compilation import by_name, recorded_calls
 
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     optimized = fastres.optimize(model)
     x = torch.randn(2, 3, 32, 32)
-    planned = recorded_calls(optimized, (x,))
-    with ConvCallRecorder() as recorder, torch.no_grad():
-        got = optimized(x)
-    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        planned = recorded_calls(optimized, (x,), "cpu")
+        with ConvCallRecorder() as recorder, torch.no_grad():
+            got, expected = optimized(x), model(x)
+    tol = 1e-4 if autocast is None else 2e-2  # bf16: eager rounds after every step, the op once
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     # Strides compared where they matter: a size-1 dim's stride is never used (here the 1x1 maps
     # of a 32x32 input, whose strides the CPU reference leaves as its conv made them).
     tensors = lambda call: [(v.shape, [st for st, n in zip(v.stride(), v.shape) if n > 1], v.dtype)  # noqa: E731
                             if isinstance(v, torch.Tensor) else v for v in call]
     assert len(planned) == len(recorder.calls) == 17
     assert [tensors(p.values()) for p in planned] == [tensors(by_name(*call).values()) for call in recorder.calls]
-    assert all(p["x"].device.type == "meta" for p in planned)
+    assert all(p["x"].device.type == "meta" and p["x"].dtype == (autocast or torch.float32) for p in planned)
     assert fastres.precompile(optimized, x) == 0  # nothing to compile for CPU tensors
 
     seen = []
