@@ -31,11 +31,18 @@ EXPORTERS = pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "tor
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
-def _export(model: nn.Module, args: tuple, dynamo: bool) -> onnx.ModelProto:
+def _export(model: nn.Module, args: tuple, dynamo: bool, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """model exported with `args`; dynamic_batch: any batch size (one input), as servers export."""
     buffer = io.BytesIO()
+    options = {}
+    if dynamic_batch and dynamo:
+        options = dict(dynamic_shapes=({0: torch.export.Dim("batch")},))
+    elif dynamic_batch:
+        # output_names too: without them this exporter fails on any fx GraphModule (reads graph.outputs)
+        options = dict(input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's
-        exported = torch.onnx.export(model, args, None if dynamo else buffer, dynamo=dynamo, verbose=False)
+        exported = torch.onnx.export(model, args, None if dynamo else buffer, dynamo=dynamo, verbose=False, **options)
     return exported.model_proto if dynamo else onnx.load_from_string(buffer.getvalue())
 
 
@@ -132,17 +139,18 @@ MODELS = {
 @pytest.mark.parametrize("name", MODELS)
 def test_models_export_as_their_eager_selves_and_stay_fused(name, dynamo):
     """A zoo or optimized model exports the graph its eager self exports (the same ONNX nodes, no
-    fastres op), ONNX Runtime gives eager's answers, and the model runs fused after the export."""
+    fastres op), with a dynamic batch size; ONNX Runtime gives eager's answers at another batch
+    size, and the model runs fused after the export."""
     model, fused, twin = MODELS[name]()
-    x = torch.randn(2, 3, 64, 64)
+    x, other_batch = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        expected = model(x)
-        proto = _export(fused, (x,), dynamo)
+        expected = model(other_batch)
+        proto = _export(fused, (x,), dynamo, dynamic_batch=True)
         with ConvCallRecorder() as calls:
             again = fused(x)
-    assert _op_types(proto) == _op_types(_export(twin, (x,), dynamo))
+    assert _op_types(proto) == _op_types(_export(twin, (x,), dynamo, dynamic_batch=True))
     assert {domain for domain, _ in _op_types(proto)} <= STANDARD_DOMAINS
-    torch.testing.assert_close(_run(proto, (x,)), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_run(proto, (other_batch,)), expected, rtol=1e-4, atol=1e-4)
     assert calls.calls and torch.equal(again, fused(x))
 
 
