@@ -61,11 +61,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize, records_modules
+from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
 from fastres.compilation import precompile
 from fastres.graph_module import EagerFallback, graph_module, is_rewritten
 from fastres.hooks import call_hooks, hook_memo, move_hooks
-from fastres.ops import autocast_dtype
+from fastres.ops import autocast_dtype, exporting_to_onnx
 from fastres.problem import output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
@@ -109,6 +109,14 @@ class OptimizeReport:
         return "\n".join(lines)
 
 
+# An optimized graph is flat: traced again, its node names no longer name the model's modules'
+# outputs (create_feature_extractor's "layer4" would pick layer4's last BN, before its add and ReLU).
+_NOT_TRACEABLE = (
+    "fastres: a model fastres.optimize made cannot be traced with torch.fx: its graph is flat, so node names "
+    "such as 'layer4' would no longer name what the model's modules return. Trace the original model "
+    "(e.g. create_feature_extractor(model, return_nodes)), then fastres.optimize what that gives")
+
+
 class FusedConvBN(_Fused):
     """act(bn(conv(x)) + residual) as one fastres op; conv and bn stay registered where they were.
     bn is None for a conv with no BatchNorm after it (VGG, SqueezeNet, squeeze-excite): its bias
@@ -116,7 +124,7 @@ class FusedConvBN(_Fused):
 
     conv or bn in train mode (in a model otherwise in eval), or a call outside the op's contract,
     runs the eager chain; so does torch.onnx.export, which then writes the model's own modules.
-    A _Fused module: fastres.nn.set_backend reaches it.
+    torch.fx tracing is refused (_NOT_TRACEABLE). A _Fused module: fastres.nn.set_backend reaches it.
     """
 
     def __init__(
@@ -147,7 +155,9 @@ class FusedConvBN(_Fused):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self._modules_ref
         projection = self._projection_ref
-        if any(m.training for m in self.fused_modules()) or records_modules(x):
+        if isinstance(x, fx.Proxy):
+            raise fx.proxy.TraceError(_NOT_TRACEABLE)
+        if any(m.training for m in self.fused_modules()) or exporting_to_onnx():
             return eager_conv_bn(conv, bn, x, residual, self.act, projection)
         why = self._outside_contract(x, residual)
         if why is not None:

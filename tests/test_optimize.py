@@ -73,6 +73,22 @@ def test_feature_extractors_fuse_every_conv_and_return_eagers_features(make):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("trace", ["create_feature_extractor", "symbolic_trace"])
+def test_tracing_an_optimized_model_with_torch_fx_is_refused_in_words(trace):
+    """Traced again, an optimized model's flat graph has no node for `layer4`'s output: the
+    extractor would return layer4's last BN, before its add and ReLU. Refused, with what to do."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    optimized = fastres.optimize(torchvision.models.resnet18().eval())
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"its graph is flat, .* Trace the original model \(e.g. "
+                                                        r"create_feature_extractor\(model, return_nodes\)\), then "
+                                                        r"fastres.optimize what that gives"):
+        if trace == "symbolic_trace":
+            torch.fx.symbolic_trace(optimized)
+        else:
+            create_feature_extractor(optimized, {"layer4": "features"})
+
+
 def _faster_rcnn() -> tuple[nn.Module, list[torch.Tensor]]:
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=160)
