@@ -55,8 +55,8 @@ def _run(proto: onnx.ModelProto, args: tuple) -> torch.Tensor:
 def _op_types(proto: onnx.ModelProto) -> collections.Counter:
     """Node types by (domain, op_type), functions' bodies included."""
     nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
-    return collections.Counter((n.domain, n.op_type) for n in nodes if (n.domain, n.op_type) not in
-                               {(f.domain, f.name) for f in proto.functions})
+    calls = {(f.domain, f.name) for f in proto.functions}  # a function's call node: its body counts instead
+    return collections.Counter((n.domain, n.op_type) for n in nodes if (n.domain, n.op_type) not in calls)
 
 
 class _OpCall(nn.Module):
