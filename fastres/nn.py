@@ -18,8 +18,8 @@ after changing BN parameters.
 torch.fx symbolic tracing (torchvision's create_feature_extractor, get_graph_node_names) sees
 torchvision's modules called in torchvision's order, so its node names are torchvision's; the
 traced module is unfused until fastres.optimize fuses it again. torch.onnx.export sees them too:
-ONNX has no fastres op, and the exported graph is torchvision's (Conv, BatchNormalization, Add,
-Relu), which ONNX Runtime and TensorRT fuse themselves.
+ONNX has no fastres op, and the exported graph is the one torchvision's model exports (Conv, Add,
+Relu; the exporter folds BN into Conv), which ONNX Runtime and TensorRT fuse themselves.
 """
 
 from __future__ import annotations
