@@ -21,7 +21,7 @@ import torch.nn as nn
 from fastres import backends
 from fastres.backends import triton as triton_backend
 from fastres.ops import autocast_arguments
-from fastres.problem import ConvProblem, Projection, empty_output, pair
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection, empty_output, pair
 from fastres.shapes import on_device, record_meta_run
 
 log = logging.getLogger("fastres")
@@ -78,12 +78,14 @@ def compile_launches(calls: list[dict[str, Any]], device: torch.device) -> Itera
         if call["residual_weight"] is not None:
             projection = Projection(call["residual_weight"], call["residual_scale"], call["residual_shift"],
                                     pair(call["residual_stride"] or 1, "residual_stride"))
+        slope = DEFAULT_NEGATIVE_SLOPE if call["negative_slope"] is None else call["negative_slope"]
         problem = ConvProblem.from_tensors(call["x"], call["weight"], call["scale"], call["shift"], call["residual"],
                                            tuple(call["stride"]), tuple(call["padding"]), tuple(call["dilation"]),
-                                           call["groups"], call["act"], projection)
+                                           call["groups"], call["act"], projection, slope)
         for tuned in backends.tuned_by(triton_backend.NAME, call["backend"], problem, device):
             args = _arguments(tuned, problem, call, projection)
-            key = (tuned.key, *(t.stride() for t in args if isinstance(t, torch.Tensor)))
+            # the slope is a kernel constant, though not part of tuning's key
+            key = (tuned.key, tuned.negative_slope, *(t.stride() for t in args if isinstance(t, torch.Tensor)))
             if key not in seen:
                 seen.add(key)
                 yield from triton_backend.compiles(tuned, *(on_device(device, a) for a in args))

@@ -13,8 +13,8 @@ In each graph a chain is fused when every link has exactly one user:
     nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
     SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a
     residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU /
-    Hardswish / Sigmoid / Hardsigmoid as modules, F.*, torch.* or methods; one module reused in
-    many places is fine)
+    Hardswish / Sigmoid / Hardsigmoid / LeakyReLU with a constant slope, as modules, F.*, torch.*
+    or methods; one module reused in many places is fine)
 
 A conv with no BatchNorm after it fuses the same way when an add or an activation follows it
 (VGG's conv + ReLU; the conv's bias becomes the op's shift); a conv alone stays as it is.
@@ -66,7 +66,7 @@ from fastres.compilation import precompile
 from fastres.graph_module import EagerFallback, graph_module, is_rewritten
 from fastres.hooks import call_hooks, hook_memo, move_hooks
 from fastres.ops import autocast_dtype, exporting_to_onnx
-from fastres.problem import output_hw
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, output_hw
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
 
@@ -77,6 +77,8 @@ _ACT_FUNCTIONS = {
     F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid",
 }
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+# LeakyReLU's functions: its slope is their second argument (F.leaky_relu_ is torch._C._nn.leaky_relu_).
+_LEAKY_RELU_FUNCTIONS = {F.leaky_relu, F.leaky_relu_}
 # Functions and methods that are activations the op has no epilogue for (named in the report).
 _OTHER_ACT_NAMES = frozenset(
     f"{name}{suffix}" for suffix in ("", "_") for name in (
@@ -84,7 +86,7 @@ _OTHER_ACT_NAMES = frozenset(
         "logsigmoid"))
 # ReLU6 before its base class Hardtanh
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
-                (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"))
+                (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"), (nn.LeakyReLU, "leaky_relu"))
 
 
 @dataclass
@@ -127,13 +129,17 @@ class FusedConvBN(_Fused):
     torch.fx tracing is refused (_NOT_TRACEABLE). A _Fused module: fastres.nn.set_backend reaches it.
     """
 
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE  # (class default: modules pickled before LeakyReLU fused)
+
     def __init__(
-        self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str
+        self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> None:
         super().__init__()
         # A tuple keeps conv/bn out of this module's children: no duplicate state_dict keys.
         self._modules_ref = (conv, bn)
         self.conv_name, self.padding, self.act, self.backend = name, padding, act, backend
+        self.negative_slope = negative_slope
         self.projection_name: str | None = None
         self._projection_ref: tuple[nn.Conv2d, nn.Module] | None = None
         self._warned = False
@@ -158,14 +164,14 @@ class FusedConvBN(_Fused):
         if isinstance(x, fx.Proxy):
             raise fx.proxy.TraceError(_NOT_TRACEABLE)
         if any(m.training for m in self.fused_modules()) or exporting_to_onnx():
-            return eager_conv_bn(conv, bn, x, residual, self.act, projection)
+            return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
         why = self._outside_contract(x, residual)
         if why is not None:
             self._fallback(why)
-            return eager_conv_bn(conv, bn, x, residual, self.act, projection)
+            return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
         if self.padding != conv.padding:
             conv = _PaddedView(conv, self.padding)
-        out = fused_conv_bn(conv, bn, x, residual, self.act, self.backend, projection)
+        out = fused_conv_bn(conv, bn, x, residual, self.act, self.backend, projection, self.negative_slope)
         # The op's output is channels_last; eager conv's is only when its input or weight is, and
         # the code after the chain may depend on that (a .view, an export to NCHW consumers).
         return out if _channels_last(x) or _channels_last(conv.weight) else out.contiguous()
@@ -193,7 +199,7 @@ class FusedConvBN(_Fused):
 
     def extra_repr(self) -> str:
         projected = "" if self.projection_name is None else f", residual projected by {self.projection_name}"
-        return f"{self.conv_name}, act={self.act!r}, backend={self.backend!r}{projected}"
+        return f"{self.conv_name}, act={act_text(self.act, self.negative_slope)!r}, backend={self.backend!r}{projected}"
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -366,17 +372,24 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:
-    """The activation `node` applies to `value`, if it is one the op has."""
+def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str, float] | None:
+    """The activation `node` applies to `value`, if it is one the op has, and its negative_slope
+    (LeakyReLU's; the default for the others)."""
+    if node.args[:1] != (value,):
+        return None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         for cls, act in _ACT_MODULES:
             if isinstance(module, cls) and (cls is not nn.ReLU6 or (module.min_val, module.max_val) == (0.0, 6.0)):
-                return act if node.args[:1] == (value,) else None
-    if node.op == "call_function" and node.target in _ACT_FUNCTIONS and node.args[:1] == (value,):
-        return _ACT_FUNCTIONS[node.target]
-    if node.op == "call_method" and node.target in _ACT_METHODS and node.args[:1] == (value,):
-        return _ACT_METHODS[node.target]
+                return act, float(getattr(module, "negative_slope", DEFAULT_NEGATIVE_SLOPE))
+    if node.op == "call_function" and node.target in _LEAKY_RELU_FUNCTIONS:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", DEFAULT_NEGATIVE_SLOPE)
+        # a slope computed in forward is a graph node, not a number the op can take
+        return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else None
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        return _ACT_FUNCTIONS[node.target], DEFAULT_NEGATIVE_SLOPE
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        return _ACT_METHODS[node.target], DEFAULT_NEGATIVE_SLOPE
     return None
 
 
@@ -474,7 +487,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
             calls.setdefault(name, []).append(f"eager: {why}")
             continue
         chain = [conv_node] if bn is None else [conv_node, first]
-        last, residual, act = chain[-1], None, "none"
+        last, residual, (act, slope) = chain[-1], None, ("none", DEFAULT_NEGATIVE_SLOPE)
         nxt = _single_user(last)
         if nxt is not None and (other := _residual_of(nxt, last)) is not None:
             chain.append(nxt)
@@ -482,7 +495,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
             nxt = _single_user(last)
         if nxt is not None and (found := _activation(nxt, gm, last)) is not None and _hooks_at(gm, nxt) is None:
             chain.append(nxt)
-            last, act = nxt, found
+            last, (act, slope) = nxt, found
         if len(chain) == 1:  # a conv alone: its bias is all there is to fuse
             calls.setdefault(name, []).append("eager: not followed by a BatchNorm, residual add or one of the op's "
                                               f"activations (next: {_describe(first, gm, conv_node)})")
@@ -491,7 +504,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         after = None if nxt is None or act != "none" else _eager_after(nxt, gm, last, prefix)
         # One module per call: a conv called twice (shared weights) may end two different chains.
         fused_name = _free_name(gm, f"{conv_node.target.replace('.', '_')}_fastres")
-        gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend))
+        gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend, slope))
         with gm.graph.inserting_before(last):
             args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
             new = gm.graph.call_module(fused_name, args)
@@ -499,7 +512,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         for node in reversed(chain):
             gm.graph.erase_node(node)
         parts = "conv" + ("" if bn is None else "+bn") + ("+add" if residual is not None else "") + (
-            "" if act == "none" else f"+{act}")
+            "" if act == "none" else f"+{act_text(act, slope)}")
         calls.setdefault(name, []).append(f"fused: {parts}" + ("" if after is None else f" (then {after}, runs eagerly)"))
         fused += 1
     for name, whats in calls.items():
@@ -558,7 +571,7 @@ def _fuse_projections(gm: fx.GraphModule, report: OptimizeReport) -> None:
             main, main_input, branch, branch_input = outer, node.args[0], inner, inner_node.args[0]
         elif _projectable(outer):
             main, main_input, branch, branch_input = inner, inner_node.args[0], outer, node.args[0]
-            main.act = outer.act
+            main.act, main.negative_slope = outer.act, outer.negative_slope
         else:
             continue
         main.project_residual(branch.conv_name, *branch._modules_ref)
@@ -569,7 +582,7 @@ def _fuse_projections(gm: fx.GraphModule, report: OptimizeReport) -> None:
         gm.graph.erase_node(node)
         gm.graph.erase_node(inner_node)
         gm.delete_submodule(inner_node.target if main is outer else node.target)
-        parts = "conv+bn+add" + ("" if main.act == "none" else f"+{main.act}")
+        parts = "conv+bn+add" + ("" if main.act == "none" else f"+{act_text(main.act, main.negative_slope)}")
         report.entries[main.conv_name] = f"fused: {parts}"
         report.entries[branch.conv_name] = f"fused: conv+bn, the projected residual of {main.conv_name} (one op)"
 

@@ -33,8 +33,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fastres.hooks import has_call_hooks
-from fastres.numerics import ACT_FUNCTIONS, fold_bn
+from fastres.numerics import activate, fold_bn
 from fastres.ops import conv_bn_act, exporting_to_onnx
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, check_activation
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
 
@@ -110,6 +111,7 @@ def fused_conv_bn(
     act: str = "relu",
     backend: str = "auto",
     projection: Projection | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form; bn=None: a
     conv with no BN after it); with `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call."""
@@ -123,7 +125,7 @@ def fused_conv_bn(
     return conv_bn_act(
         x, conv.weight, scale, shift, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        act=act, backend=backend, **extra,
+        act=act, backend=backend, negative_slope=negative_slope, **extra,
     )
 
 
@@ -155,6 +157,7 @@ def normalize(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def eager_conv_bn(
     conv: nn.Conv2d, bn: nn.Module | None, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
     projection: Projection | nn.Module | None = None, act_module: nn.Module | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     """The same computation as separate eager modules (train mode, and the ground truth), in
     torchvision's order; a projection may be a whole module (a block's downsample), and
@@ -166,7 +169,7 @@ def eager_conv_bn(
         residual = normalize(projection[1], projection[0](residual))
     if residual is not None:
         y = y + residual
-    return ACT_FUNCTIONS[act](y) if act_module is None else act_module(y)
+    return activate(y, act, negative_slope) if act_module is None else act_module(y)
 
 
 def records_modules(x: torch.Tensor) -> bool:
@@ -192,13 +195,13 @@ class _Fused(nn.Module):
 
     def _conv_bn(
         self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, act: str = "relu",
-        projection: Projection | nn.Module | None = None,
+        projection: Projection | nn.Module | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> torch.Tensor:
         act_module = self._modules.get("relu") if act == "relu" else None
         if (self.training or isinstance(projection, nn.Module) or records_modules(x)
                 or has_call_hooks(conv, bn, act_module, *(projection or ()))):
-            return eager_conv_bn(conv, bn, x, residual, act, projection, act_module)
-        return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection)
+            return eager_conv_bn(conv, bn, x, residual, act, projection, act_module, negative_slope)
+        return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection, negative_slope)
 
     def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, Projection | nn.Module | None]:
         """The block's residual and its projection: the downsample's 1x1 conv + BN go into the
@@ -216,19 +219,24 @@ class _Fused(nn.Module):
 
 
 class ConvBNAct(_Fused):
-    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: one of fastres.problem.ACTIVATIONS."""
+    """conv -> BN -> (+ residual) -> act. Holds `conv` and `bn` children; act: one of
+    fastres.problem.ACTIVATIONS, negative_slope: LeakyReLU's (act="leaky_relu")."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: str = "relu", backend: str = "auto") -> None:
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE  # (class default: modules pickled before LeakyReLU fused)
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: str = "relu", backend: str = "auto", *,
+                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> None:
         super().__init__()
-        if act not in ACT_FUNCTIONS:
-            raise ValueError(f"act must be one of {', '.join(repr(a) for a in ACT_FUNCTIONS)}, but got {act!r}")
+        check_activation(act, negative_slope)
         self.conv, self.bn, self.act, self.backend = conv, bn, act, backend
+        self.negative_slope = float(negative_slope)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._conv_bn(self.conv, self.bn, x, residual, self.act)
+        return self._conv_bn(self.conv, self.bn, x, residual, self.act, negative_slope=self.negative_slope)
 
     def extra_repr(self) -> str:
-        return f"act={self.act!r}, backend={self.backend!r}"
+        return f"act={act_text(self.act, self.negative_slope)!r}, backend={self.backend!r}"
+
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:

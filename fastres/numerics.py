@@ -22,7 +22,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-ACT_FUNCTIONS = {
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE
+
+_ACT_FUNCTIONS = {
     "none": lambda t: t,
     "relu": F.relu,
     "relu6": F.relu6,
@@ -34,7 +36,7 @@ ACT_FUNCTIONS = {
 
 # The gradient through each activation, given the output's gradient g and the pre-activation z:
 # eager autograd's own backward kernels, so a fused model's gradients are eager's.
-ACT_BACKWARDS = {
+_ACT_BACKWARDS = {
     "none": lambda g, z: g,
     "relu": lambda g, z: torch.ops.aten.threshold_backward(g, z, 0),
     "relu6": lambda g, z: torch.ops.aten.hardtanh_backward(g, z, 0.0, 6.0),
@@ -43,6 +45,20 @@ ACT_BACKWARDS = {
     "sigmoid": lambda g, z: torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z)),
     "hardsigmoid": torch.ops.aten.hardsigmoid_backward,
 }
+
+
+def activate(t: torch.Tensor, act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+    """act(t) with eager PyTorch's own function; negative_slope is LeakyReLU's."""
+    return F.leaky_relu(t, negative_slope) if act == "leaky_relu" else _ACT_FUNCTIONS[act](t)
+
+
+def activate_backward(
+    g: torch.Tensor, z: torch.Tensor, act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE
+) -> torch.Tensor:
+    """The gradient of activate(z, act, negative_slope), given its output's gradient g."""
+    if act == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(g, z, negative_slope, False)
+    return _ACT_BACKWARDS[act](g, z)
 
 
 def conv_tf32_enabled() -> bool:
@@ -115,6 +131,7 @@ def reference_conv_bn_act(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     act: str = "relu",
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     """Ground truth in float64 on the CPU: conv2d, then BN (a module, or scale/shift), + residual, act."""
     f64 = torch.float64
@@ -137,7 +154,7 @@ def reference_conv_bn_act(
         y = y + shift.detach().cpu().to(f64).view(1, -1, 1, 1)
     if residual is not None:
         y = y + residual.detach().cpu().to(f64)
-    return ACT_FUNCTIONS[act](y)
+    return activate(y, act, negative_slope)
 
 
 @dataclass(frozen=True)

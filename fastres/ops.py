@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from fastres import backends
 from fastres.backends import reference
-from fastres.numerics import ACT_BACKWARDS
-from fastres.problem import ConvProblem, Projection, check_inputs, empty_output, pair
+from fastres.numerics import activate_backward
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection, check_inputs, empty_output, pair
 
 __all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx"]
 
@@ -56,11 +56,13 @@ def _conv_bn_act(
     residual_scale: Optional[torch.Tensor] = None,
     residual_shift: Optional[torch.Tensor] = None,
     residual_stride: Optional[Sequence[int]] = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     backends.check_name(backend)
     projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
     problem = ConvProblem.from_tensors(
-        x, weight, scale, shift, residual, tuple(stride), tuple(padding), tuple(dilation), groups, act, projection
+        x, weight, scale, shift, residual, tuple(stride), tuple(padding), tuple(dilation), groups, act, projection,
+        negative_slope,
     )
     if math.prod(problem.output_shape) == 0:
         return empty_output(x, problem.output_shape)
@@ -69,20 +71,21 @@ def _conv_bn_act(
 
 @_conv_bn_act.register_fake
 def _conv_bn_act_fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
-                      residual_weight=None, residual_scale=None, residual_shift=None, residual_stride=None):
+                      residual_weight=None, residual_scale=None, residual_shift=None, residual_stride=None,
+                      negative_slope=DEFAULT_NEGATIVE_SLOPE):
     backends.check_name(backend)
     projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
     shape = check_inputs(x, weight, scale, shift, residual, tuple(stride), tuple(padding), tuple(dilation), groups, act,
-                         projection)
+                         projection, negative_slope)
     return empty_output(x, shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, weight, scale, shift, residual, stride, padding, dilation, groups, act, _backend,
-     residual_weight, residual_scale, residual_shift, residual_stride) = inputs
+     residual_weight, residual_scale, residual_shift, residual_stride, negative_slope) = inputs
     ctx.save_for_backward(x, weight, scale, shift, residual, residual_weight, residual_scale, residual_shift)
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
-    ctx.act = act
+    ctx.act, ctx.negative_slope = act, negative_slope
     ctx.residual_stride = [1, 1] if residual_stride is None else list(residual_stride)
 
 
@@ -100,7 +103,7 @@ def _backward(ctx, grad: torch.Tensor) -> tuple:
         pre = pre + projected.value()
     elif residual is not None:
         pre = pre + residual.to(acc)
-    g = ACT_BACKWARDS[ctx.act](grad.to(acc), pre)
+    g = activate_backward(grad.to(acc), pre, ctx.act, ctx.negative_slope)
     grad_x, grad_weight, grad_scale, grad_shift = main.gradients(g, needs[0:4])
     grad_residual = grad_rweight = grad_rscale = grad_rshift = None
     if projected is not None:
@@ -108,7 +111,7 @@ def _backward(ctx, grad: torch.Tensor) -> tuple:
     elif residual is not None and needs[4]:
         grad_residual = g.to(residual.dtype)
     return (grad_x, grad_weight, grad_scale, grad_shift, grad_residual, None, None, None, None, None, None,
-            grad_rweight, grad_rscale, grad_rshift, None)
+            grad_rweight, grad_rscale, grad_rshift, None, None)
 
 
 class _ConvTerm:
@@ -226,13 +229,15 @@ def conv_bn_act(
     residual_scale: torch.Tensor | None = None,
     residual_shift: torch.Tensor | None = None,
     residual_stride: int | tuple[int, int] | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
     """y = act(conv2d(x, weight, stride, padding, dilation, groups) * scale[k] + shift[k] + residual).
 
     x: (N, C, H, W), any memory format (channels_last is the fast one); weight: (K, C/groups, R, S)
     of x's dtype. scale, shift: optional per-output-channel vectors (used in float32). residual:
     optional, the output's shape and dtype, any memory format, may alias x. act: "none", "relu",
-    "relu6", "silu", "hardswish", "sigmoid" or "hardsigmoid". backend: "auto", "triton", "cuda", "cudnn" or "reference".
+    "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid" or "leaky_relu" (with negative_slope, as
+    F.leaky_relu's). backend: "auto", "triton", "cuda", "cudnn" or "reference".
     residual_weight: optional (K, C_res, 1, 1) weight that projects the residual first (a ResNet
     downsample branch), with its own BN as residual_scale / residual_shift and residual_stride:
     residual is then (N, C_res, H_res, W_res) and the added term conv1x1(residual) * residual_scale[k]
@@ -242,23 +247,26 @@ def conv_bn_act(
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if exporting_to_onnx():
         return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
-                             _projection(residual_weight, residual_scale, residual_shift, residual_stride))
+                             _projection(residual_weight, residual_scale, residual_shift, residual_stride),
+                             negative_slope)
     return torch.ops.fastres.conv_bn_act(
         x, weight, scale, shift, residual, list(stride), list(padding), list(dilation),
         groups, act, backend, residual_weight, residual_scale, residual_shift,
-        None if residual_stride is None else list(pair(residual_stride, "residual_stride")),
+        None if residual_stride is None else list(pair(residual_stride, "residual_stride")), negative_slope,
     )
 
 
-def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend, projection):
+def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend, projection,
+                  negative_slope):
     """The op, checked as the op checks, in ops ONNX has: convs in x's dtype (tensor cores in the
     runtime), the epilogue in float32 as in the kernels, x's dtype out."""
     backends.check_name(backend)
     with warnings.catch_warnings():
         # The TorchScript exporter traces sizes as tensors; the checks hold for the shapes it exports.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, projection)
+        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, projection,
+                     negative_slope)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
-                        stride=stride, padding=padding, dilation=dilation, groups=groups)
+                        negative_slope=negative_slope, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return y.to(x.dtype)

@@ -14,7 +14,9 @@ from typing import Sequence
 
 import torch
 
-ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid")
+ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid", "leaky_relu")
+# F.leaky_relu's default; the op's negative_slope argument is read by act="leaky_relu" only.
+DEFAULT_NEGATIVE_SLOPE = 0.01
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 IntPair = tuple[int, int]
@@ -47,6 +49,19 @@ def _check_vector(name: str, v: torch.Tensor | None, weight: torch.Tensor) -> No
         )
     if not v.dtype.is_floating_point:
         raise RuntimeError(f"expected {name} to be a floating-point tensor (float32 preferred), but got {_dtype_name(v.dtype)}")
+
+
+def check_activation(act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> None:
+    """Raise unless act is one of ACTIVATIONS; a negative_slope is for act="leaky_relu" only."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, but got {act!r}")
+    if act != "leaky_relu" and negative_slope != DEFAULT_NEGATIVE_SLOPE:
+        raise ValueError(f"negative_slope={negative_slope} is only used by act='leaky_relu', but act={act!r}")
+
+
+def act_text(act: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> str:
+    """An activation in words, LeakyReLU's slope included: 'relu', 'leaky_relu(0.1)'."""
+    return f"{act}({negative_slope:g})" if act == "leaky_relu" else act
 
 
 def output_hw(h: int, w: int, r: int, s: int, stride: IntPair, padding: IntPair, dilation: IntPair) -> IntPair:
@@ -98,6 +113,7 @@ def check_inputs(
     groups: int,
     act: str,
     projection: Projection | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> list[int]:
     """Validate one call and return the output size [N, K, P, Q]. Raises on any bad input."""
     if x.dim() != 4:
@@ -124,8 +140,7 @@ def check_inputs(
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found at least two devices, {x.device} and {t.device}!"
             )
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, but got {act!r}")
+    check_activation(act, negative_slope)
     if any(v <= 0 for v in stride):
         raise RuntimeError("non-positive stride is not supported")
     if any(v < 0 for v in padding):
@@ -197,6 +212,9 @@ class ConvProblem:
     act: str
     # The residual's 1x1 conv + BN, itself a conv_bn_act problem (no residual, no activation).
     projection: ConvProblem | None = None
+    # LeakyReLU's slope (DEFAULT_NEGATIVE_SLOPE for other activations). Not in `key`: tuning
+    # decisions do not depend on it.
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE
 
     # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass;
     # these are read several times per op call (dispatch, tuning keys, launch).
@@ -261,9 +279,11 @@ class ConvProblem:
         groups: int,
         act: str,
         projection: Projection | None = None,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> ConvProblem:
         """Validate (see check_inputs) and describe one call."""
-        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, projection)
+        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, projection,
+                     negative_slope)
         n, c, h, w = (int(v) for v in x.shape)
         k, _, r, s = (int(v) for v in weight.shape)
         projected = None
@@ -274,5 +294,5 @@ class ConvProblem:
             )
         return cls(
             n, c, h, w, k, r, s, tuple(stride), tuple(padding), tuple(dilation), int(groups), x.dtype,
-            scale is not None, shift is not None, residual is not None, act, projected,
+            scale is not None, shift is not None, residual is not None, act, projected, float(negative_slope),
         )

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastres.hooks import hooks_held
-from fastres.problem import ConvProblem, IntPair, Projection, output_hw
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, IntPair, Projection, act_text, output_hw
 
 MODEL_ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "resnext50_32x4d")
 
@@ -57,6 +57,7 @@ class ConvCase:
     act: str = "relu"
     projection: ProjectionCase | None = None  # the residual's 1x1 conv (residual must be True)
     bn: bool = True  # False: no BN after the conv (VGG, squeeze-excite), its bias is the shift
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE  # act="leaky_relu"'s
 
     @property
     def output_hw(self) -> IntPair:
@@ -77,12 +78,20 @@ class ConvCase:
         p, q = self.output_hw
         return 2 * self.n * p * q * self.k * self.accumulated
 
+    @property
+    def act_kwargs(self) -> dict:
+        """The op's activation keywords for this case: act, and negative_slope (LeakyReLU's)."""
+        return dict(act=self.act, negative_slope=self.negative_slope)
+
     def projection_case(self) -> ConvCase:
         """The projection as a conv of its own: 1x1 over the residual input, no residual, no activation."""
         pr = self.projection
         return ConvCase(f"{self.name}/projection", self.n, pr.c, pr.h, pr.w, self.k, 1, 1, pr.stride, act="none")
 
     def replace(self, **changes) -> ConvCase:
+        """A copy with `changes`; another act than leaky_relu drops the case's slope (LeakyReLU's alone)."""
+        if changes.get("act", "leaky_relu") != "leaky_relu":
+            changes.setdefault("negative_slope", DEFAULT_NEGATIVE_SLOPE)
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
@@ -110,7 +119,7 @@ class ConvInputs:
     def problem(self, case: ConvCase) -> ConvProblem:
         """The validated ConvProblem of the op call these inputs make for `case`."""
         return ConvProblem.from_tensors(*self.op_args(), case.stride, case.padding, case.dilation, case.groups,
-                                        case.act, self.projection)
+                                        case.act, self.projection, case.negative_slope)
 
     def op_kwargs(self) -> dict:
         """The op's residual_* keyword arguments (none without a projection)."""
@@ -138,7 +147,8 @@ class ConvInputs:
         return reference_conv_bn_act(
             self.x, self.weight, bn=self.bn, shift=self.shift if self.bn is None else None, residual=residual,
             stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
-            act=case.act if act is None else act,
+            act=case.act if act is None else act, negative_slope=case.negative_slope if act is None else
+            DEFAULT_NEGATIVE_SLOPE,
         )
 
 
@@ -228,14 +238,15 @@ class ConvCallRecorder(TorchDispatchMode):
         return [self._case(*args, **kwargs) for args, kwargs in self.calls]
 
     def _case(self, x, w, scale, _shift, residual, stride, padding, dilation, groups, act, _backend,
-              residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None) -> ConvCase:
+              residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None,
+              negative_slope=DEFAULT_NEGATIVE_SLOPE) -> ConvCase:
         n, c, h, wd = x.shape
         k, _, r, s = w.shape
         projection = None
         if residual_weight is not None:
             projection = ProjectionCase(*residual.shape[1:], tuple(residual_stride or (1, 1)))
         case = ConvCase("", n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
-                        residual is not None, act, projection, bn=scale is not None)
+                        residual is not None, act, projection, bn=scale is not None, negative_slope=negative_slope)
         return case.replace(name=_tag(self.prefix, case))
 
 
@@ -247,7 +258,8 @@ def _tag(prefix: str, case: ConvCase) -> str:
         tag += f"+proj(c{case.projection.c}h{case.projection.h}s{case.projection.stride[0]})"
     elif case.residual:
         tag += "+res"
-    return tag + ("" if case.act == "relu" else f"-{case.act}") + ("" if case.bn else "-nobn")
+    return tag + ("" if case.act == "relu" else f"-{act_text(case.act, case.negative_slope)}") + (
+        "" if case.bn else "-nobn")
 
 
 def on_device(device: torch.device, value):
@@ -340,6 +352,9 @@ ODD_CASES: tuple[ConvCase, ...] = (
     ConvCase("odd:1x1-C72-K36", 3, 72, 5, 7, 36, 1, 1),
     # no BN after the conv (VGG, squeeze-excite): no scale, the bias alone as the shift
     ConvCase("odd:bias-no-bn", 2, 16, 6, 7, 24, 3, 3, padding=(1, 1), bn=False),
+    # LeakyReLU(0.1) after the add, as in DarkNet / CSPNet blocks (other cases run it at 0.01)
+    ConvCase("odd:leaky0.1+res", 2, 24, 7, 6, 32, 3, 3, padding=(1, 1), residual=True, act="leaky_relu",
+             negative_slope=0.1),
 )
 
 
@@ -353,4 +368,6 @@ PROJECTION_ODD_CASES: tuple[ConvCase, ...] = (
              projection=ProjectionCase(8, 6, 6)),
     ConvCase("odd:proj-C72-K20-none", 2, 12, 4, 6, 20, 1, 1, residual=True, act="none",
              projection=ProjectionCase(72, 7, 11, (2, 2))),
+    ConvCase("odd:proj-1x1-leaky0.2", 2, 16, 5, 6, 24, 1, 1, residual=True, act="leaky_relu", negative_slope=0.2,
+             projection=ProjectionCase(8, 10, 12, (2, 2))),
 )

@@ -137,6 +137,7 @@ def verify(
         ref = reference_conv_bn_act(
             layer_in, conv.weight, conv_bias=conv.bias, bn=bn, residual=residual,
             stride=conv.stride, padding=module.padding, dilation=conv.dilation, groups=conv.groups, act=module.act,
+            negative_slope=module.negative_slope,
         )
         name = module.conv_name + ("" if module.projection_name is None else f" + {module.projection_name}")
         report.layers.append(_row(name, out, ref, tolerance(dtype, reduction, tf32), gain=gain))

@@ -117,7 +117,7 @@ def _meta_inputs(case: ConvCase, dtype: torch.dtype):
         pw = torch.empty(case.k, pr.c, 1, 1, dtype=dtype, device=META).contiguous(memory_format=cl)
         projection = Projection(pw, torch.empty(case.k, device=META), torch.empty(case.k, device=META), pr.stride)
     problem = ConvProblem.from_tensors(x, w, scale, shift, residual, case.stride, case.padding, case.dilation,
-                                       case.groups, case.act, projection)
+                                       case.groups, case.act, projection, case.negative_slope)
     return problem, (x, w, scale, shift, residual, empty_output(x, problem.output_shape)), projection
 
 
@@ -143,7 +143,8 @@ def _capture(variant: Variant) -> tuple:
             y = y.contiguous(memory_format=torch.channels_last)
             scale, shift = (torch.empty(variant.case.k, device=META) for _ in range(2))
             with _recording(epilogue, "epilogue_kernel") as rec:
-                epilogue.apply_epilogue_(y, scale, shift, torch.empty_like(y), variant.case.act)
+                epilogue.apply_epilogue_(y, scale, shift, torch.empty_like(y), variant.case.act,
+                                         variant.case.negative_slope)
         elif variant.kernel == "depthwise":
             problem, tensors, _ = _meta_inputs(variant.case, variant.dtype)
             with _recording(depthwise, "depthwise_kernel") as rec:
@@ -198,6 +199,10 @@ def variants() -> list[Variant]:
                 torch.float16, expect_tensor_cores=False),
         Variant("epilogue fp16", "epilogue", conv1x1.replace(residual=True), torch.float16, expect_tensor_cores=False),
         Variant("epilogue fp64 silu", "epilogue", conv1x1.replace(act="silu"), torch.float64, expect_tensor_cores=False),
+        Variant("epilogue fp64 leaky_relu 0.1", "epilogue", conv1x1.replace(act="leaky_relu", negative_slope=0.1),
+                torch.float64, expect_tensor_cores=False),
+        Variant("gemm fp16 3x3 +res leaky_relu 0.1", "conv_bn_act",
+                conv3x3.replace(residual=True, act="leaky_relu", negative_slope=0.1), torch.float16),
     ] + [
         Variant(f"gemm fp16 config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}", "conv_bn_act",
                 r50["c256h28-k256:3x3s2"], torch.float16, config=c)

@@ -87,12 +87,12 @@ def dot_over_descriptors(acc, a_desc, b_desc, off_m, off_n, C_BEGIN, C_END, BLOC
 
 @triton.jit
 def residual_act_store(acc, n, p, q, k, mask, res_ptr, sr_n, sr_c, sr_h, sr_w, out_ptr, so_n, so_c, so_h, so_w,
-                       HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr):
+                       HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, NEG_SLOPE: tl.constexpr):
     """The epilogue's tail: + residual[n, k, p, q], activation, one store in the output dtype."""
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + (n * sr_n + p * sr_h + q * sr_w)[:, None] + k[None, :] * sr_c, mask=mask, other=0.0)
         acc = acc + res.to(tl.float32)
-    acc = activation(acc, ACT)
+    acc = activation(acc, ACT, NEG_SLOPE)
     out = out_ptr + (n * so_n + p * so_h + q * so_w)[:, None] + k[None, :] * so_c
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -109,7 +109,7 @@ def conv_bn_act_kernel(
     spw_k, spw_c,
     R: tl.constexpr, S: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-    HAS_PROJECTION: tl.constexpr, HAS_PSCALE: tl.constexpr, HAS_PSHIFT: tl.constexpr,
+    NEG_SLOPE: tl.constexpr, HAS_PROJECTION: tl.constexpr, HAS_PSCALE: tl.constexpr, HAS_PSHIFT: tl.constexpr,
     PLAIN_GEMM: tl.constexpr, FLAT_TAPS: tl.constexpr, USE_TMA: tl.constexpr, INDEX_64: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PACK_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -241,7 +241,7 @@ def conv_bn_act_kernel(
                                       DOT_PRECISION)
             acc = acc + scale_shift(acc_p, k[None, :], mask_n[None, :], pscale_ptr, pshift_ptr, HAS_PSCALE, HAS_PSHIFT)
         residual_act_store(acc, n, p, q, k, mask, res_ptr, sr_n, sr_c, sr_h, sr_w, out_ptr, so_n, so_c, so_h, so_w,
-                           HAS_RESIDUAL and not HAS_PROJECTION, ACT)
+                           HAS_RESIDUAL and not HAS_PROJECTION, ACT, NEG_SLOPE)
 
 
 @triton.jit
@@ -252,7 +252,7 @@ def splitk_reduce_kernel(
     so_n, so_c, so_h, so_w,
     SPLIT_K: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEG_SLOPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Summed in split order, so the result does not depend on which program finished first.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -267,7 +267,7 @@ def splitk_reduce_kernel(
     p = (offs_m % (P * Q)) // Q
     q = offs_m % Q
     residual_act_store(acc, n, p, q, k, mask, res_ptr, sr_n, sr_c, sr_h, sr_w, out_ptr, so_n, so_c, so_h, so_w,
-                       HAS_RESIDUAL, ACT)
+                       HAS_RESIDUAL, ACT, NEG_SLOPE)
 
 
 @dataclass(frozen=True)
@@ -555,7 +555,7 @@ def launch(
         *(pw.stride()[:2] if pw is not None else (0, 0)),
         R=problem.r, S=problem.s,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        ACT=ACT_CODES[problem.act],
+        ACT=ACT_CODES[problem.act], NEG_SLOPE=problem.negative_slope,
         HAS_PROJECTION=pw is not None,
         HAS_PSCALE=pw is not None and projection.scale is not None,
         HAS_PSHIFT=pw is not None and projection.shift is not None,
@@ -569,7 +569,8 @@ def launch(
         start(splitk_reduce_kernel, reduce_grid, compile_only)(
             workspace, scale, shift, residual, out, m, problem.p, problem.q, problem.k, *res_strides, *out.stride(),
             SPLIT_K=config.SPLIT_K, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-            HAS_RESIDUAL=residual is not None, ACT=ACT_CODES[problem.act], BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK,
+            HAS_RESIDUAL=residual is not None, ACT=ACT_CODES[problem.act], NEG_SLOPE=problem.negative_slope,
+            BLOCK_M=REDUCE_BLOCK, BLOCK_N=REDUCE_BLOCK,
         )
     return out
 

@@ -31,6 +31,7 @@ def depthwise_kernel(
     so_n, so_c, so_h, so_w,
     R: tl.constexpr, S: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    NEG_SLOPE: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,7 +65,7 @@ def depthwise_kernel(
     if HAS_RESIDUAL:
         res = tl.load(res_ptr + (n * sr_n + p * sr_h + q * sr_w)[:, None] + k[None, :] * sr_c, mask=mask, other=0.0)
         acc = acc + res.to(tl.float32)
-    acc = activation(acc, ACT)
+    acc = activation(acc, ACT, NEG_SLOPE)
     tl.store(out_ptr + (n * so_n + p * so_h + q * so_w)[:, None] + k[None, :] * so_c,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -124,7 +125,7 @@ def launch(
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *res_strides, *out.stride(),
         R=problem.r, S=problem.s,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        ACT=ACT_CODES[problem.act], INDEX_64=needs_int64(x, residual, out),
+        ACT=ACT_CODES[problem.act], NEG_SLOPE=problem.negative_slope, INDEX_64=needs_int64(x, residual, out),
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, num_warps=config.num_warps,
     )
     return out

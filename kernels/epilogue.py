@@ -8,14 +8,21 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6}
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE
+
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6,
+             "leaky_relu": 7}
 
 
 @triton.jit
-def activation(v, ACT: tl.constexpr):
+def activation(v, ACT: tl.constexpr, NEG_SLOPE: tl.constexpr):
     # Comparisons written so NaN propagates, as torch.relu / relu6 do: NaN < 0 is False.
     if ACT == 1:
         v = tl.where(v < 0, 0.0, v)
+    elif ACT == 7:
+        # LeakyReLU's slope is a constexpr: a model has one or two, and a constant multiplies for free.
+        # tl.full makes it in v's dtype, so float64 outputs get the slope's float64 value.
+        v = tl.where(v < 0, v * tl.full((), NEG_SLOPE, v.dtype), v)
     elif ACT == 2:
         v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))
     elif ACT == 3 or ACT == 5:
@@ -45,7 +52,7 @@ def scale_shift(acc, ch, ch_mask, scale_ptr, shift_ptr, HAS_SCALE: tl.constexpr,
 def epilogue_kernel(
     y_ptr, scale_ptr, shift_ptr, res_ptr, numel, K,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    NEG_SLOPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # y and residual are NHWC-dense, so the channel of flat element i is i % K.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -57,7 +64,7 @@ def epilogue_kernel(
     v = scale_shift(v, ch, mask, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT)
     if HAS_RESIDUAL:
         v = v + tl.load(res_ptr + offs, mask=mask, other=0.0).to(v.dtype)
-    v = activation(v, ACT)
+    v = activation(v, ACT, NEG_SLOPE)
     tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -67,8 +74,10 @@ def apply_epilogue_(
     shift: torch.Tensor | None,
     residual: torch.Tensor | None,
     act: str,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
-    """In place on a channels_last y: y = act(y * scale + shift + residual). Returns y."""
+    """In place on a channels_last y: y = act(y * scale + shift + residual), negative_slope being
+    LeakyReLU's. Returns y."""
     if scale is None and shift is None and residual is None and act == "none":
         return y
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -83,6 +92,6 @@ def apply_epilogue_(
     epilogue_kernel[(triton.cdiv(numel, block),)](
         y, scale, shift, residual, numel, y.shape[1],
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        ACT=ACT_CODES[act], UPCAST=y.dtype != torch.float64, BLOCK=block,
+        ACT=ACT_CODES[act], NEG_SLOPE=negative_slope, UPCAST=y.dtype != torch.float64, BLOCK=block,
     )
     return y

@@ -52,7 +52,7 @@ def call_op(case: ConvCase, inputs: ConvInputs, **kwargs) -> torch.Tensor:
 
     return fastres.ops.conv_bn_act(
         *inputs.op_args(), stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
-        act=case.act, **inputs.op_kwargs(), **kwargs,
+        **case.act_kwargs, **inputs.op_kwargs(), **kwargs,
     )
 
 

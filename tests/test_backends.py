@@ -49,7 +49,7 @@ def test_nan_and_inf_through_every_activation_as_in_eager(act, backend):
     residual[0, 3, 4, 4], residual[0, 5, 0, 0] = float("-inf"), float("inf")
     out = fastres.ops.conv_bn_act(x, w, residual=residual, act=act, backend=backend)
     ref = torch.nn.functional.conv2d(x.double(), w.double()) + residual.double()
-    ref = fastres.numerics.ACT_FUNCTIONS[act](ref)
+    ref = fastres.numerics.activate(ref, act)
     assert torch.isnan(out).any()
     torch.testing.assert_close(out, ref.float(), equal_nan=True)  # float32 tolerances
 
@@ -242,7 +242,7 @@ def test_gpu_operands_at_odd_storage_offsets(backend):
     scale, shift = _at_odd_offset(inputs.scale), _at_odd_offset(inputs.shift)
     assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 == 2
     out = fastres.ops.conv_bn_act(x, weight, scale, shift, residual, stride=case.stride, padding=case.padding,
-                                  act=case.act, backend=backend)
+                                  **case.act_kwargs, backend=backend)
     assert_matches(out, reference_for(case, inputs, inputs.residual), case, torch.float16, inputs.scale)
 
 
@@ -259,7 +259,7 @@ def test_gpu_auto_inside_cuda_graph_capture_does_not_tune():
     """Capture never times candidates (illegal while capturing); replay gives the right answer."""
     case = model_cases("resnet50", 4, 224)[4]
     inputs = make_inputs(case, torch.float16, GPU)
-    kwargs = dict(stride=case.stride, padding=case.padding, act=case.act)
+    kwargs = dict(stride=case.stride, padding=case.padding, **case.act_kwargs)
     fastres.ops.conv_bn_act(*inputs.op_args(), **kwargs)  # warm-up, outside capture: may tune
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -125,6 +125,24 @@ def test_layers_without_a_batchnorm_are_timed_against_their_own_eager_chain():
         assert compare(out, expected, tolerance(torch.float32, case.accumulated)).ok, contender
 
 
+def test_leaky_relu_layers_are_timed_with_their_slope():
+    """TResNet's LeakyReLU(0.001) layers are cases of their own, and every contender and baseline
+    applies that slope (checked against float64), not LeakyReLU's default 0.01."""
+    from fastres.bench.harness import Rotation
+    from fastres.bench.layers import layer_cases, runner
+    from fastres.numerics import compare, tolerance
+    from fastres.shapes import make_inputs
+
+    cases = layer_cases(["timm:tresnet_m"], 1, 64)
+    assert {c.negative_slope for c in cases if c.act == "leaky_relu"} == {0.01, 0.001}
+    case = next(c for c in cases if c.negative_slope == 0.001 and c.name.endswith("-leaky_relu(0.001)"))
+    inputs = make_inputs(case, torch.float32)
+    expected = inputs.reference(case)
+    for contender in ("eager-nchw", "eager-cl", "fastres-auto"):
+        out = runner(contender, case, inputs, Rotation([inputs.x, inputs.residual], 1))()
+        assert compare(out, expected, tolerance(torch.float32, case.accumulated), gain=inputs.gain).ok, contender
+
+
 @pytest.mark.parametrize("name,why", [("resnet", "not a torchvision classification model"),
                                       ("timm:no_such_net", "timm has no model named 'no_such_net'")])
 def test_unknown_model_names_are_refused_before_anything_runs(name, why):

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import fastres
@@ -35,6 +36,19 @@ def test_convbnact_eval_matches_the_eager_chain(act):
     x, residual = torch.randn(2, 8, 7, 7), torch.randn(2, 16, 7, 7)
     with torch.no_grad():
         torch.testing.assert_close(module(x, residual), eager_conv_bn(conv, bn, x, residual, act), rtol=1e-5, atol=1e-5)
+
+
+def test_convbnact_leaky_relu_uses_its_slope_fused_and_eager():
+    conv, bn = _conv_bn()
+    module = ConvBNAct(conv, bn, act="leaky_relu", negative_slope=0.25)
+    x = torch.randn(2, 8, 7, 7)
+    expected = F.leaky_relu(bn.eval()(conv(x)), 0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.train()(x), F.leaky_relu(bn(conv(x)), 0.25))
+    assert "leaky_relu(0.25)" in repr(module)
+    with pytest.raises(ValueError, match=r"negative_slope=0.25 is only used by act='leaky_relu', but act='relu'"):
+        ConvBNAct(conv, bn, negative_slope=0.25)
 
 
 def test_convbnact_train_mode_is_eager_and_updates_statistics():

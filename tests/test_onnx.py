@@ -77,6 +77,7 @@ OP_CASES = [
     ODD_CASES[8].replace(act="relu6"),  # depthwise
     ODD_CASES[10].replace(act="sigmoid"),  # rectangular kernel and stride
     ODD_CASES[14].replace(act="hardsigmoid"),  # no BN: a bias
+    ODD_CASES[15],  # LeakyReLU(0.1)
     *PROJECTION_ODD_CASES,  # a projected residual: two convs
 ]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres.numerics import ACT_FUNCTIONS, reference_conv_bn_act, tolerance
+from fastres.numerics import activate, reference_conv_bn_act, tolerance
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import (ODD_CASES, PROJECTION_ODD_CASES, ConvCallRecorder, ConvCase, ConvInputs, ProjectionCase,
                             make_inputs)
@@ -25,15 +25,15 @@ def test_wrapper_signature_is_the_documented_one():
     assert list(sig.parameters) == [
         "x", "weight", "scale", "shift", "residual",
         "stride", "padding", "dilation", "groups", "act", "backend",
-        "residual_weight", "residual_scale", "residual_shift", "residual_stride",
+        "residual_weight", "residual_scale", "residual_shift", "residual_stride", "negative_slope",
     ]
     kw_only = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert kw_only == ["stride", "padding", "dilation", "groups", "act", "backend",
-                       "residual_weight", "residual_scale", "residual_shift", "residual_stride"]
+                       "residual_weight", "residual_scale", "residual_shift", "residual_stride", "negative_slope"]
     defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
     assert defaults == {"scale": None, "shift": None, "residual": None, "stride": 1, "padding": 0,
                         "dilation": 1, "groups": 1, "act": "relu", "backend": "auto", "residual_weight": None,
-                        "residual_scale": None, "residual_shift": None, "residual_stride": None}
+                        "residual_scale": None, "residual_shift": None, "residual_stride": None, "negative_slope": 0.01}
     assert fastres.conv_bn_act is fastres.ops.conv_bn_act
     assert torch.ops.fastres.conv_bn_act.default is not None
 
@@ -127,7 +127,11 @@ BAD_INPUTS = [
      r"Calculated padded input size per channel: \(2 x 2\)\. Kernel size: \(3 x 3\)\. Kernel size can't be greater"),
     ("stride of three values", dict(stride=(1, 1, 1)), RuntimeError,
      r"expected stride to be a single integer value or a list of 2 values"),
-    ("unknown activation", dict(act="gelu"), ValueError, r"act must be one of 'none', 'relu', 'relu6', 'silu', 'hardswish', 'sigmoid', 'hardsigmoid', but got 'gelu'"),
+    ("unknown activation", dict(act="gelu"), ValueError,
+     r"act must be one of 'none', 'relu', 'relu6', 'silu', 'hardswish', 'sigmoid', 'hardsigmoid', 'leaky_relu', "
+     r"but got 'gelu'"),
+    ("a slope for another activation", dict(act="relu", negative_slope=0.1), ValueError,
+     r"negative_slope=0.1 is only used by act='leaky_relu', but act='relu'"),
     ("unknown backend", dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),
     # a projected residual: (2, 4, 12, 12) through a stride-2 1x1 conv to the (2, 6, 6, 6) output
     ("residual_weight without a residual", dict(residual_weight=torch.randn(6, 4, 1, 1)), RuntimeError,
@@ -248,7 +252,7 @@ def _leaves(inputs: ConvInputs, dtype: torch.dtype | None = None) -> dict[str, t
 
 def _fused(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return fastres.ops.conv_bn_act(
-        **t, stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups, act=case.act,
+        **t, stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups, **case.act_kwargs,
         backend="reference", residual_stride=None if case.projection is None else case.projection.stride)
 
 
@@ -265,7 +269,7 @@ def _eager(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
         y = y + affine(projected, t.get("residual_scale"), t.get("residual_shift"))
     elif "residual" in t:
         y = y + t["residual"]
-    return ACT_FUNCTIONS[case.act](y)
+    return activate(y, case.act, case.negative_slope)
 
 
 def _gradients(forward, case: ConvCase, t: dict[str, torch.Tensor], grad_out: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -292,7 +292,7 @@ class Block(nn.Module):
         self.bn2 = bn(8)
         self.relu = nn.ReLU(inplace=True)  # one module used twice
         self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish(),
-                    "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid()}[act]
+                    "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid(), "leaky_relu": nn.LeakyReLU(0.2)}[act]
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -323,7 +323,52 @@ def test_each_add_and_relu_spelling_is_fused(style):
 @pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a not in ("none", "relu")])
 def test_other_activations(act):
     optimized = _check(Block("act-module", act=act), torch.randn(2, 8, 6, 6), fused=2)
-    assert optimized.fastres_report.entries["conv2"] == f"fused: conv+bn+add+{act}"
+    in_words = "leaky_relu(0.2)" if act == "leaky_relu" else act
+    assert optimized.fastres_report.entries["conv2"] == f"fused: conv+bn+add+{in_words}"
+
+
+class LeakyReLUs(nn.Module):
+    """LeakyReLU spelled each way, each with its own slope; the last one's slope is computed in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(5))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(5))
+        self.leaky = nn.LeakyReLU()
+
+    def forward(self, x):
+        computed = x.abs().mean().item() * 0.1
+        acts = [lambda z: self.leaky(z), lambda z: F.leaky_relu(z, 0.1),
+                lambda z: F.leaky_relu(z, negative_slope=0.3, inplace=True), lambda z: F.leaky_relu_(z, -0.5),
+                lambda z: F.leaky_relu(z, computed)]
+        for conv, bn, act in zip(self.convs, self.bns, acts):
+            x = act(bn(conv(x)))
+        return x
+
+
+def test_leaky_relu_fuses_with_its_own_slope():
+    """Module, function, keyword, in-place and F.leaky_relu_ spellings each fuse with their slope
+    (eager's answers, checked); a slope computed in forward is a graph value, not one the op can take."""
+    optimized = _check(LeakyReLUs(), torch.randn(2, 8, 6, 6), fused=5, total=5)
+    assert list(optimized.fastres_report.entries.values()) == [
+        "fused: conv+bn+leaky_relu(0.01)", "fused: conv+bn+leaky_relu(0.1)", "fused: conv+bn+leaky_relu(0.3)",
+        "fused: conv+bn+leaky_relu(-0.5)",
+        "fused: conv+bn (then leaky_relu, not one of the op's activations, runs eagerly)"]
+
+
+@pytest.mark.parametrize("name", ["cspresnet50", "darknet53", "tresnet_m"])
+def test_timm_models_with_leaky_relu(name):
+    """CSPNet, DarkNet and TResNet follow their BNs with LeakyReLU (TResNet at two slopes): each
+    fuses into its conv's op, none runs as a pass of its own."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    optimized = _check(model, torch.randn(2, 3, 64, 64), fused=convs, total=convs)
+    entries = optimized.fastres_report.entries.values()
+    assert not any("runs eagerly" in what for what in entries)
+    slopes = {what.split("leaky_relu")[1] for what in entries if "leaky_relu" in what}
+    assert slopes == ({"(0.01)", "(0.001)"} if name == "tresnet_m" else {"(0.01)"})
 
 
 def test_convs_with_bias_and_frozen_batchnorm():
@@ -1078,6 +1123,23 @@ def test_precompile_lists_the_calls_on_meta_tensors_and_leaves_the_model_untouch
     monkeypatch.setattr("fastres.converter.precompile", lambda m, *inputs: seen.append((m, inputs)))
     fastres.optimize(model, example_inputs=x)
     assert len(seen) == 1 and seen[0][1] == (x,)
+
+
+def test_precompile_compiles_each_leaky_relu_slope(monkeypatch):
+    """The slope is a Triton kernel constant: two layers of one shape, LeakyReLU(0.1) and (0.2),
+    are two compiles ahead, each with its own slope (not tuning's shared key, not the default)."""
+    from fastres import backends, compilation
+    from fastres.backends import triton as triton_backend
+
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.2)).eval()
+    optimized = fastres.optimize(model, backend="triton")
+    calls = compilation.recorded_calls(optimized, (torch.randn(2, 8, 6, 6),))
+    slopes = []
+    monkeypatch.setattr(backends, "tuned_by", lambda name, backend, problem, device: [problem])
+    monkeypatch.setattr(triton_backend, "compiles", lambda problem, *args: slopes.append(problem.negative_slope) or [])
+    list(compilation.compile_launches(calls, torch.device("cpu")))
+    assert slopes == [0.1, 0.2]
 
 
 def test_train_mode_after_optimize_runs_eagerly():

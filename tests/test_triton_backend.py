@@ -63,7 +63,7 @@ def run_kernel_case(
     x = relayout(inputs.x, layout)
     problem = ConvProblem.from_tensors(
         x, inputs.weight, inputs.scale, inputs.shift, inputs.residual,
-        case.stride, case.padding, case.dilation, case.groups, case.act, inputs.projection,
+        case.stride, case.padding, case.dilation, case.groups, case.act, inputs.projection, case.negative_slope,
     )
     out = torch.full(problem.output_shape, math.nan, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     args = (x, inputs.weight, inputs.scale, inputs.shift, inputs.residual, out)
@@ -604,7 +604,7 @@ def test_gpu_float32(case, tf32):
     with conv_tf32(tf32):
         inputs = make_inputs(case, torch.float32, GPU)
         out = fastres.ops.conv_bn_act(*inputs.op_args(), stride=case.stride, padding=case.padding,
-                                      groups=case.groups, act=case.act, backend="triton")
+                                      groups=case.groups, **case.act_kwargs, backend="triton")
         assert_matches(out, reference_for(case, inputs, inputs.residual), case, torch.float32, inputs.scale, tf32=tf32)
 
 

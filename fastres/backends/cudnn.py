@@ -48,4 +48,4 @@ def run(
     x = x.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x, weight, None, problem.stride, problem.padding, problem.dilation, problem.groups)
     y = y.contiguous(memory_format=torch.channels_last)
-    return apply_epilogue_(y, scale, shift, residual, problem.act)
+    return apply_epilogue_(y, scale, shift, residual, problem.act, problem.negative_slope)

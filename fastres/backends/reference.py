@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastres.numerics import ACT_FUNCTIONS
-from fastres.problem import ConvProblem, Projection
+from fastres.numerics import activate
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection
 
 NAME = "reference"
 
@@ -48,6 +48,7 @@ def chain(
     act: str,
     compute: torch.dtype,
     conv_dtype: torch.dtype | None = None,
+    negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     **conv_args,
 ) -> torch.Tensor:
     """The op's arithmetic in standard torch ops, in `compute`'s precision (the convs in
@@ -60,7 +61,7 @@ def chain(
                             stride=projection.stride)
     if residual is not None:
         y = y + residual.to(compute)
-    return ACT_FUNCTIONS[act](y)
+    return activate(y, act, negative_slope)
 
 
 def run(
@@ -73,6 +74,7 @@ def run(
     projection: Projection | None = None,
 ) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" and x.dtype != torch.float64 else torch.float64
-    y = chain(x, weight, scale, shift, residual, projection, problem.act, compute, stride=problem.stride,
-              padding=problem.padding, dilation=problem.dilation, groups=problem.groups)
+    y = chain(x, weight, scale, shift, residual, projection, problem.act, compute,
+              negative_slope=problem.negative_slope, stride=problem.stride, padding=problem.padding,
+              dilation=problem.dilation, groups=problem.groups)
     return y.to(x.dtype).contiguous(memory_format=torch.channels_last)

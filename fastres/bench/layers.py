@@ -79,7 +79,7 @@ def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callab
 
         def run():
             x, residual = rotation.next()
-            return fastres.ops.conv_bn_act(x, weight, scale, shift, residual, act=case.act, backend=backend,
+            return fastres.ops.conv_bn_act(x, weight, scale, shift, residual, backend=backend, **case.act_kwargs,
                                            **conv_args, **projection)
 
         return run
@@ -99,7 +99,8 @@ def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callab
     if case.projection is not None:
         projection = _modules(case.projection_case(), inputs.projection.weight, inputs.projection_bn, None,
                               memory_format)
-    layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act, projection)  # noqa: E731
+    layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act, projection,  # noqa: E731
+                                              negative_slope=case.negative_slope)
     if contender == "compile":
         layer = torch.compile(layer)
     nchw = rotation if memory_format is torch.channels_last else Rotation(
