@@ -13,8 +13,8 @@ In each graph a chain is fused when every link has exactly one user:
     nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
     SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a
     residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU /
-    Hardswish / Sigmoid / Hardsigmoid / LeakyReLU with a constant slope, as modules, F.*, torch.*
-    or methods; one module reused in many places is fine)
+    Hardswish / Sigmoid / Hardsigmoid / LeakyReLU with a constant slope / GELU's exact form, as
+    modules, F.*, torch.* or methods; one module reused in many places is fine)
 
 A conv with no BatchNorm after it fuses the same way when an add or an activation follows it
 (VGG's conv + ReLU; the conv's bias becomes the op's shift); a conv alone stays as it is.
@@ -86,7 +86,8 @@ _OTHER_ACT_NAMES = frozenset(
         "logsigmoid"))
 # ReLU6 before its base class Hardtanh
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
-                (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"), (nn.LeakyReLU, "leaky_relu"))
+                (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"), (nn.LeakyReLU, "leaky_relu"),
+                (nn.GELU, "gelu"))
 
 
 @dataclass
@@ -380,17 +381,27 @@ def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str,
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         for cls, act in _ACT_MODULES:
-            if isinstance(module, cls) and (cls is not nn.ReLU6 or (module.min_val, module.max_val) == (0.0, 6.0)):
+            if isinstance(module, cls) and _is_op_form(module):
                 return act, float(getattr(module, "negative_slope", DEFAULT_NEGATIVE_SLOPE))
     if node.op == "call_function" and node.target in _LEAKY_RELU_FUNCTIONS:
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", DEFAULT_NEGATIVE_SLOPE)
         # a slope computed in forward is a graph node, not a number the op can take
         return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else None
+    if node.op == "call_function" and node.target is F.gelu:
+        return ("gelu", DEFAULT_NEGATIVE_SLOPE) if node.kwargs.get("approximate", "none") == "none" else None
     if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
         return _ACT_FUNCTIONS[node.target], DEFAULT_NEGATIVE_SLOPE
     if node.op == "call_method" and node.target in _ACT_METHODS:
         return _ACT_METHODS[node.target], DEFAULT_NEGATIVE_SLOPE
     return None
+
+
+def _is_op_form(module: nn.Module) -> bool:
+    """Whether an activation module computes the op's function of its name: ReLU6 with other
+    bounds (a Hardtanh) or GELU's tanh approximation does not."""
+    if isinstance(module, nn.ReLU6):
+        return (module.min_val, module.max_val) == (0.0, 6.0)
+    return not isinstance(module, nn.GELU) or module.approximate == "none"
 
 
 def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:

@@ -32,6 +32,7 @@ _ACT_FUNCTIONS = {
     "hardswish": F.hardswish,
     "sigmoid": torch.sigmoid,
     "hardsigmoid": F.hardsigmoid,
+    "gelu": F.gelu,
 }
 
 # The gradient through each activation, given the output's gradient g and the pre-activation z:
@@ -44,6 +45,7 @@ _ACT_BACKWARDS = {
     "hardswish": torch.ops.aten.hardswish_backward,
     "sigmoid": lambda g, z: torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z)),
     "hardsigmoid": torch.ops.aten.hardsigmoid_backward,
+    "gelu": torch.ops.aten.gelu_backward,
 }
 
 

@@ -199,6 +199,8 @@ def variants() -> list[Variant]:
                 torch.float16, expect_tensor_cores=False),
         Variant("epilogue fp16", "epilogue", conv1x1.replace(residual=True), torch.float16, expect_tensor_cores=False),
         Variant("epilogue fp64 silu", "epilogue", conv1x1.replace(act="silu"), torch.float64, expect_tensor_cores=False),
+        Variant("epilogue fp32 gelu", "epilogue", conv1x1.replace(act="gelu"), torch.float32,
+                expect_tensor_cores=False),
         Variant("epilogue fp64 leaky_relu 0.1", "epilogue", conv1x1.replace(act="leaky_relu", negative_slope=0.1),
                 torch.float64, expect_tensor_cores=False),
         Variant("gemm fp16 3x3 +res leaky_relu 0.1", "conv_bn_act",

@@ -11,7 +11,7 @@ import triton.language as tl
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE
 
 ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6,
-             "leaky_relu": 7}
+             "leaky_relu": 7, "gelu": 8}
 
 
 @triton.jit
@@ -19,10 +19,6 @@ def activation(v, ACT: tl.constexpr, NEG_SLOPE: tl.constexpr):
     # Comparisons written so NaN propagates, as torch.relu / relu6 do: NaN < 0 is False.
     if ACT == 1:
         v = tl.where(v < 0, 0.0, v)
-    elif ACT == 7:
-        # LeakyReLU's slope is a constexpr: a model has one or two, and a constant multiplies for free.
-        # tl.full makes it in v's dtype, so float64 outputs get the slope's float64 value.
-        v = tl.where(v < 0, v * tl.full((), NEG_SLOPE, v.dtype), v)
     elif ACT == 2:
         v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))
     elif ACT == 3 or ACT == 5:
@@ -35,6 +31,13 @@ def activation(v, ACT: tl.constexpr, NEG_SLOPE: tl.constexpr):
         t = v + 3.0
         hardsigmoid = tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
         v = v * hardsigmoid if ACT == 4 else hardsigmoid
+    elif ACT == 7:
+        # LeakyReLU's slope is a constexpr: a model has one or two, and a constant multiplies for free
+        # (a Python float constant, kept as a double in the float64 epilogue).
+        v = tl.where(v < 0, v * NEG_SLOPE, v)
+    elif ACT == 8:
+        # GELU, torch's exact (erf) form: x * Phi(x). As in torch, -inf gives NaN (-inf * 0).
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     return v
 
 

@@ -62,7 +62,7 @@ def test_convbnact_train_mode_is_eager_and_updates_statistics():
 
 def test_convbnact_rejects_unknown_activation():
     with pytest.raises(ValueError, match="act must be one of"):
-        ConvBNAct(*_conv_bn(), act="gelu")
+        ConvBNAct(*_conv_bn(), act="elu")
 
 
 @pytest.mark.parametrize("change", ["inplace", "load_state_dict", "to_float64", "optimizer_step", "new_tensor"])

@@ -127,9 +127,9 @@ BAD_INPUTS = [
      r"Calculated padded input size per channel: \(2 x 2\)\. Kernel size: \(3 x 3\)\. Kernel size can't be greater"),
     ("stride of three values", dict(stride=(1, 1, 1)), RuntimeError,
      r"expected stride to be a single integer value or a list of 2 values"),
-    ("unknown activation", dict(act="gelu"), ValueError,
+    ("unknown activation", dict(act="elu"), ValueError,
      r"act must be one of 'none', 'relu', 'relu6', 'silu', 'hardswish', 'sigmoid', 'hardsigmoid', 'leaky_relu', "
-     r"but got 'gelu'"),
+     r"'gelu', but got 'elu'"),
     ("a slope for another activation", dict(act="relu", negative_slope=0.1), ValueError,
      r"negative_slope=0.1 is only used by act='leaky_relu', but act='relu'"),
     ("unknown backend", dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),

@@ -292,7 +292,8 @@ class Block(nn.Module):
         self.bn2 = bn(8)
         self.relu = nn.ReLU(inplace=True)  # one module used twice
         self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish(),
-                    "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid(), "leaky_relu": nn.LeakyReLU(0.2)}[act]
+                    "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid(), "leaky_relu": nn.LeakyReLU(0.2),
+                    "gelu": nn.GELU()}[act]
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -354,6 +355,43 @@ def test_leaky_relu_fuses_with_its_own_slope():
         "fused: conv+bn+leaky_relu(0.01)", "fused: conv+bn+leaky_relu(0.1)", "fused: conv+bn+leaky_relu(0.3)",
         "fused: conv+bn+leaky_relu(-0.5)",
         "fused: conv+bn (then leaky_relu, not one of the op's activations, runs eagerly)"]
+
+
+class GELUs(nn.Module):
+    """GELU as a module and as F.gelu, exact (fused) and tanh-approximated (another function: eager)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(4))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(4))
+        self.exact, self.tanh = nn.GELU(), nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        acts = [self.exact, lambda z: F.gelu(z, approximate="none"), self.tanh, lambda z: F.gelu(z, approximate="tanh")]
+        for conv, bn, act in zip(self.convs, self.bns, acts):
+            x = act(bn(conv(x)))
+        return x
+
+
+def test_exact_gelu_fuses_and_the_tanh_approximation_does_not():
+    optimized = _check(GELUs(), torch.randn(2, 8, 6, 6), fused=4, total=4)
+    assert list(optimized.fastres_report.entries.values()) == [
+        "fused: conv+bn+gelu", "fused: conv+bn+gelu",
+        "fused: conv+bn (then GELU, not one of the op's activations, runs eagerly)",
+        "fused: conv+bn (then gelu, not one of the op's activations, runs eagerly)"]
+
+
+@pytest.mark.parametrize("name,image", [("repvit_m1", 64), ("efficientformer_l1", 224)])
+def test_timm_models_with_gelu(name, image):
+    """RepViT and EfficientFormer follow their BNs with (exact) GELU: every conv fuses, its GELU too."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    optimized = _check(model, torch.randn(1, 3, image, image), fused=convs, total=convs)
+    entries = optimized.fastres_report.entries.values()
+    assert not any("runs eagerly" in what for what in entries)
+    assert sum(what.endswith("+gelu") for what in entries) >= 10
 
 
 @pytest.mark.parametrize("name", ["cspresnet50", "darknet53", "tresnet_m"])
