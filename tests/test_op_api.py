@@ -210,6 +210,7 @@ def test_opcheck_passes():
         (inputs.x, inputs.weight, None, None, None, [2, 2], [1, 1], [1, 1], 1, "none", "reference"),
         (*projected.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference", pr.weight, pr.scale, pr.shift, [2, 2]),
         (*projected.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference", pr.weight, None, None, [2, 2]),
+        (*inputs.op_args(), [1, 1], [1, 1], [1, 1], 1, "leaky_relu", "reference", None, None, None, None, 0.2),
     ):
         torch.library.opcheck(torch.ops.fastres.conv_bn_act.default, args)
         # again with every tensor requiring grad: the autograd registration, traced by AOTAutograd too
