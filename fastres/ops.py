@@ -14,7 +14,9 @@ tensor cores, as its eager convs would, and return autocast's dtype.
 
 ONNX has no such op and its runtimes (ONNX Runtime, TensorRT) fuse conv chains themselves, so
 under torch.onnx.export conv_bn_act records its arithmetic in standard ops instead of the custom op
-(Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue).
+(Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue). An
+ExportedProgram that holds the op exports too: the same standard ops are its decomposition in
+torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks.
 
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
@@ -30,6 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._decomp import register_decomposition
 
 from fastres import backends
 from fastres.backends import reference
@@ -270,3 +273,15 @@ def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, 
     y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
                         negative_slope=negative_slope, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return y.to(x.dtype)
+
+
+@register_decomposition(torch.ops.fastres.conv_bn_act.default)
+def _decomposed(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
+                residual_weight=None, residual_scale=None, residual_shift=None, residual_stride=None,
+                negative_slope=DEFAULT_NEGATIVE_SLOPE):
+    """The op as standard ops, in torch._decomp's table: what torch.onnx.export applies to an
+    ExportedProgram's ops it has no ONNX function for. torch.export's default decompositions and
+    Inductor's do not take ops from that table, so they keep the fused op."""
+    projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
+    return _standard_ops(x, weight, scale, shift, residual, tuple(stride), tuple(padding), tuple(dilation), groups,
+                         act, backend, projection, negative_slope)

@@ -156,6 +156,26 @@ def test_models_export_as_their_eager_selves_and_stay_fused(name, dynamo):
     assert calls.calls and torch.equal(again, fused(x))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_an_exported_program_holding_the_op_exports_too(name):
+    """torch.export first, ONNX second: the ExportedProgram holds fastres::conv_bn_act, which
+    torch.onnx.export decomposes into standard ops (the op's entry in torch._decomp's table), with
+    a dynamic batch size; torch.export's own default decompositions and Inductor's keep the op."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    model, fused, _ = MODELS[name]()
+    x, other_batch = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        program = torch.export.export(fused, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        expected = model(other_batch)
+    ops = lambda p: sum(n.target == torch.ops.fastres.conv_bn_act.default for n in p.graph.nodes)  # noqa: E731
+    assert ops(program) > 0 and ops(program.run_decompositions()) == ops(program)
+    assert torch.ops.fastres.conv_bn_act.default not in select_decomp_table()
+    proto = torch.onnx.export(program, (x,), dynamo=True, verbose=False).model_proto
+    assert {domain for domain, _ in _op_types(proto)} <= STANDARD_DOMAINS
+    torch.testing.assert_close(_run(proto, (other_batch,)), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_models_on_a_gpu_export_as_on_the_cpu(name):
