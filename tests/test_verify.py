@@ -33,6 +33,20 @@ def test_verify_checks_convs_fused_without_a_batchnorm():
     assert len(report.layers) == 26
 
 
+def test_verify_checks_each_layer_at_its_own_leaky_relu_slope():
+    """TResNet's layers use LeakyReLU at 0.01 and at 0.001: each fused layer passes against float64
+    at its own slope; a rewrite that got one slope wrong fails the whole model's check."""
+    model = named_model("timm:tresnet_m")
+    optimized = fastres.optimize(model)
+    x = torch.randn(1, 3, 64, 64)
+    report = fastres.verify(model, optimized, x, per_layer=True)
+    assert report.ok and len(report.layers) == 94, str(report)
+    wrong = next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.negative_slope == 0.001)
+    wrong.negative_slope = 0.01
+    report = fastres.verify(model, optimized, x, per_layer=True)
+    assert not report.ok and not report.model[1].ok
+
+
 def _fused(optimized, name):
     return next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name == name)
 
