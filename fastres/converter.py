@@ -406,16 +406,22 @@ def _is_op_form(module: nn.Module) -> bool:
 
 def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:
     """The name of the activation `node` applies to `value` when the op has no epilogue for it
-    (GELU, LeakyReLU, Tanh, ...), or None."""
+    (Tanh, ELU, GELU's tanh form, a LeakyReLU slope computed in forward, ...), or None."""
     if node.args[:1] != (value,):
         return None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if isinstance(module, nn.GELU):
+            return f"GELU(approximate={module.approximate!r})"
         # torch.nn.modules.activation, timm.layers.activations(_me), ... (not MultiheadAttention)
         is_activation = "activation" in type(module).__module__ and not list(module.children())
         return type(module).__name__ if is_activation else None
     target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    return target if node.op in ("call_function", "call_method") and target in _OTHER_ACT_NAMES else None
+    if node.op != "call_function" or target not in _OTHER_ACT_NAMES:
+        return target if node.op == "call_method" and target in _OTHER_ACT_NAMES else None
+    if node.target is F.gelu:
+        return f"gelu(approximate={node.kwargs.get('approximate')!r})"
+    return f"{target} with a slope computed in forward" if node.target in _LEAKY_RELU_FUNCTIONS else target
 
 
 def _eager_after(node: fx.Node, gm: fx.GraphModule, value: fx.Node, prefix: str) -> str | None:

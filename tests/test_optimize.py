@@ -354,7 +354,8 @@ def test_leaky_relu_fuses_with_its_own_slope():
     assert list(optimized.fastres_report.entries.values()) == [
         "fused: conv+bn+leaky_relu(0.01)", "fused: conv+bn+leaky_relu(0.1)", "fused: conv+bn+leaky_relu(0.3)",
         "fused: conv+bn+leaky_relu(-0.5)",
-        "fused: conv+bn (then leaky_relu, not one of the op's activations, runs eagerly)"]
+        "fused: conv+bn (then leaky_relu with a slope computed in forward, not one of the op's activations, "
+        "runs eagerly)"]
 
 
 class GELUs(nn.Module):
@@ -377,8 +378,8 @@ def test_exact_gelu_fuses_and_the_tanh_approximation_does_not():
     optimized = _check(GELUs(), torch.randn(2, 8, 6, 6), fused=4, total=4)
     assert list(optimized.fastres_report.entries.values()) == [
         "fused: conv+bn+gelu", "fused: conv+bn+gelu",
-        "fused: conv+bn (then GELU, not one of the op's activations, runs eagerly)",
-        "fused: conv+bn (then gelu, not one of the op's activations, runs eagerly)"]
+        "fused: conv+bn (then GELU(approximate='tanh'), not one of the op's activations, runs eagerly)",
+        "fused: conv+bn (then gelu(approximate='tanh'), not one of the op's activations, runs eagerly)"]
 
 
 @pytest.mark.parametrize("name,image", [("repvit_m1", 64), ("efficientformer_l1", 224)])
@@ -427,7 +428,7 @@ class Unfusable(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gelu = nn.Conv2d(4, 8, 3, padding=1)
+        self.elu = nn.Conv2d(4, 8, 3, padding=1)
         self.bn_first = nn.BatchNorm2d(8)
         self.after_bn = nn.Conv2d(8, 8, 1)
         self.used_twice = nn.Conv2d(8, 8, 1)
@@ -438,7 +439,7 @@ class Unfusable(nn.Module):
         self.bn_no_stats = nn.BatchNorm2d(8, track_running_stats=False)
 
     def forward(self, x):
-        y = F.gelu(self.gelu(x))
+        y = F.elu(self.elu(x))
         y = self.after_bn(self.bn_first(y))
         t = self.used_twice(y)
         y = self.bn_twice(t) + t
@@ -588,7 +589,7 @@ def test_a_forward_that_switches_grad_mode_or_autocast_is_not_traced(style):
 def test_unfusable_chains_stay_eager_with_reasons():
     optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
     eager = optimized.fastres_report.eager
-    assert "not followed by a BatchNorm, residual add or one of the op's activations (next: gelu)" in eager["gelu"]
+    assert "not followed by a BatchNorm, residual add or one of the op's activations (next: elu)" in eager["elu"]
     assert "(next: call_module used_twice)" in eager["after_bn"]
     assert "2 users" in eager["used_twice"]
     assert "padding_mode='reflect'" in eager["reflect"]
@@ -607,7 +608,7 @@ class NoBatchNorm(nn.Module):
         self.add_only = nn.Conv2d(8, 8, 1)
         self.alone = nn.Conv2d(8, 8, 1)
         self.bn = nn.BatchNorm2d(8)
-        self.then_gelu = nn.Conv2d(8, 8, 1)
+        self.then_elu = nn.Conv2d(8, 8, 1)
         self.gate, self.hard_gate = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
         self.last = nn.Conv2d(8, 8, 1)
 
@@ -617,8 +618,8 @@ class NoBatchNorm(nn.Module):
         y = F.relu(self.add_relu(y) + y)
         y = self.add_only(y) + y
         y = y * self.gate(y).sigmoid() * F.hardsigmoid(self.hard_gate(y))
-        y = self.then_gelu(self.alone(y) * 2)
-        return self.last(F.gelu(self.bn(y)))
+        y = self.then_elu(self.alone(y) * 2)
+        return self.last(F.elu(self.bn(y)))
 
 
 def test_convs_without_batchnorm_fuse_their_bias_with_the_add_and_activation():
@@ -633,7 +634,7 @@ def test_convs_without_batchnorm_fuse_their_bias_with_the_add_and_activation():
     assert entries["gate"] == "fused: conv+sigmoid" and entries["hard_gate"] == "fused: conv+hardsigmoid"
     assert "(next: call_function mul)" in entries["alone"]
     assert "(next: the module's output)" in entries["last"]
-    assert entries["then_gelu"] == "fused: conv+bn (then gelu, not one of the op's activations, runs eagerly)"
+    assert entries["then_elu"] == "fused: conv+bn (then elu, not one of the op's activations, runs eagerly)"
     with ConvCallRecorder() as calls, torch.no_grad():
         optimized(x)
     scales_and_shifts = [(args[2], args[3]) for args, _ in calls.calls]
