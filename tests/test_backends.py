@@ -176,6 +176,16 @@ def test_gpu_backend_matrix(case, dtype, backend):
         _run_gpu(case, dtype, backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cudnn"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gpu_every_activation_compiled(act, backend, dtype):
+    """The CPU tests run each epilogue activation in the Triton interpreter; here each runs compiled
+    (erf, exp, the constexpr slope) in both Triton epilogues, the GEMM's and cudnn's."""
+    _run_gpu(ODD_CASES[1].replace(act=act, residual=True), dtype, backend)
+
+
 # Tuning runs one kernel per shape, so the matrix above may leave some CUTLASS kernels unrun;
 # here every kernel that runs on the device meets the cases it accepts, with and without a
 # residual, every epilogue clamp, and no scale/shift (the kernels' defaults of 1 and 0).
