@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh setup models-1        # whole models at batch 1 (latency, CUDA graphs)
 #   bash benchmarks/gpu_session.sh setup models-bf16     # ResNet-50 bf16 at batch 256 (the bf16 target)
 #   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
+#   bash benchmarks/gpu_session.sh setup models-timm     # timm nets whose LeakyReLU / GELU the epilogue fuses
 #   bash benchmarks/gpu_session.sh setup profile         # ncu, kernel by kernel, on ResNet-50's layers
 #                                                        #   (PROFILE_CASES="c64h56 c256h14" narrows it)
 #
@@ -148,6 +149,13 @@ stage_models-bf16() { bench models-bf16 models --batch 256 --dtype bf16 --model 
 stage_models-autotune() {
     bench models-autotune models --batch 256 1 --dtype fp16 --model resnet50 --backends auto \
         --baselines eager-cl compile-max-autotune eager-cl+graph
+}
+
+# The image's own timm (KINDS.md lists it): DarkNet's LeakyReLU and RepViT's GELU, fused since the
+# thirteenth session, against eager and torch.compile.
+stage_models-timm() {
+    bench models-timm models --batch 256 --dtype fp16 --model timm:cspdarknet53 timm:repvit_m1 --backends auto \
+        --baselines eager-cl compile
 }
 
 stage_profile() {
