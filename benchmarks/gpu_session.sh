@@ -18,7 +18,8 @@
 #
 # The machine has torch 2.11, triton 3.6, Python 3.12 and no network. Carry the wheels it lacks:
 # on this (networked) machine run `bash benchmarks/gpu_session.sh wheels` once, then name `.whl`
-# in each device call's `carry` (.whl/onnx/ holds ONNX's, installed by test-onnx alone, apart). Set FASTRES_COMMIT to the commit being measured. Logs, JSON and
+# in each device call's `carry` (.whl/onnx/ holds ONNX's, installed by test-onnx alone, apart;
+# without it test-onnx uses the image's own ONNX packages). Set FASTRES_COMMIT to the commit being measured. Logs, JSON and
 # plots go to $OUT (8 files come back at most), a short table last, and each stage's wall time.
 #
 # Nothing measured is lost to the call's time limit, and the next call goes on from it:
@@ -97,9 +98,13 @@ stage_test-triton() { gpu_tests test-gpu-triton tests/test_triton_backend.py; }
 stage_test-others() { gpu_tests test-gpu-others --ignore=tests/test_triton_backend.py; }
 
 stage_test-onnx() {
-    # In their own --target, so the benchmarks' stages never import what ONNX's wheels bring.
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-onnx .whl/onnx/*.whl \
-        || return 1
+    # The image has onnx, onnxscript and onnxruntime (KINDS.md); carried wheels (`wheels`: the
+    # versions constraints.txt pins) go in their own --target, so the benchmarks' stages never
+    # import them.
+    if ls .whl/onnx/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-onnx .whl/onnx/*.whl \
+            || return 1
+    fi
     PYTHONPATH=/tmp/site-onnx${PYTHONPATH:+:$PYTHONPATH} logged test-onnx.log 25 $PY -m pytest -q -p no:cacheprovider tests/test_onnx.py
 }
 
