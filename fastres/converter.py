@@ -416,9 +416,11 @@ def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> st
         # torch.nn.modules.activation, timm.layers.activations(_me), ... (not MultiheadAttention)
         is_activation = "activation" in type(module).__module__ and not list(module.children())
         return type(module).__name__ if is_activation else None
+    if node.op not in ("call_function", "call_method"):
+        return None
     target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if node.op != "call_function" or target not in _OTHER_ACT_NAMES:
-        return target if node.op == "call_method" and target in _OTHER_ACT_NAMES else None
+    if target not in _OTHER_ACT_NAMES:
+        return None
     if node.target is F.gelu:
         return f"gelu(approximate={node.kwargs.get('approximate')!r})"
     return f"{target} with a slope computed in forward" if node.target in _LEAKY_RELU_FUNCTIONS else target

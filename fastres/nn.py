@@ -238,7 +238,6 @@ class ConvBNAct(_Fused):
         return f"act={act_text(self.act, self.negative_slope)!r}, backend={self.backend!r}"
 
 
-
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride, dilation, groups=groups, bias=False, dilation=dilation)
 

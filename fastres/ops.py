@@ -250,8 +250,7 @@ def conv_bn_act(
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if exporting_to_onnx():
         return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
-                             _projection(residual_weight, residual_scale, residual_shift, residual_stride),
-                             negative_slope)
+                             residual_weight, residual_scale, residual_shift, residual_stride, negative_slope)
     return torch.ops.fastres.conv_bn_act(
         x, weight, scale, shift, residual, list(stride), list(padding), list(dilation),
         groups, act, backend, residual_weight, residual_scale, residual_shift,
@@ -259,11 +258,18 @@ def conv_bn_act(
     )
 
 
-def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend, projection,
-                  negative_slope):
+@register_decomposition(torch.ops.fastres.conv_bn_act.default)
+def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
+                  residual_weight=None, residual_scale=None, residual_shift=None, residual_stride=None,
+                  negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The op, checked as the op checks, in ops ONNX has: convs in x's dtype (tensor cores in the
-    runtime), the epilogue in float32 as in the kernels, x's dtype out."""
+    runtime), the epilogue in float32 as in the kernels, x's dtype out. What the wrapper records
+    under torch.onnx.export, and the op's entry in torch._decomp's table, which torch.onnx.export
+    applies to an ExportedProgram's ops it has no ONNX function for (torch.export's default
+    decompositions and Inductor's do not take ops from that table: they keep the fused op)."""
     backends.check_name(backend)
+    projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     with warnings.catch_warnings():
         # The TorchScript exporter traces sizes as tensors; the checks hold for the shapes it exports.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -273,15 +279,3 @@ def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, 
     y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
                         negative_slope=negative_slope, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return y.to(x.dtype)
-
-
-@register_decomposition(torch.ops.fastres.conv_bn_act.default)
-def _decomposed(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
-                residual_weight=None, residual_scale=None, residual_shift=None, residual_stride=None,
-                negative_slope=DEFAULT_NEGATIVE_SLOPE):
-    """The op as standard ops, in torch._decomp's table: what torch.onnx.export applies to an
-    ExportedProgram's ops it has no ONNX function for. torch.export's default decompositions and
-    Inductor's do not take ops from that table, so they keep the fused op."""
-    projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
-    return _standard_ops(x, weight, scale, shift, residual, tuple(stride), tuple(padding), tuple(dilation), groups,
-                         act, backend, projection, negative_slope)

@@ -144,11 +144,11 @@ class ConvInputs:
         if self.projection is not None:
             residual = reference_conv_bn_act(residual, self.projection.weight, bn=self.projection_bn,
                                              stride=self.projection.stride, act="none")
+        if act is not None:
+            case = case.replace(act=act)
         return reference_conv_bn_act(
             self.x, self.weight, bn=self.bn, shift=self.shift if self.bn is None else None, residual=residual,
-            stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
-            act=case.act if act is None else act, negative_slope=case.negative_slope if act is None else
-            DEFAULT_NEGATIVE_SLOPE,
+            stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups, **case.act_kwargs,
         )
 
 
