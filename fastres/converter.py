@@ -745,6 +745,15 @@ def _copy(model: nn.Module) -> nn.Module:
     return copied
 
 
+def _check_initialized(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if any(nn.parameter.is_lazy(t) for t in (*module.parameters(False), *module.buffers(False))):
+            where = f"module {name!r} ({type(module).__name__})" if name else f"the model ({type(model).__name__})"
+            raise ValueError(
+                f"fastres.optimize: {where} has uninitialized parameters; run the model once on an example "
+                "batch to initialize its lazy modules, then optimize it")
+
+
 def optimize(
     model: nn.Module,
     backend: str = "auto",
@@ -770,11 +779,13 @@ def optimize(
             "fastres.optimize expects a model in eval mode (BatchNorm must use its running statistics); "
             "call model.eval() first. Training runs the unfused model."
         )
+    _check_initialized(model)
     model = _copy(model)
     if dtype is not None:
         model = model.to(dtype)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to(memory_format=channels_last) fails on a Conv3d's 5-D weight; only 2-D convs fuse.
+        model = model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     report = OptimizeReport(backend)
     baseline = _copy(model) if example_inputs is not None else None
     given = len(example_inputs) if isinstance(example_inputs, tuple) else 1
@@ -782,6 +793,8 @@ def optimize(
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:
             report.entries[name] = "eager: not called by any traced forward"
+        elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+            report.entries[name] = f"eager: {type(module).__name__} (only nn.Conv2d is fused)"
     report.entries = dict(sorted(report.entries.items(), key=lambda kv: _module_order(optimized, kv[0])))
     if example_inputs is not None:
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

@@ -764,6 +764,42 @@ def test_a_model_with_nothing_to_fuse_comes_back_working():
     assert "0 of 0 convs fused" in str(optimized.fastres_report)
 
 
+class OtherConvs(nn.Module):
+    """A 2-D chain between convs fastres does not fuse: a video stem (Conv3d, whose 5-D weight
+    Module.to(memory_format=channels_last) refuses), a ConvTranspose2d decoder and a Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.video = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.seq = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.up(F.relu(self.bn(self.conv(self.video(x).mean(2)))))
+        return self.seq(y.flatten(2))
+
+
+def test_convs_other_than_conv2d_stay_eager_and_are_named_in_the_report():
+    optimized = _check(OtherConvs(), torch.randn(2, 3, 4, 6, 6), fused=1, total=4)
+    assert optimized.fastres_report.eager == {
+        "video.0": "eager: Conv3d (only nn.Conv2d is fused)",
+        "up": "eager: ConvTranspose2d (only nn.Conv2d is fused)",
+        "seq": "eager: Conv1d (only nn.Conv2d is fused)",
+    }
+    assert optimized.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert optimized.video[0].weight.is_contiguous()
+
+
+def test_a_model_with_uninitialized_lazy_modules_is_refused_in_words():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"module '0' \(LazyConv2d\) has uninitialized parameters; run the model once"):
+        fastres.optimize(model)
+    x = torch.randn(2, 4, 6, 6)
+    model(x)
+    _check(model, x, fused=1, total=1)
+
+
 def test_hooks_run_as_in_eager_and_what_they_watch_is_not_fused():
     """Feature extraction, Grad-CAM, spectral_norm: every forward, pre- and backward hook runs on
     the values it gets in eager, none runs while optimize traces or precompiles; a hooked conv,
