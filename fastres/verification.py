@@ -1,7 +1,8 @@
 """fastres.verify: check an optimized model against its eager original and a float64 reference.
 
-Whole model: the original and the optimized model run in their dtype; a float64 copy of the
-original on the CPU is ground truth. Errors grow over fifty layers in any low precision, so
+Whole model: the original and the optimized model run in their dtype (an original held in
+another dtype than the optimized model, as after optimize(model, dtype=torch.float16), runs as a
+copy cast to the optimized model's); a float64 copy of the original on the CPU is ground truth. Errors grow over fifty layers in any low precision, so
 the optimized model passes when its error is within the per-dtype tolerance or no more than
 twice the eager model's own error (same dtype, same inputs): "no worse than what you had".
 
@@ -79,6 +80,18 @@ def _as_float64_cpu(inputs: tuple) -> tuple:
     return tuple(t.detach().cpu().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
 
+def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _as_dtype_of(model: nn.Module, optimized: nn.Module) -> nn.Module:
+    """`model`, or a copy of it cast to the dtype `optimized` holds (optimize(model, dtype=...))."""
+    dtype = _parameter_dtype(optimized)
+    if dtype is None or _parameter_dtype(model) in (None, dtype):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
 def _row(name: str, out: torch.Tensor, ref: torch.Tensor, tol, gain=None, note: str = "") -> Row:
     c = compare(out, ref, tol, gain)
     return Row(name, c.max_abs, c.max_rel, c.rel_norm, c.ok, note)
@@ -96,6 +109,7 @@ def verify(
     dtype = autocast_dtype(x)
     tf32 = dtype == torch.float32 and x.is_cuda and conv_tf32_enabled()
     report = VerifyReport(dtype)
+    baseline = _as_dtype_of(model, optimized)
     captured: list[tuple[FusedConvBN, tuple]] = []
     hooks = []
     if per_layer:
@@ -105,7 +119,7 @@ def verify(
                     lambda m, args, out: captured.append((m, tuple(a.detach() for a in args) + (out.detach(),)))))
     try:
         with torch.no_grad():
-            eager_out = _first_tensor(model(*inputs))
+            eager_out = _first_tensor(baseline(*inputs))
             fused_out = _first_tensor(optimized(*inputs))
             reference = copy.deepcopy(model).cpu().double()
             with torch.autocast("cpu", enabled=False):
@@ -117,7 +131,8 @@ def verify(
     tol = tolerance(dtype, tf32=tf32)
     eager = compare(eager_out, ref_out, tol)
     bound = max(tol.rel_norm, 2.0 * eager.rel_norm)
-    report.model.append(Row("eager (original)", eager.max_abs, eager.max_rel, eager.rel_norm, True, "baseline"))
+    name = "eager (original)" if baseline is model else f"eager (original as {str(_parameter_dtype(baseline)).removeprefix('torch.')})"
+    report.model.append(Row(name, eager.max_abs, eager.max_rel, eager.rel_norm, True, "baseline"))
     fused = compare(fused_out, ref_out, tol)
     report.model.append(Row("fastres (optimized)", fused.max_abs, fused.max_rel, fused.rel_norm,
                             bool(torch.isfinite(fused_out).eq(torch.isfinite(ref_out)).all()) and fused.rel_norm <= bound,

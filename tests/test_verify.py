@@ -51,6 +51,17 @@ def _fused(optimized, name):
     return next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name == name)
 
 
+def test_verify_runs_the_original_at_the_dtype_optimize_cast_its_copy_to():
+    """optimize(model, dtype=...) casts its copy, not `model`: the eager baseline is `model` cast to
+    that dtype (a bfloat16 error, not float32's), and `model` itself stays float32."""
+    model = named_model("resnet18")
+    optimized = fastres.optimize(model, dtype=torch.bfloat16)
+    report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32, dtype=torch.bfloat16), per_layer=True)
+    assert report.ok and report.dtype == torch.bfloat16, str(report)
+    assert report.model[0].name == "eager (original as bfloat16)" and report.model[0].rel_norm > 1e-3, str(report)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_verify_catches_a_wrong_kernel_result():
     model = named_model("resnet18")
     optimized = fastres.optimize(model)
