@@ -745,7 +745,25 @@ def _copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-def _check_initialized(model: nn.Module) -> None:
+_EXPORT_HINT = ("optimize the eager model, then export or trace that: torch.export.export(fastres.optimize(model), "
+                "args) keeps the fused op")
+_ATEN_CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+
+
+def _check_optimizable(model: nn.Module) -> None:
+    """What optimize refuses, in words: anything but an eager module in eval mode with its parameters."""
+    if isinstance(model, torch.export.ExportedProgram) or (
+            isinstance(model, fx.GraphModule) and any(n.target in _ATEN_CONVS for n in model.graph.nodes)):
+        raise TypeError("fastres.optimize takes an eager nn.Module, not a torch.export program or its .module() "
+                        "(aten ops, not the conv and BatchNorm modules fastres fuses); " + _EXPORT_HINT)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("fastres.optimize takes an eager nn.Module, not a TorchScript module (torch.fx cannot "
+                        "trace one); " + _EXPORT_HINT)
+    if model.training:
+        raise RuntimeError(
+            "fastres.optimize expects a model in eval mode (BatchNorm must use its running statistics); "
+            "call model.eval() first. Training runs the unfused model."
+        )
     for name, module in model.named_modules():
         if any(nn.parameter.is_lazy(t) for t in (*module.parameters(False), *module.buffers(False))):
             where = f"module {name!r} ({type(module).__name__})" if name else f"the model ({type(model).__name__})"
@@ -774,12 +792,7 @@ def optimize(
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
     """
     check_name(backend)
-    if model.training:
-        raise RuntimeError(
-            "fastres.optimize expects a model in eval mode (BatchNorm must use its running statistics); "
-            "call model.eval() first. Training runs the unfused model."
-        )
-    _check_initialized(model)
+    _check_optimizable(model)
     model = _copy(model)
     if dtype is not None:
         model = model.to(dtype)

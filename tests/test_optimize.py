@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -1122,6 +1123,22 @@ def test_a_broadcasting_residual_runs_eagerly_and_says_so():
 def test_training_mode_models_are_refused():
     with pytest.raises(RuntimeError, match="eval mode"):
         fastres.optimize(torchvision.models.resnet18().train())
+
+
+def _exported(model: nn.Module) -> torch.export.ExportedProgram:
+    return torch.export.export(model, (torch.randn(1, 3, 32, 32),))
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda m: torch.jit.trace(m, torch.randn(1, 3, 32, 32)), "not a TorchScript module"),
+    (_exported, "not a torch.export program"),
+    (lambda m: _exported(m).module(), "not a torch.export program or its .module()"),
+], ids=["torch.jit.trace", "ExportedProgram", "ExportedProgram.module"])
+def test_compiled_forms_of_a_model_are_refused_with_the_way_round_that_works(make, words):
+    """A TorchScript or torch.export form holds no conv / BatchNorm modules to fuse (and
+    ep.module() cannot even be put in eval mode); the message says what works instead."""
+    with pytest.raises(TypeError, match=f"{re.escape(words)}.*torch.export.export\\(fastres.optimize\\(model\\)"):
+        fastres.optimize(make(torchvision.models.resnet18().eval()))
 
 
 def test_the_original_model_is_not_changed():
