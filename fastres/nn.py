@@ -53,13 +53,21 @@ def _version_key(tensors: tuple[torch.Tensor | None, ...]) -> tuple:
     return tuple(None if t is None else (t._version, t.data_ptr(), t.device, t.dtype, t.shape) for t in tensors)
 
 
+def _cuda_device(tensors: tuple[torch.Tensor | None, ...]) -> torch.device | None:
+    return next((t.device for t in tensors if t is not None and t.is_cuda), None)
+
+
 def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple, compute: Callable[[], _T]) -> _T:
     """compute(), cached per owner module until any of `tensors` changes; computed afresh, with
     autograd, when gradients are wanted (a cached value would cut them off)."""
+    device = _cuda_device(tensors)
     # Inference tensors (made under torch.inference_mode) carry no version counter: compute afresh.
+    # Inside a CUDA graph capture compute() only records kernels: a value cached then would hold
+    # nothing until the graph's first replay, and an eager call before it would read that.
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or any(t is not None and t.is_inference() for t in tensors)
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            or (device is not None and torch.cuda.is_current_stream_capturing())):
         return compute()
     key = extra + _version_key(tensors)
     with _fold_lock:
@@ -68,6 +76,9 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
         return cached[1]
     with torch.no_grad():
         value = compute()
+    if device is not None:
+        # Another thread may read the cached value at once on its own stream: it must be written by then.
+        torch.cuda.current_stream(device).synchronize()
     with _fold_lock:
         _fold_cache[owner] = (key, value)
     return value

@@ -105,6 +105,27 @@ def test_bn_fold_is_cached_while_nothing_changes():
         assert bn_scale_shift(bn)[0] is bn_scale_shift(bn)[0]
 
 
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "cuda-graph-capture"])
+def test_a_cuda_fold_is_written_before_it_is_cached_and_never_cached_inside_a_capture(monkeypatch, capturing):
+    """Another thread's stream may read a cached fold at once, so a CUDA fold's stream is synchronized
+    before the fold is cached (once, not on a hit); inside a CUDA graph capture the fold's kernels are
+    only recorded, so it is computed afresh and never cached. CPU tensors stand in for CUDA ones."""
+    syncs = []
+
+    class Stream:
+        def synchronize(self):
+            syncs.append(self)
+
+    monkeypatch.setattr(fastres.nn, "_cuda_device", lambda tensors: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    _, bn = _conv_bn()
+    with torch.no_grad():
+        first, second = bn_scale_shift(bn)[0], bn_scale_shift(bn)[0]
+    assert (first is not second) == capturing
+    assert len(syncs) == (0 if capturing else 1)
+
+
 @pytest.mark.parametrize("with_bn", [True, False], ids=["bn", "bias-only"])
 def test_with_autograd_on_the_fold_is_recomputed_and_differentiable(with_bn):
     """A cached fold would cut the gradients of BN's weight and bias (or the conv's bias) off."""

@@ -1354,6 +1354,25 @@ def test_gpu_cuda_graph_of_the_optimized_model():
 
 
 @pytest.mark.gpu
+def test_gpu_an_eager_call_between_a_cuda_graph_capture_without_warm_up_and_its_replay():
+    """A capture only records the BN folds' kernels: an eager call before the first replay must
+    fold for itself, not read what the capture left unwritten."""
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval().cuda().half()
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        fastres.optimize(model)(x)  # compiles and loads the kernels; its folds are its own copy's
+        optimized = fastres.optimize(model)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = optimized(x)
+        eager = optimized(x).clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, eager)
+    assert fastres.verify(model, optimized, x).ok
+
+
+@pytest.mark.gpu
 def test_gpu_reduce_overhead_compile():
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval().cuda().half()
     optimized = fastres.optimize(model)
