@@ -2,9 +2,10 @@
 
 Whole model: the original and the optimized model run in their dtype (an original held in
 another dtype than the optimized model, as after optimize(model, dtype=torch.float16), runs as a
-copy cast to the optimized model's); a float64 copy of the original on the CPU is ground truth. Errors grow over fifty layers in any low precision, so
-the optimized model passes when its error is within the per-dtype tolerance or no more than
-twice the eager model's own error (same dtype, same inputs): "no worse than what you had".
+copy cast to the optimized model's); a float64 copy of the original on the CPU is ground truth.
+Errors grow over fifty layers in any low precision, so the optimized model passes when its error
+is within the per-dtype tolerance or no more than twice the eager model's own error (same dtype,
+same inputs): "no worse than what you had".
 
 Under torch.autocast (verify called inside the region) "their dtype" is autocast's: tolerances
 are autocast's dtype's, and the float64 reference runs with autocast off.
@@ -131,8 +132,8 @@ def verify(
     tol = tolerance(dtype, tf32=tf32)
     eager = compare(eager_out, ref_out, tol)
     bound = max(tol.rel_norm, 2.0 * eager.rel_norm)
-    name = "eager (original)" if baseline is model else f"eager (original as {str(_parameter_dtype(baseline)).removeprefix('torch.')})"
-    report.model.append(Row(name, eager.max_abs, eager.max_rel, eager.rel_norm, True, "baseline"))
+    cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
+    report.model.append(Row(f"eager (original{cast})", eager.max_abs, eager.max_rel, eager.rel_norm, True, "baseline"))
     fused = compare(fused_out, ref_out, tol)
     report.model.append(Row("fastres (optimized)", fused.max_abs, fused.max_rel, fused.rel_norm,
                             bool(torch.isfinite(fused_out).eq(torch.isfinite(ref_out)).all()) and fused.rel_norm <= bound,
