@@ -60,23 +60,24 @@ def _cuda_device(tensors: tuple[torch.Tensor | None, ...]) -> torch.device | Non
 def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple, compute: Callable[[], _T]) -> _T:
     """compute(), cached per owner module until any of `tensors` changes; computed afresh, with
     autograd, when gradients are wanted (a cached value would cut them off)."""
-    device = _cuda_device(tensors)
     # Inference tensors (made under torch.inference_mode) carry no version counter: compute afresh.
-    # Inside a CUDA graph capture compute() only records kernels: a value cached then would hold
-    # nothing until the graph's first replay, and an eager call before it would read that.
     if (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or any(t is not None and t.is_inference() for t in tensors)
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-            or (device is not None and torch.cuda.is_current_stream_capturing())):
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
         return compute()
     key = extra + _version_key(tensors)
     with _fold_lock:
         cached = _fold_cache.get(owner)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return cached[1]  # also inside a CUDA graph capture after a warm-up: the graph reads it, no fold kernels
     with torch.no_grad():
         value = compute()
+    device = _cuda_device(tensors)
     if device is not None:
+        # Inside a capture compute() only recorded kernels: cached, the value would hold nothing until
+        # the graph's first replay, and an eager call before it would read that.
+        if torch.cuda.is_current_stream_capturing():
+            return value
         # Another thread may read the cached value at once on its own stream: it must be written by then.
         torch.cuda.current_stream(device).synchronize()
     with _fold_lock:

@@ -105,25 +105,43 @@ def test_bn_fold_is_cached_while_nothing_changes():
         assert bn_scale_shift(bn)[0] is bn_scale_shift(bn)[0]
 
 
+class _FakeCuda:
+    """CPU tensors standing in for CUDA ones in the fold cache: whether a capture is on, and how
+    often a stream synchronized."""
+
+    def __init__(self, monkeypatch):
+        self.capturing, self.syncs = False, 0
+        monkeypatch.setattr(fastres.nn, "_cuda_device", lambda tensors: torch.device("cuda"))
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self)
+
+    def synchronize(self):
+        self.syncs += 1
+
+
 @pytest.mark.parametrize("capturing", [False, True], ids=["eager", "cuda-graph-capture"])
 def test_a_cuda_fold_is_written_before_it_is_cached_and_never_cached_inside_a_capture(monkeypatch, capturing):
     """Another thread's stream may read a cached fold at once, so a CUDA fold's stream is synchronized
     before the fold is cached (once, not on a hit); inside a CUDA graph capture the fold's kernels are
-    only recorded, so it is computed afresh and never cached. CPU tensors stand in for CUDA ones."""
-    syncs = []
-
-    class Stream:
-        def synchronize(self):
-            syncs.append(self)
-
-    monkeypatch.setattr(fastres.nn, "_cuda_device", lambda tensors: torch.device("cuda"))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    only recorded, so it is computed afresh and never cached."""
+    cuda = _FakeCuda(monkeypatch)
+    cuda.capturing = capturing
     _, bn = _conv_bn()
     with torch.no_grad():
         first, second = bn_scale_shift(bn)[0], bn_scale_shift(bn)[0]
     assert (first is not second) == capturing
-    assert len(syncs) == (0 if capturing else 1)
+    assert cuda.syncs == (0 if capturing else 1)
+
+
+def test_a_capture_after_a_warm_up_reads_the_cached_fold(monkeypatch):
+    """Warmed up, a CUDA graph holds no fold kernels: the capture reads the fold cached before it."""
+    cuda = _FakeCuda(monkeypatch)
+    _, bn = _conv_bn()
+    with torch.no_grad():
+        warm = bn_scale_shift(bn)[0]
+        cuda.capturing = True
+        assert bn_scale_shift(bn)[0] is warm
+    assert cuda.syncs == 1
 
 
 @pytest.mark.parametrize("with_bn", [True, False], ids=["bn", "bias-only"])
