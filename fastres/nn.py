@@ -10,11 +10,13 @@ becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cache
 (a conv without BN: its bias as the float32 shift, per conv) and recomputed whenever a parameter
 or buffer changes (tensor versions and storage are part of the cache key: optimizer steps,
 load_state_dict and .to() all invalidate it).
-Under torch.compile and torch.jit.trace the fold is traced inline instead, so compiled and traced
-graphs never hold stale values; with autograd on it is recomputed every call, so gradients reach
-BN's and the conv's parameters.
-A CUDA graph captured in eager mode keeps the folded values of capture time: capture again
-after changing BN parameters.
+Under torch.compile, torch.jit.trace and torch.func's transforms the fold is computed inline, so
+compiled and traced graphs never hold stale values; with autograd on, the cached fold comes with
+its gradient attached (recomputed in the backward), so gradients reach BN's and the conv's
+parameters and the forward runs no fold kernels.
+A CUDA graph captured in eager mode keeps the folded values of capture time (the folds it read
+stay alive with their module, even after a refold replaces them): capture again after changing BN
+parameters.
 torch.fx symbolic tracing (torchvision's create_feature_extractor, get_graph_node_names) sees
 torchvision's modules called in torchvision's order, so its node names are torchvision's; the
 traced module is unfused until fastres.optimize fuses it again. torch.onnx.export sees them too:
@@ -40,38 +42,67 @@ from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, check_activation
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
 
 _T = TypeVar("_T")
-# Per module (a BN, or a conv without one): the version key of the tensors a fold read, and the fold.
-_fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
+# Per module (a BN, or a conv without one): the version key of the tensors a fold read, the fold, and
+# whether it lives on a CUDA device.
+_fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any, bool]]" = weakref.WeakKeyDictionary()
+# Per module: the folds CUDA graphs were captured reading. A graph holds their addresses, not references,
+# so they stay alive after a refold replaces them in the cache: a replay reads capture time's values.
+_captured_folds: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _fold_lock = threading.Lock()  # serving processes call models from many threads
+_MISSING = object()
+
+
+def _tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
+    """getattr(module, name, None), reading a parameter or buffer from its table directly: the fold cache
+    runs per op call, and nn.Module.__getattr__ was a third of a cache hit's time."""
+    value = module._parameters.get(name, _MISSING)
+    if value is _MISSING:
+        value = module._buffers.get(name, _MISSING)
+    return getattr(module, name, None) if value is _MISSING else value
 
 
 def _bn_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    return (bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None))
-
-
-def _version_key(tensors: tuple[torch.Tensor | None, ...]) -> tuple:
-    return tuple(None if t is None else (t._version, t.data_ptr(), t.device, t.dtype, t.shape) for t in tensors)
+    return (_tensor_attr(bn, "running_mean"), _tensor_attr(bn, "running_var"), _tensor_attr(bn, "weight"),
+            _tensor_attr(bn, "bias"))
 
 
 def _cuda_device(tensors: tuple[torch.Tensor | None, ...]) -> torch.device | None:
     return next((t.device for t in tensors if t is not None and t.is_cuda), None)
 
 
-def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple, compute: Callable[[], _T]) -> _T:
-    """compute(), cached per owner module until any of `tensors` changes; computed afresh, with
-    autograd, when gradients are wanted (a cached value would cut them off)."""
-    # Inference tensors (made under torch.inference_mode) carry no version counter: compute afresh.
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or any(t is not None and t.is_inference() for t in tensors)
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
-        return compute()
-    key = extra + _version_key(tensors)
+def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: tuple,
+            compute: Callable[..., _T]) -> _T:
+    """compute(*tensors), cached per owner module until any of `tensors` changes. When gradients are
+    wanted the cached value comes with autograd attached (_WithGradient): no fold kernels run in the
+    forward, and a backward gets compute's gradients."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return compute(*tensors)
+    grad = torch.is_grad_enabled()
+    wants_grad = False
+    key = list(extra)
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        if t.is_inference():  # made under torch.inference_mode: no version counter to key on
+            return compute(*tensors)
+        wants_grad = wants_grad or (grad and t.requires_grad)
+        key.append((t._version, t.data_ptr(), t.device, t.dtype, t.shape))
+    value = _lookup_or_compute(owner, tuple(key), tensors, compute)
+    return _WithGradient.apply(compute, value, *tensors) if wants_grad else value
+
+
+def _lookup_or_compute(owner: nn.Module, key: tuple, tensors: tuple[torch.Tensor | None, ...],
+                       compute: Callable[..., _T]) -> _T:
     with _fold_lock:
         cached = _fold_cache.get(owner)
     if cached is not None and cached[0] == key:
-        return cached[1]  # also inside a CUDA graph capture after a warm-up: the graph reads it, no fold kernels
+        # Also inside a CUDA graph capture after a warm-up: the graph reads the cached fold, no fold kernels.
+        if cached[2] and torch.cuda.is_current_stream_capturing():
+            _keep_for_graphs(owner, cached[1])
+        return cached[1]
     with torch.no_grad():
-        value = compute()
+        value = compute(*tensors)
     device = _cuda_device(tensors)
     if device is not None:
         # Inside a capture compute() only recorded kernels: cached, the value would hold nothing until
@@ -81,16 +112,49 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
         # Another thread may read the cached value at once on its own stream: it must be written by then.
         torch.cuda.current_stream(device).synchronize()
     with _fold_lock:
-        _fold_cache[owner] = (key, value)
+        _fold_cache[owner] = (key, value, device is not None)
     return value
+
+
+class _WithGradient(torch.autograd.Function):
+    """A cached value of compute(*tensors) as that call's differentiable result: the forward returns
+    it (an eval-mode model run without torch.no_grad would otherwise refold every BN, about five
+    to nine tiny kernels each, per call); the backward recomputes compute with autograd for the
+    gradients of the tensors that want them."""
+
+    @staticmethod
+    def forward(ctx: Any, compute: Callable[..., Any], value: Any, *tensors: torch.Tensor | None) -> Any:
+        ctx.compute = compute
+        ctx.save_for_backward(*tensors)
+        return tuple(v.detach() for v in value) if isinstance(value, tuple) else value.detach()
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            inputs = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip(ctx.saved_tensors, needs)]
+            outputs = ctx.compute(*inputs)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            wanted = [t for t, need in zip(inputs, needs) if need]
+            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+        return (None, None, *(next(found) if need else None for need in needs))
+
+
+def _keep_for_graphs(owner: nn.Module, value: Any) -> None:
+    with _fold_lock:
+        kept = _captured_folds.setdefault(owner, [])
+        if all(v is not value for v in kept):
+            kept.append(value)
 
 
 def bn_scale_shift(
     bn: nn.Module, conv_bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BN (eval) as (scale, shift) on BN's device, cached until any BN or bias tensor changes."""
-    return _cached(bn, _bn_tensors(bn) + (conv_bias,), (bn.eps, dtype),
-                   lambda: fold_bn(*_bn_tensors(bn), bn.eps, conv_bias, dtype))
+    eps = bn.eps
+    return _cached(bn, _bn_tensors(bn) + (conv_bias,), (eps, dtype),
+                   lambda mean, var, weight, bias, conv_bias: fold_bn(mean, var, weight, bias, eps, conv_bias, dtype))
 
 
 Projection = tuple[nn.Conv2d, nn.Module]  # a residual's (1x1 conv, BN): a ResNet downsample branch
@@ -112,7 +176,7 @@ def conv_bn_fold(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[torch.Tensor | 
     bias = conv.bias
     if bias is None:
         return None, None
-    return None, _cached(conv, (bias,), (dtype,), lambda: bias.to(dtype).contiguous())
+    return None, _cached(conv, (bias,), (dtype,), lambda bias: bias.to(dtype).contiguous())
 
 
 def fused_conv_bn(

@@ -16,7 +16,9 @@ ONNX has no such op and its runtimes (ONNX Runtime, TensorRT) fuse conv chains t
 under torch.onnx.export conv_bn_act records its arithmetic in standard ops instead of the custom op
 (Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue). An
 ExportedProgram that holds the op exports too: the same standard ops are its decomposition in
-torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks.
+torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks. torch.func's transforms
+(grad, vmap, jacrev, ...) get those standard ops as well: they have no rules for a custom op's
+autograd formula.
 
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
@@ -248,7 +250,7 @@ def conv_bn_act(
     Returns a channels_last tensor of x's dtype.
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    if exporting_to_onnx():
+    if exporting_to_onnx() or torch._C._are_functorch_transforms_active():
         return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
                              residual_weight, residual_scale, residual_shift, residual_stride, negative_slope)
     return torch.ops.fastres.conv_bn_act(
@@ -264,9 +266,10 @@ def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, 
                   negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The op, checked as the op checks, in ops ONNX has: convs in x's dtype (tensor cores in the
     runtime), the epilogue in float32 as in the kernels, x's dtype out. What the wrapper records
-    under torch.onnx.export, and the op's entry in torch._decomp's table, which torch.onnx.export
-    applies to an ExportedProgram's ops it has no ONNX function for (torch.export's default
-    decompositions and Inductor's do not take ops from that table: they keep the fused op)."""
+    under torch.onnx.export and computes under torch.func's transforms, and the op's entry in
+    torch._decomp's table, which torch.onnx.export applies to an ExportedProgram's ops it has no
+    ONNX function for (torch.export's default decompositions and Inductor's do not take ops from
+    that table: they keep the fused op)."""
     backends.check_name(backend)
     projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)

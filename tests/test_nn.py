@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
 from fastres.problem import ACTIVATIONS
@@ -144,22 +147,114 @@ def test_a_capture_after_a_warm_up_reads_the_cached_fold(monkeypatch):
     assert cuda.syncs == 1
 
 
+class _Halved(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / 2
+
+
+@pytest.mark.parametrize("kind", ["affine", "not-affine", "frozen", "parametrized-weight"])
+def test_the_fold_reads_each_kind_of_batchnorm_as_its_forward_does(kind):
+    """The fold reads BN's tensors from its parameter and buffer tables where they are, and falls back
+    to attribute access (a parametrization's property) where they are not."""
+    _, bn = _conv_bn()
+    if kind == "not-affine":
+        bn = nn.BatchNorm2d(16, affine=False)
+        bn.load_state_dict(_conv_bn()[1].state_dict(), strict=False)
+    elif kind == "frozen":
+        frozen = torchvision.ops.FrozenBatchNorm2d(16)
+        frozen.load_state_dict(bn.state_dict())
+        bn = frozen
+    elif kind == "parametrized-weight":
+        torch.nn.utils.parametrize.register_parametrization(bn, "weight", _Halved())
+    bn.eval()
+    x = torch.randn(2, 16, 3, 3)
+    with torch.no_grad():
+        scale, shift = bn_scale_shift(bn)
+        torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["eager-only", "read-by-a-capture"])
+def test_a_fold_a_cuda_graph_read_outlives_its_refold_and_no_other_does(monkeypatch, captured):
+    """A CUDA graph holds the address of the fold it was captured reading, not a reference: after BN
+    changes and an eager call refolds, that fold stays alive with capture time's values, so a replay
+    never reads freed memory. A fold no capture read is freed (training loops do not grow memory)."""
+    cuda = _FakeCuda(monkeypatch)
+    _, bn = _conv_bn()
+    with torch.no_grad():
+        bn_scale_shift(bn)
+        cuda.capturing = captured
+        old = weakref.ref(bn_scale_shift(bn)[0])
+        values = old().clone()
+        cuda.capturing = False
+        bn.running_var.mul_(4.0)
+        assert bn_scale_shift(bn)[0] is not old()
+    gc.collect()
+    assert (old() is not None) == captured
+    if captured:
+        torch.testing.assert_close(old(), values)
+
+
 @pytest.mark.parametrize("with_bn", [True, False], ids=["bn", "bias-only"])
-def test_with_autograd_on_the_fold_is_recomputed_and_differentiable(with_bn):
-    """A cached fold would cut the gradients of BN's weight and bias (or the conv's bias) off."""
+def test_with_autograd_on_the_fold_carries_gradients_when_computed_cached_and_refolded(with_bn):
+    """A fold cached without its autograd graph would cut the gradients of BN's weight and bias (or
+    the conv's bias) off: the first call (computed), the second (cached) and one after an in-place
+    change (refolded) all give eager's gradients."""
     conv, bn = _conv_bn()
     if not with_bn:
         conv, bn = nn.Conv2d(8, 16, 3), None
-    folded = conv_bn_fold(conv, bn)
-    assert all(t.requires_grad for t in folded if t is not None)
-    module = ConvBNAct(conv, bn).eval() if with_bn else None
-    x = torch.randn(2, 8, 5, 5)
-    out = module(x) if with_bn else fused_conv_bn(conv, None, x)
     params = [p for m in (conv, bn) if m is not None for p in m.parameters()]
-    got = torch.autograd.grad(out.square().sum(), params)
-    want = torch.autograd.grad(eager_conv_bn(conv, bn, x).square().sum(), params)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    x = torch.randn(2, 8, 5, 5)
+    for call in ("computed", "cached", "refolded"):
+        if call == "refolded":
+            with torch.no_grad():
+                params[-1].mul_(-2.0)
+        folded = conv_bn_fold(conv, bn)
+        assert all(t.requires_grad for t in folded if t is not None)
+        out = ConvBNAct(conv, bn).eval()(x) if with_bn else fused_conv_bn(conv, None, x)
+        got = torch.autograd.grad(out.square().sum(), params)
+        want = torch.autograd.grad(eager_conv_bn(conv, bn, x).square().sum(), params)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+class _AtenCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_with_autograd_on_a_cached_fold_launches_nothing_in_the_forward():
+    """An eval-mode model called without torch.no_grad (as in the README's example) reuses the cached
+    fold, its gradient attached: no fold arithmetic per call (about five to nine tiny kernels per BN)."""
+    conv, bn = _conv_bn()
+    module = ConvBNAct(conv, bn).eval()
+    x = torch.randn(2, 8, 5, 5)
+    module(x)
+    with _AtenCalls() as calls:
+        module(x)
+    assert set(calls.names) <= {"aten::detach", "fastres::conv_bn_act"}, calls.names
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["zoo", "optimized"])
+def test_torch_func_grad_through_a_fused_model_gives_eager_gradients(optimized):
+    """torch.func.grad over torch.func.functional_call (per-sample gradients, influence functions):
+    BN's fold and the op are computed in standard ops under the transform."""
+    torch.manual_seed(0)
+    eager = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval()
+    model = fastres.optimize(eager) if optimized else fastres.models.resnet18(num_classes=10).eval()
+    model.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    params = dict(model.named_parameters())
+    got = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    names, leaves = zip(*eager.named_parameters())
+    want = dict(zip(names, torch.autograd.grad(eager(x).square().sum(), leaves)))
+    assert got.keys() == want.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)

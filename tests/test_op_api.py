@@ -312,6 +312,24 @@ def test_gradients_match_eager_autograd(case, dtype):
             f"{name}: {error(grad, name):.3g} vs eager {error(eager[name], name):.3g}")
 
 
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_torch_func_grad_and_vmap_run_the_ops_standard_form(case):
+    """torch.func's transforms have no rules for a torch.library op's autograd formula (torch raises
+    "must override the setup_context staticmethod"): under one, the op computes its standard-op form,
+    the same arithmetic, so torch.func.grad gives eager's gradients and vmap (per-sample work) runs."""
+    t = _leaves(make_inputs(case, torch.float64))
+    names = list(t)
+    grad_out = torch.randn(case.n, case.k, *case.output_hw, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1))
+    got = torch.func.grad(lambda *values: (_fused(case, dict(zip(names, values))) * grad_out).sum(),
+                          argnums=tuple(range(len(names))))(*t.values())
+    want = _gradients(_eager, case, t, grad_out)
+    for name, grad in zip(names, got):
+        torch.testing.assert_close(grad, want[name], rtol=1e-9, atol=1e-9)
+    per_sample = torch.func.vmap(lambda x, residual: _fused(case, {**t, "x": x[None], "residual": residual[None]})[0])
+    torch.testing.assert_close(per_sample(t["x"], t["residual"]), _fused(case, t))
+
+
 class _TinyBlock(torch.nn.Module):
     """conv-bn-relu, conv-bn-add-relu, then conv-bn-add-relu with a projected residual, through the op."""
 

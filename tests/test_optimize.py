@@ -1134,6 +1134,7 @@ def _exported(model: nn.Module) -> torch.export.ExportedProgram:
     (_exported, "not a torch.export program"),
     (lambda m: _exported(m).module(), "not a torch.export program or its .module()"),
 ], ids=["torch.jit.trace", "ExportedProgram", "ExportedProgram.module"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.* is deprecated:FutureWarning")
 def test_compiled_forms_of_a_model_are_refused_with_the_way_round_that_works(make, words):
     """A TorchScript or torch.export form holds no conv / BatchNorm modules to fuse (and
     ep.module() cannot even be put in eval mode); the message says what works instead."""
@@ -1370,6 +1371,30 @@ def test_gpu_an_eager_call_between_a_cuda_graph_capture_without_warm_up_and_its_
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, eager)
     assert fastres.verify(model, optimized, x).ok
+
+
+@pytest.mark.gpu
+def test_gpu_a_cuda_graph_keeps_capture_time_folds_after_bn_changes_and_an_eager_refold():
+    """The graph reads the folds cached by the warm-up; an eager call after BN changes refolds into
+    new tensors, and the graph's must stay alive and unchanged (reallocated, they would be garbage)."""
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval().cuda().half()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        before = optimized(x).clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = optimized(x)
+        for module in optimized.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.mul_(4.0)
+        after = optimized(x).clone()
+        garbage = [torch.full((1 << 16,), float("nan"), device="cuda") for _ in range(64)]
+        graph.replay()
+        torch.cuda.synchronize()
+        del garbage
+        torch.testing.assert_close(captured, before)
+        assert not torch.allclose(after, before)
 
 
 @pytest.mark.gpu
