@@ -131,13 +131,14 @@ class _WithGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
         needs = ctx.needs_input_grad[2:]
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True): keep these differentiable
         with torch.enable_grad():
             inputs = [None if t is None else t.detach().requires_grad_(need)
                       for t, need in zip(ctx.saved_tensors, needs)]
             outputs = ctx.compute(*inputs)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             wanted = [t for t, need in zip(inputs, needs) if need]
-            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+            found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True, create_graph=create_graph))
         return (None, None, *(next(found) if need else None for need in needs))
 
 

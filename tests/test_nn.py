@@ -217,6 +217,22 @@ def test_with_autograd_on_the_fold_carries_gradients_when_computed_cached_and_re
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+def test_second_derivatives_through_the_cached_fold_are_eagers():
+    """backward(create_graph=True) through the fold: the gradient of BN's weight stays differentiable
+    (a Hessian-vector product over BN's parameters), as eager's."""
+    conv, bn = (m.double() for m in _conv_bn())
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+
+    def second(forward):
+        grad, = torch.autograd.grad(forward(x).square().sum(), bn.weight, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), [bn.weight, bn.bias])
+
+    module = ConvBNAct(conv, bn, act="none").eval()
+    module(x)  # the fold is cached
+    for got, want in zip(second(module), second(lambda x: eager_conv_bn(conv, bn, x, act="none"))):
+        torch.testing.assert_close(got, want)
+
+
 class _AtenCalls(TorchDispatchMode):
     def __init__(self):
         super().__init__()
