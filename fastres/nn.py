@@ -132,12 +132,12 @@ class _WithGradient(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
         needs = ctx.needs_input_grad[2:]
         create_graph = torch.is_grad_enabled()  # backward(create_graph=True): keep these differentiable
+        tensors = ctx.saved_tensors
         with torch.enable_grad():
-            inputs = [None if t is None else t.detach().requires_grad_(need)
-                      for t, need in zip(ctx.saved_tensors, needs)]
-            outputs = ctx.compute(*inputs)
+            # From the saved tensors themselves, so a second derivative sees the fold's own terms too.
+            outputs = ctx.compute(*tensors)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            wanted = [t for t, need in zip(inputs, needs) if need]
+            wanted = [t for t, need in zip(tensors, needs) if need]
             found = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True, create_graph=create_graph))
         return (None, None, *(next(found) if need else None for need in needs))
 

@@ -221,11 +221,12 @@ def test_second_derivatives_through_the_cached_fold_are_eagers():
     """backward(create_graph=True) through the fold: the gradient of BN's weight stays differentiable
     (a Hessian-vector product over BN's parameters), as eager's."""
     conv, bn = (m.double() for m in _conv_bn())
+    conv.bias = nn.Parameter(torch.randn(16, dtype=torch.float64))  # its fold is bilinear in it and BN's weight
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
 
     def second(forward):
         grad, = torch.autograd.grad(forward(x).square().sum(), bn.weight, create_graph=True)
-        return torch.autograd.grad(grad.square().sum(), [bn.weight, bn.bias])
+        return torch.autograd.grad(grad.square().sum(), [bn.weight, bn.bias, conv.bias])
 
     module = ConvBNAct(conv, bn, act="none").eval()
     module(x)  # the fold is cached
