@@ -10,10 +10,10 @@ becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cache
 (a conv without BN: its bias as the float32 shift, per conv) and recomputed whenever a parameter
 or buffer changes (tensor versions and storage are part of the cache key: optimizer steps,
 load_state_dict and .to() all invalidate it).
-Under torch.compile, torch.jit.trace and torch.func's transforms the fold is computed inline, so
-compiled and traced graphs never hold stale values; with autograd on, the cached fold comes with
-its gradient attached (recomputed in the backward), so gradients reach BN's and the conv's
-parameters and the forward runs no fold kernels.
+Under torch.compile, torch.jit.trace, make_fx (any dispatch mode) and torch.func's transforms the
+fold is computed inline, so compiled and traced graphs never hold stale values; with autograd on,
+the cached fold comes with its gradient attached (recomputed in the backward), so gradients reach
+BN's and the conv's parameters and the forward runs no fold kernels.
 A CUDA graph captured in eager mode keeps the folded values of capture time (the folds it read
 stay alive with their module, even after a refold replaces them): capture again after changing BN
 parameters.
@@ -75,7 +75,10 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
     """compute(*tensors), cached per owner module until any of `tensors` changes. When gradients are
     wanted the cached value comes with autograd attached (_WithGradient): no fold kernels run in the
     forward, and a backward gets compute's gradients."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+    # Tracers (torch.compile, torch.jit.trace, make_fx and other dispatch modes) record the fold from the
+    # parameters, never a cached constant; torch.func's transforms need it computed on their tensors.
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
         return compute(*tensors)
     grad = torch.is_grad_enabled()
     wants_grad = False
