@@ -17,8 +17,8 @@ under torch.onnx.export conv_bn_act records its arithmetic in standard ops inste
 (Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue). An
 ExportedProgram that holds the op exports too: the same standard ops are its decomposition in
 torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks. torch.func's transforms
-(grad, vmap, jacrev, ...) get those standard ops as well: they have no rules for a custom op's
-autograd formula.
+(grad, vmap, jacrev, ...) and forward-mode AD get those standard ops as well: they have no rules
+for a custom op's autograd formula.
 
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
@@ -33,6 +33,7 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._decomp import register_decomposition
 
@@ -41,7 +42,7 @@ from fastres.backends import reference
 from fastres.numerics import activate_backward
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection, check_inputs, empty_output, pair
 
-__all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx"]
+__all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx", "differentiated_by_transform"]
 
 
 @torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
@@ -206,6 +207,13 @@ def exporting_to_onnx() -> bool:
     return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
 
 
+def differentiated_by_transform() -> bool:
+    """Whether torch.func's transforms (grad, vmap, jvp, ...) or forward-mode AD (a dual_level) see
+    the caller: a custom op's autograd formula has rules for neither, so the op computes its
+    standard-op form (eager forward AD would otherwise drop the tangent without a word)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
 def _projection(
     weight: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, stride: Sequence[int] | None
 ) -> Projection | None:
@@ -250,7 +258,7 @@ def conv_bn_act(
     Returns a channels_last tensor of x's dtype.
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    if exporting_to_onnx() or torch._C._are_functorch_transforms_active():
+    if exporting_to_onnx() or differentiated_by_transform():
         return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
                              residual_weight, residual_scale, residual_shift, residual_stride, negative_slope)
     return torch.ops.fastres.conv_bn_act(

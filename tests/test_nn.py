@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 import torchvision
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -279,6 +280,27 @@ def test_torch_func_grad_through_a_fused_model_gives_eager_gradients(optimized):
     assert got.keys() == want.keys()
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # make_dual's own
+def test_forward_mode_ad_through_a_fused_module_gets_eagers_tangent():
+    """Dual tensors for the input and BN's weight (a Jacobian-vector product): the fold is computed on
+    them, not read from the cache, and the op computes its standard-op form."""
+    conv, bn = (m.double() for m in _conv_bn())
+    module = ConvBNAct(conv, bn).eval()
+    x, dx, dw = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 8, 5, 5), (2, 8, 5, 5), (16,)))
+    module(x)  # the fold is cached
+
+    def tangent(forward) -> torch.Tensor:
+        with torch.no_grad(), forward_ad.dual_level():
+            weight = forward_ad.make_dual(bn.weight.detach(), dw)
+            out = torch.func.functional_call(forward, {"bn.weight": weight}, (forward_ad.make_dual(x, dx),))
+            return forward_ad.unpack_dual(out).tangent
+
+    eager = nn.Module()
+    eager.conv, eager.bn = conv, bn
+    eager.forward = lambda x: eager_conv_bn(eager.conv, eager.bn, x)
+    torch.testing.assert_close(tangent(module), tangent(eager))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)

@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 import fastres
@@ -328,6 +329,23 @@ def test_torch_func_grad_and_vmap_run_the_ops_standard_form(case):
         torch.testing.assert_close(grad, want[name], rtol=1e-9, atol=1e-9)
     per_sample = torch.func.vmap(lambda x, residual: _fused(case, {**t, "x": x[None], "residual": residual[None]})[0])
     torch.testing.assert_close(per_sample(t["x"], t["residual"]), _fused(case, t))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # make_dual's own
+def test_forward_mode_ad_gets_the_ops_tangent(case):
+    """Forward-mode AD (dual tensors) has no rule in a custom op's autograd formula, and the op gave
+    no tangent without a word: inside a dual_level it computes its standard-op form."""
+    torch.manual_seed(0)
+    t = {name: v.detach() for name, v in _leaves(make_inputs(case, torch.float64)).items()}
+    tangents = {name: torch.randn_like(v) for name, v in t.items()}
+
+    def tangent(forward) -> torch.Tensor:
+        with forward_ad.dual_level():
+            out = forward(case, {name: forward_ad.make_dual(v, tangents[name]) for name, v in t.items()})
+            return forward_ad.unpack_dual(out).tangent
+
+    torch.testing.assert_close(tangent(_fused), tangent(_eager))
 
 
 class _TinyBlock(torch.nn.Module):
