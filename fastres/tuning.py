@@ -91,6 +91,9 @@ class _CacheFile:
         self.path = path
         self.identity = identity
         self.entries: dict[str, Any] = {}
+        # pick()'s answers in this process, per entry: (the entry's value when answered, the answer,
+        # whether it holds only while timing is off). Valid while entries[entry] is that same object.
+        self.answers: dict[str, tuple[Any, Any, bool]] = {}
         self.writable = True
         self._load()
 
@@ -232,14 +235,20 @@ def pick(
     device: torch.device,
     kind: str,
     key: str,
-    candidates: Sequence[T],
+    candidates: Callable[[], Sequence[T]],
     encode: Callable[[T], Any],
     run: Callable[[T], Any],
-    default: T,
+    default: Callable[[], T],
     refine: Callable[[T], Sequence[T]] | None = None,
     prepare: Callable[[Sequence[T]], None] | None = None,
 ) -> T:
-    """Choose among candidates for (kind, key): remembered choice, else time them all, else default.
+    """Choose among candidates() for (kind, key): remembered choice, else time them all, else default().
+
+    Called on every op call, so an answer is kept in memory for (device, kind, key): a repeat call
+    costs a dict lookup and never lists the candidates again (`candidates` and `default` are called
+    on a first call only). An answer holds while the remembered choice is unchanged; a default
+    given because timing was off (FASTRES_AUTOTUNE=0, a CUDA graph capture) is given again only
+    while it still is. Candidates must depend on the device and key alone.
 
     With `refine`, tuning runs in two rounds: the candidates, then refine(c) of the REFINE_TOP
     fastest (variants of one config such as its TMA or split-K versions, which rank with their
@@ -247,13 +256,24 @@ def pick(
     candidates before they are timed (e.g. to compile them all at once). A candidate that raises
     while being timed is skipped (e.g. out of shared memory on this GPU).
     """
-    def remembered_choice() -> T | None:
+    cache = _cache_for(device)
+    entry = f"{kind}/{key}"
+    remembered = cache.entries.get(entry)
+    known = cache.answers.get(entry)
+    if known is not None and known[0] is remembered and not (known[2] and may_time(device)):
+        return known[1]
+
+    def answer(value: T, untimed_only: bool = False) -> T:
+        cache.answers[entry] = (cache.entries.get(entry), value, untimed_only)
+        return value
+
+    def remembered_choice(options: Sequence[T]) -> T | None:
         remembered = lookup(device, kind, key)
         if remembered is None:
             return None
-        found = next((c for c in candidates if encode(c) == remembered), None)
+        found = next((c for c in options if encode(c) == remembered), None)
         if found is None and refine is not None:
-            found = next((v for c in candidates for v in refine(c) if encode(v) == remembered), None)
+            found = next((v for c in options for v in refine(c) if encode(v) == remembered), None)
         return found
 
     def time_each(batch: Sequence[T]) -> list[tuple[float, T]]:
@@ -268,19 +288,22 @@ def pick(
                 _warn_once(f"cand:{kind}:{key}:{encode(candidate)}", f"fastres: {kind} candidate {encode(candidate)} failed: {exc}")
         return timings
 
-    choice = remembered_choice()
+    options = candidates()
+    choice = remembered_choice(options)
     if choice is not None:
-        return choice
-    if (len(candidates) == 1 and refine is None) or not may_time(device):
-        return default
+        return answer(choice)
+    if len(options) == 1 and refine is None:
+        return answer(default())
+    if not may_time(device):
+        return answer(default(), untimed_only=True)
     with _lock:
-        choice = remembered_choice()  # another thread may have finished meanwhile
+        choice = remembered_choice(options)  # another thread may have finished meanwhile
         if choice is not None:
-            return choice
-        timed = time_each(candidates)
+            return answer(choice)
+        timed = time_each(options)
         if refine is not None and timed:
             leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:REFINE_TOP]]
-            seen = {json.dumps(encode(c), sort_keys=True) for c in candidates}
+            seen = {json.dumps(encode(c), sort_keys=True) for c in options}
             extra = []
             for variant in (v for c in leaders for v in refine(c)):
                 code = json.dumps(encode(variant), sort_keys=True)
@@ -289,7 +312,7 @@ def pick(
                     extra.append(variant)
             timed += time_each(extra)
         if not timed:
-            return default
+            return default()
         best = min(timed, key=lambda t: t[0])[1]
         remember(device, kind, key, encode(best))
-        return best
+        return answer(best)

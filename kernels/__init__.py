@@ -15,6 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: triton 3.9's triton.cdiv is a constexpr_function, about a
+    microsecond a call from Python, and the launchers' tile math runs on every op call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), for host code (see cdiv)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def interpreted() -> bool:
     """True when these kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
     from triton.runtime.interpreter import InterpretedFunction

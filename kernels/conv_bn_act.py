@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fastres.kernels import start
+from fastres.kernels import cdiv, next_power_of_2, start
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
 from fastres.numerics import conv_tf32_enabled
 from fastres.problem import ConvProblem, Projection
@@ -305,9 +305,9 @@ def _element_size(dtype: torch.dtype) -> int:
 def _fits(cfg: Config, problem: ConvProblem, shared_mem: int | None) -> bool:
     """Prune configs far larger than the problem or over the device's shared memory."""
     cols, run, _ = _tile_extents(cfg, problem)
-    if cfg.BLOCK_N > max(64, triton.next_power_of_2(cols)):
+    if cfg.BLOCK_N > max(64, next_power_of_2(cols)):
         return False
-    if cfg.BLOCK_K > max(32, triton.next_power_of_2(run)):
+    if cfg.BLOCK_K > max(32, next_power_of_2(run)):
         return False
     if problem.dtype == torch.float32 and cfg.BLOCK_K > 32:
         return False
@@ -328,11 +328,11 @@ def _shared_mem(device: torch.device) -> int | None:
 def heuristic(problem: ConvProblem) -> Config:
     """The config used before (or instead of) tuning: tile sizes matched to the GEMM's extents."""
     m = problem.n * problem.p * problem.q
-    block_n = 128 if problem.k_per_group >= 128 else max(16, min(64, triton.next_power_of_2(problem.k_per_group)))
+    block_n = 128 if problem.k_per_group >= 128 else max(16, min(64, next_power_of_2(problem.k_per_group)))
     block_k = 32 if problem.dtype == torch.float32 else 64
     # Under 16 channels per group a step takes a filter row's taps (flat_taps): size it to those.
     run = problem.c_per_group if problem.c_per_group >= 16 else problem.s * problem.c_per_group
-    block_k = max(16, min(block_k, triton.next_power_of_2(run)))
+    block_k = max(16, min(block_k, next_power_of_2(run)))
     block_m = 128 if m >= 128 * 64 else 64
     if problem.projection is not None:
         # Two live accumulators: 64x128 on 4 warps compiles without spills for sm_90 and sm_80
@@ -348,7 +348,7 @@ def flat_taps(problem: ConvProblem, block_k: int) -> bool:
     if problem.r == problem.s == 1:
         return False
     cg, s = problem.c_per_group, problem.s
-    return triton.cdiv(s * cg, block_k) < s * triton.cdiv(cg, block_k)
+    return cdiv(s * cg, block_k) < s * cdiv(cg, block_k)
 
 
 def packs_groups(problem: ConvProblem, cfg: Config) -> bool:
@@ -381,14 +381,14 @@ def _grid(cfg: Config, problem: ConvProblem) -> tuple[int, int]:
     """The GEMM kernel's programs, split-K aside: (pixel tiles x channel tiles, groups)."""
     cols, _, _ = _tile_extents(cfg, problem)
     m = problem.n * problem.p * problem.q
-    return triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(cols, cfg.BLOCK_N), 1 if _packed(cfg, problem) else problem.groups
+    return cdiv(m, cfg.BLOCK_M) * cdiv(cols, cfg.BLOCK_N), 1 if _packed(cfg, problem) else problem.groups
 
 
 def _tiles_and_steps(cfg: Config, problem: ConvProblem) -> tuple[int, int]:
     """Output tiles in cfg's grid, and reduction steps per tile."""
     rows, groups = _grid(cfg, problem)
     _, run, runs = _tile_extents(cfg, problem)
-    return rows * groups, runs * triton.cdiv(run, cfg.BLOCK_K)
+    return rows * groups, runs * cdiv(run, cfg.BLOCK_K)
 
 
 def _accumulators_fit(cfg: Config, problem: ConvProblem) -> bool:
@@ -565,7 +565,7 @@ def launch(
         SPLIT_K=config.SPLIT_K, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if workspace is not None:
-        reduce_grid = (triton.cdiv(m, REDUCE_BLOCK), triton.cdiv(problem.k, REDUCE_BLOCK))
+        reduce_grid = (cdiv(m, REDUCE_BLOCK), cdiv(problem.k, REDUCE_BLOCK))
         start(splitk_reduce_kernel, reduce_grid, compile_only)(
             workspace, scale, shift, residual, out, m, problem.p, problem.q, problem.k, *res_strides, *out.stride(),
             SPLIT_K=config.SPLIT_K, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels import start
+from fastres.kernels import cdiv, next_power_of_2, start
 from fastres.kernels.conv_bn_act import needs_int64
 from fastres.kernels.epilogue import ACT_CODES, activation, scale_shift
 from fastres.problem import ConvProblem
@@ -99,7 +99,7 @@ def variants(cfg: Config, problem: ConvProblem, device: torch.device) -> list[Co
 
 
 def heuristic(problem: ConvProblem) -> Config:
-    block_n = max(16, min(64, triton.next_power_of_2(problem.k)))
+    block_n = max(16, min(64, next_power_of_2(problem.k)))
     return Config(64, block_n, 4)
 
 
@@ -116,7 +116,7 @@ def launch(
 ) -> torch.Tensor:
     """Run the kernel with one config into `out`. Scale/shift must be float32. compile_only:
     compile the kernel for this call (see fastres.kernels.start), launch nothing."""
-    grid = (triton.cdiv(problem.n * problem.p * problem.q, config.BLOCK_M), triton.cdiv(problem.k, config.BLOCK_N))
+    grid = (cdiv(problem.n * problem.p * problem.q, config.BLOCK_M), cdiv(problem.k, config.BLOCK_N))
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     start(depthwise_kernel, grid, compile_only)(
         x, weight, scale, shift, residual, out,

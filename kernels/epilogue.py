@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastres.kernels import cdiv
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE
 
 ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6,
@@ -92,7 +93,7 @@ def apply_epilogue_(
     shift = None if shift is None else shift.to(vec_dtype).contiguous()
     numel = y.numel()
     block = 1024
-    epilogue_kernel[(triton.cdiv(numel, block),)](
+    epilogue_kernel[(cdiv(numel, block),)](
         y, scale, shift, residual, numel, y.shape[1],
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
         ACT=ACT_CODES[act], NEG_SLOPE=negative_slope, UPCAST=y.dtype != torch.float64, BLOCK=block,

@@ -372,6 +372,40 @@ def test_tma_split_k(split, launches):
     assert flags(launches, "USE_TMA") == [True]
 
 
+def test_host_tile_math_is_tritons():
+    """The launchers' own cdiv / next_power_of_2 (triton's are constexpr_functions, slow from Python)."""
+    import triton
+
+    from fastres.kernels import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in (1, 3, 16, 64, 128))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+
+
+@needs_interpreter
+def test_a_repeat_call_launches_the_remembered_config_without_listing_tiles(monkeypatch, launches):
+    """Every op call asks tuning for its config: after a shape's first call the backend lists no
+    tiles or variants and computes no heuristic (they cost more than the rest of a call), and each
+    call launches the remembered config (here a TMA variant, found among the variants once)."""
+    from fastres import tuning
+
+    case = TMA_CASES[0].replace(residual=True)
+    inputs = make_inputs(case, torch.float32)
+    problem = inputs.problem(case)
+    chosen = gemm_kernel.variants(gemm_kernel.tiles(problem, CPU)[-1], problem, CPU)[0]
+    assert chosen.TMA and chosen != gemm_kernel.heuristic(problem)
+    tuning.remember(CPU, gemm_kernel.TUNING_KIND, problem.key, dataclasses.asdict(chosen))
+    listed = []
+    for name in ("tiles", "variants", "heuristic"):
+        original = getattr(gemm_kernel, name)
+        monkeypatch.setattr(gemm_kernel, name, lambda *args, _name=name, _original=original: (
+            listed.append(_name), _original(*args))[1])
+    for _ in range(3):
+        run_op_case(case, torch.float32, "triton", CPU)
+    assert flags(launches, "BLOCK_M") == [chosen.BLOCK_M] * 3 and flags(launches, "USE_TMA") == [True] * 3
+    assert listed.count("tiles") == 1 and "heuristic" not in listed
+
+
 @needs_interpreter
 @pytest.mark.parametrize("case", [c for c in CPU_PROJECTION_CASES + list(PROJECTION_ODD_CASES) if c.r == 1], ids=str)
 def test_tma_with_a_projected_residual(case, launches):

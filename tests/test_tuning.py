@@ -178,7 +178,8 @@ def test_threads_tune_a_key_once_and_agree(monkeypatch):
 
     answers = []
     threads = [threading.Thread(target=lambda: answers.append(
-        tuning.pick(CPU, "threads", "key", ["slow", "fast"], encode=str, run=run, default="slow"))) for _ in range(8)]
+        tuning.pick(CPU, "threads", "key", lambda: ["slow", "fast"], encode=str, run=run, default=lambda: "slow")))
+        for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -201,7 +202,8 @@ def test_refinements_are_timed_for_the_fastest_candidates_only(monkeypatch):
         time.sleep(delay_ms[name] / 1e3)
 
     def pick():
-        return tuning.pick(CPU, "rounds", "key", ["slow", "mid", "fast"], encode=str, run=run, default="slow",
+        return tuning.pick(CPU, "rounds", "key", lambda: ["slow", "mid", "fast"], encode=str, run=run,
+                           default=lambda: "slow",
                            refine=lambda c: [f"{c}/v", "slow"], prepare=lambda cs: events.append(("prepare", list(cs))))
 
     assert pick() == "fast/v"
@@ -239,3 +241,38 @@ def test_a_remembered_auto_choice_that_cannot_run_here_is_not_used():
     tuning.remember(CPU, "auto", problem.key, "cuda")
     out = fastres.ops.conv_bn_act(*inputs.op_args(), padding=1)
     assert torch.equal(out, fastres.ops.conv_bn_act(*inputs.op_args(), padding=1, backend="reference"))
+
+
+def test_a_repeat_call_gets_its_answer_without_listing_candidates(monkeypatch):
+    """pick runs on every op call: once answered, (kind, key) costs a lookup, not a walk over the
+    candidates. The answer follows the remembered choice when it changes, and an untimed default
+    lasts only while timing is off."""
+    calls = []
+
+    def pick(options=("slow", "fast")):
+        def candidates():
+            calls.append("candidates")
+            return list(options)
+
+        def default():
+            calls.append("default")
+            return options[0]
+
+        return tuning.pick(CPU, "repeat", "-".join(options), candidates, encode=str,
+                           run=lambda name: (calls.append(f"run {name}"), time.sleep(0.004 if name == "slow" else 0)),
+                           default=default)
+
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "0")
+    assert pick() == "slow" and calls == ["candidates", "default"]
+    assert pick() == "slow" and calls == ["candidates", "default"]
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")  # the untimed default no longer holds
+    calls.clear()
+    assert pick() == "fast" and calls[0] == "candidates" and "run fast" in calls
+    calls.clear()
+    assert pick() == "fast" and calls == []
+    tuning.remember(CPU, "repeat", "slow-fast", "slow")  # e.g. tuned again elsewhere in the process
+    assert pick() == "slow" and calls == ["candidates"]
+    calls.clear()
+    assert pick() == "slow" and calls == []
+    assert pick(("only",)) == "only" and calls == ["candidates", "default"]  # nothing to time
+    assert pick(("only",)) == "only" and calls == ["candidates", "default"]

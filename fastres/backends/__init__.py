@@ -20,6 +20,7 @@ tool, never a speed path.
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import ModuleType
 
@@ -80,18 +81,15 @@ def _runs(name: str, problem: ConvProblem, device: torch.device) -> bool:
 
 
 def choose(problem: ConvProblem, device: torch.device, args: tuple) -> str:
-    """The backend "auto" runs for this call (see module docstring)."""
-    remembered = tuning.lookup(device, "auto", problem.key)
-    if remembered is not None and _runs(remembered, problem, device):  # measured before: no re-check of the others
-        return remembered
-    candidates = _auto_candidates(device, problem)
+    """The backend "auto" runs for this call (see module docstring); it supports the call."""
+    candidates = functools.partial(_auto_candidates, device, problem)
     choice = tuning.pick(
         device, "auto", problem.key, candidates,
         encode=lambda name: name,
         run=lambda name: run(name, problem, *args),
-        default=candidates[0],
+        default=lambda: candidates()[0],
     )
-    log.debug("fastres auto: %s -> %s (candidates %s)", problem.key, choice, candidates)
+    log.debug("fastres auto: %s -> %s", problem.key, choice)
     return choice
 
 
@@ -100,11 +98,12 @@ def tuned_by(name: str, backend: str, problem: ConvProblem, device: torch.device
     device (none it already remembers a choice against): what compiling `name`'s kernels ahead of
     that call must cover. Mirrors run() and choose()."""
     if backend == "auto":
+        candidates = _auto_candidates(device, problem)
         remembered = tuning.lookup(device, "auto", problem.key)
-        if remembered is not None and _runs(remembered, problem, device):
+        if remembered in candidates:
             chosen = [remembered]
         else:  # all are timed, or without timing the first runs untried
-            chosen = _auto_candidates(device, problem)[:None if tuning.may_time(device) else 1]
+            chosen = candidates[:None if tuning.may_time(device) else 1]
         problems = []
         for candidate in chosen:
             if candidate == SPLIT:
@@ -117,6 +116,20 @@ def tuned_by(name: str, backend: str, problem: ConvProblem, device: torch.device
     if problem.projection is not None and not _BACKENDS[name].fuses_projection(problem):
         return tuned_by(name, name, problem.projection, device) + tuned_by(name, name, problem.main, device)
     return [problem]
+
+
+def _check(name: str, problem: ConvProblem, device: torch.device) -> None:
+    """Raise, in words, unless backend `name` can run this call (auto's choices need no check)."""
+    module = _BACKENDS[name]
+    reason = module.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"fastres backend {name!r} is unavailable: {reason}")
+    reason = module.unsupported_reason(problem, device)
+    if reason is not None:
+        raise NotImplementedError(
+            f"fastres backend {name!r} does not support this case ({problem.key}): {reason}. "
+            f"backend='auto' picks one that does."
+        )
 
 
 def run(
@@ -132,20 +145,13 @@ def run(
     """Run one validated call on the named backend (or the one "auto" picks)."""
     if backend == "auto":
         backend = choose(problem, x.device, (x, weight, scale, shift, residual, projection))
+    elif backend != SPLIT:
+        _check(backend, problem, x.device)
     if problem.projection is not None and (backend == SPLIT or not _BACKENDS[backend].fuses_projection(problem)):
         halves = "auto" if backend == SPLIT else backend
         shortcut = run(halves, problem.projection, residual, projection.weight, projection.scale, projection.shift, None)
         return run(halves, problem.main, x, weight, scale, shift, shortcut)
     module = _BACKENDS[backend]
-    reason = module.unavailable_reason(x.device)
-    if reason is not None:
-        raise RuntimeError(f"fastres backend {backend!r} is unavailable: {reason}")
-    reason = module.unsupported_reason(problem, x.device)
-    if reason is not None:
-        raise NotImplementedError(
-            f"fastres backend {backend!r} does not support this case ({problem.key}): {reason}. "
-            f"backend='auto' picks one that does."
-        )
     if problem.projection is not None:
         return module.run(problem, x, weight, scale, shift, residual, projection)
     return module.run(problem, x, weight, scale, shift, residual)

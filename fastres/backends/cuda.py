@@ -133,12 +133,11 @@ def run(
     shift = None if shift is None else _aligned(shift.float(), torch.contiguous_format)
     arch = _arch(x.device)
     names = configs(problem.dtype, arch)
-    usable = usable_configs(problem, arch)
     args = (x, weight, scale, shift, residual, list(problem.stride), list(problem.padding), list(problem.dilation),
             problem.groups, problem.act)
     config = tuning.pick(
-        x.device, "cuda.conv_bn_act", problem.key, list(usable),
+        x.device, "cuda.conv_bn_act", problem.key, lambda: usable_configs(problem, arch),
         encode=lambda i: names[i], run=lambda i: torch.ops.fastres.cutlass_conv_bn_act(*args, i),
-        default=heuristic(problem, names, usable),
+        default=lambda: heuristic(problem, names, usable_configs(problem, arch)),
     )
     return torch.ops.fastres.cutlass_conv_bn_act(*args, config)

@@ -26,8 +26,13 @@ def _kernels_interpreted() -> bool:
     return interpreted()
 
 
+@functools.cache
+def _triton_missing() -> bool:
+    return importlib.util.find_spec("triton") is None
+
+
 def unavailable_reason(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if _triton_missing():
         return "triton is not installed"
     if device.type == "cuda":
         if _kernels_interpreted():
@@ -104,9 +109,9 @@ def run(
 
     kernel, args, extra = _launch_args(problem, x, weight, scale, shift, residual, projection)
     config = tuning.pick(
-        x.device, kernel.TUNING_KIND, problem.key, kernel.tiles(problem, x.device),
+        x.device, kernel.TUNING_KIND, problem.key, functools.partial(kernel.tiles, problem, x.device),
         encode=asdict, run=lambda cfg: kernel.launch(problem, cfg, *args, **extra),
-        default=kernel.heuristic(problem),
+        default=functools.partial(kernel.heuristic, problem),
         refine=lambda cfg: kernel.variants(cfg, problem, x.device),
         prepare=lambda configs: compile_ahead(
             functools.partial(kernel.launch, problem, cfg, *args, **extra, compile_only=True) for cfg in configs),
