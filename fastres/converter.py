@@ -793,14 +793,17 @@ def optimize(
     """
     check_name(backend)
     _check_optimizable(model)
-    model = _copy(model)
-    if dtype is not None:
-        model = model.to(dtype)
-    if channels_last:
-        # Module.to(memory_format=channels_last) fails on a Conv3d's 5-D weight; only 2-D convs fuse.
-        model = model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    # Made under torch.inference_mode, the copy's tensors would be inference tensors, which have no
+    # version counter to key the BN fold cache on: every call would fold every BN afresh.
+    with torch.inference_mode(False):
+        model = _copy(model)
+        if dtype is not None:
+            model = model.to(dtype)
+        if channels_last:
+            # Module.to(memory_format=channels_last) fails on a Conv3d's 5-D weight; only 2-D convs fuse.
+            model = model._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+        baseline = _copy(model) if example_inputs is not None else None
     report = OptimizeReport(backend)
-    baseline = _copy(model) if example_inputs is not None else None
     given = len(example_inputs) if isinstance(example_inputs, tuple) else 1
     optimized = _rewrite(model, "", backend, report, given)
     for name, module in optimized.named_modules():

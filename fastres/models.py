@@ -102,10 +102,12 @@ class ResNet(_Fused):
 def _build(
     block, layers: list[int], weights: dict[str, torch.Tensor] | str | os.PathLike | None, backend: str, **kwargs: Any
 ) -> ResNet:
-    model = ResNet(block, layers, **kwargs)
-    if weights is not None:
-        state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+    # Parameters made under torch.inference_mode would have no version counter for the BN fold cache.
+    with torch.inference_mode(False):
+        model = ResNet(block, layers, **kwargs)
+        if weights is not None:
+            state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
     return set_backend(model, backend)
 
 

@@ -27,6 +27,7 @@ Relu; the exporter folds BN into Conv), which ONNX Runtime and TensorRT fuse the
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, TypeVar
 
@@ -50,6 +51,7 @@ _fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any, bool]]" = w
 _captured_folds: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 _fold_lock = threading.Lock()  # serving processes call models from many threads
 _MISSING = object()
+_warned_uncacheable = False  # the inference-tensor warning: once per process
 
 
 def _tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -88,11 +90,25 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
             key.append(None)
             continue
         if t.is_inference():  # made under torch.inference_mode: no version counter to key on
+            _warn_uncacheable()
             return compute(*tensors)
         wants_grad = wants_grad or (grad and t.requires_grad)
         key.append((t._version, t.data_ptr(), t.device, t.dtype, t.shape))
     value = _lookup_or_compute(owner, tuple(key), tensors, compute)
     return _WithGradient.apply(compute, value, *tensors) if wants_grad else value
+
+
+def _warn_uncacheable() -> None:
+    global _warned_uncacheable
+    if _warned_uncacheable:
+        return
+    _warned_uncacheable = True
+    warnings.warn(
+        "fastres: this model's parameters or buffers are inference tensors (made, moved or cast under "
+        "torch.inference_mode), which have no version counter, so BatchNorm's fold cannot be cached: every "
+        "call folds every BN again (a few small kernels per fused op). Build, move and cast the model outside "
+        "inference mode (`with torch.inference_mode(False): ...`), or pass it through fastres.optimize, whose "
+        "copy has ordinary tensors even when made inside it.", RuntimeWarning, stacklevel=2)
 
 
 def _lookup_or_compute(owner: nn.Module, key: tuple, tensors: tuple[torch.Tensor | None, ...],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -325,12 +326,43 @@ def test_a_conv_without_batchnorm_folds_to_its_bias_alone(dtype):
     assert conv_bn_fold(nn.Conv2d(4, 8, 3, bias=False), None) == (None, None)
 
 
-def test_inference_mode_tensors_fold_afresh():
+def test_inference_mode_tensors_fold_afresh_and_say_so(monkeypatch):
+    """Inference tensors have no version counter, so their fold is computed on every call (an in-place
+    change inside inference mode reaches the output), and one warning says so and what to do."""
+    monkeypatch.setattr(fastres.nn, "_warned_uncacheable", False)
+    folds = []
+    monkeypatch.setattr(fastres.nn, "fold_bn", lambda *args: folds.append(args) or fold_bn(*args))
     with torch.inference_mode():
         conv, bn = _conv_bn()
         module = ConvBNAct(conv, bn).eval()
         x = torch.randn(1, 8, 5, 5)
+        with pytest.warns(RuntimeWarning, match="inference tensors") as warned:
+            torch.testing.assert_close(module(x), eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
+            module(x)
+        assert len(folds) == 2 and sum("inference tensors" in str(w.message) for w in warned) == 1
+        bn.running_mean.add_(1.0)
         torch.testing.assert_close(module(x), eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("made", ["zoo", "optimized"])
+def test_models_made_under_inference_mode_cache_their_folds(made, monkeypatch):
+    """Serving code often builds its model inside torch.inference_mode: the zoo and optimize still
+    give ordinary tensors, so the folds are cached (no fold work on a repeat call) and no warning."""
+    monkeypatch.setattr(fastres.nn, "_warned_uncacheable", False)
+    folds = []
+    monkeypatch.setattr(fastres.nn, "fold_bn", lambda *args: folds.append(args) or fold_bn(*args))
+    eager = torchvision.models.resnet18().eval()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = (fastres.models.resnet18(weights=eager.state_dict()) if made == "zoo"
+                 else fastres.optimize(eager, channels_last=False)).eval()
+        assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+        x = torch.randn(1, 3, 32, 32)
+        first = model(x)
+        assert len(folds) == sum(isinstance(m, nn.BatchNorm2d) for m in eager.modules())  # each BN once
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
+        assert len(folds) == sum(isinstance(m, nn.BatchNorm2d) for m in eager.modules())
+        torch.testing.assert_close(first, eager(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("optimized", [False, True], ids=["zoo", "optimized"])
