@@ -298,10 +298,6 @@ CONFIGS: tuple[Config, ...] = (
 )
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _fits(cfg: Config, problem: ConvProblem, shared_mem: int | None) -> bool:
     """Prune configs far larger than the problem or over the device's shared memory."""
     cols, run, _ = _tile_extents(cfg, problem)
@@ -312,7 +308,7 @@ def _fits(cfg: Config, problem: ConvProblem, shared_mem: int | None) -> bool:
     if problem.dtype == torch.float32 and cfg.BLOCK_K > 32:
         return False
     if shared_mem is not None:
-        stage_bytes = (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * _element_size(problem.dtype)
+        stage_bytes = (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * problem.dtype.itemsize
         if stage_bytes * cfg.num_stages > shared_mem:
             return False
     return True
@@ -429,7 +425,7 @@ def tma_applies(problem: ConvProblem) -> bool:
     """Tensor-descriptor loads cover the 1x1, stride-1, unpadded, ungrouped convs (a [N*H*W, C] x [C, K]
     GEMM) whose channel rows are a multiple of 16 bytes, as TMA requires of every row stride."""
     return (problem.r == problem.s == 1 and problem.stride == (1, 1) and problem.padding == (0, 0)
-            and problem.groups == 1 and problem.c * _element_size(problem.dtype) % 16 == 0)
+            and problem.groups == 1 and problem.c * problem.dtype.itemsize % 16 == 0)
 
 
 def tiles(problem: ConvProblem, device: torch.device) -> list[Config]:
