@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh setup models-bf16     # ResNet-50 bf16 at batch 256 (the bf16 target)
 #   bash benchmarks/gpu_session.sh setup models-autotune # + torch.compile max-autotune  (long)
 #   bash benchmarks/gpu_session.sh setup models-timm     # timm nets whose LeakyReLU / GELU the epilogue fuses
+#   bash benchmarks/gpu_session.sh setup host            # host time of one fused call, level by level
 #   bash benchmarks/gpu_session.sh setup profile         # ncu, kernel by kernel, on ResNet-50's layers
 #                                                        #   (PROFILE_CASES="c64h56 c256h14" narrows it)
 #
@@ -161,6 +162,14 @@ stage_models-autotune() {
 stage_models-timm() {
     bench models-timm models --batch 256 --dtype fp16 --model timm:cspdarknet53 timm:repvit_m1 --backends auto \
         --baselines eager-cl compile
+}
+
+# Host time of one fused call at each level of its dispatch (a few seconds): whether batch 1
+# without CUDA graphs waits on Python (NOTES, sixteenth session).
+stage_host() {
+    mkdir -p "$OUT/host"
+    logged host.log 45 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_host.py --benchmark-enable \
+        --benchmark-columns=min,median,rounds --benchmark-json="$OUT/host/host.json"
 }
 
 stage_profile() {
