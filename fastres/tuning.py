@@ -263,18 +263,21 @@ def pick(
     if known is not None and known[0] is remembered and not (known[2] and may_time(device)):
         return known[1]
 
-    def answer(value: T, untimed_only: bool = False) -> T:
-        cache.answers[entry] = (cache.entries.get(entry), value, untimed_only)
+    def answer(value: T, given: Any, untimed_only: bool = False) -> T:
+        """Keep `value` as the answer while the remembered choice is `given` (the object read)."""
+        cache.answers[entry] = (given, value, untimed_only)
         return value
 
-    def remembered_choice(options: Sequence[T]) -> T | None:
-        remembered = lookup(device, kind, key)
+    def remembered_choice(options: Sequence[T]) -> tuple[Any, T | None]:
+        """The remembered value as read, and the option it names (None: none does)."""
+        with _lock:
+            remembered = cache.entries.get(entry)
         if remembered is None:
-            return None
+            return None, None
         found = next((c for c in options if encode(c) == remembered), None)
         if found is None and refine is not None:
             found = next((v for c in options for v in refine(c) if encode(v) == remembered), None)
-        return found
+        return remembered, found
 
     def time_each(batch: Sequence[T]) -> list[tuple[float, T]]:
         """(median ms, candidate) for each one that runs, after `prepare`; a warning per failure."""
@@ -289,17 +292,17 @@ def pick(
         return timings
 
     options = candidates()
-    choice = remembered_choice(options)
+    given, choice = remembered_choice(options)
     if choice is not None:
-        return answer(choice)
+        return answer(choice, given)
     if len(options) == 1 and refine is None:
-        return answer(default())
+        return answer(default(), given)
     if not may_time(device):
-        return answer(default(), untimed_only=True)
+        return answer(default(), given, untimed_only=True)
     with _lock:
-        choice = remembered_choice(options)  # another thread may have finished meanwhile
+        given, choice = remembered_choice(options)  # another thread may have finished meanwhile
         if choice is not None:
-            return answer(choice)
+            return answer(choice, given)
         timed = time_each(options)
         if refine is not None and timed:
             leaders = [c for _, c in sorted(timed, key=lambda t: t[0])[:REFINE_TOP]]
@@ -315,4 +318,4 @@ def pick(
             return default()
         best = min(timed, key=lambda t: t[0])[1]
         remember(device, kind, key, encode(best))
-        return answer(best)
+        return answer(best, cache.entries.get(entry))
