@@ -254,7 +254,8 @@ def pick(
     fastest (variants of one config such as its TMA or split-K versions, which rank with their
     base config); any of those may be the remembered choice. `prepare` gets each round's
     candidates before they are timed (e.g. to compile them all at once). A candidate that raises
-    while being timed is skipped (e.g. out of shared memory on this GPU).
+    while being timed is skipped (e.g. out of shared memory on this GPU); when all of them do,
+    default() is the answer for the rest of the process, and nothing is written to disk.
     """
     cache = _cache_for(device)
     entry = f"{kind}/{key}"
@@ -314,8 +315,8 @@ def pick(
                     seen.add(code)
                     extra.append(variant)
             timed += time_each(extra)
-        if not timed:
-            return default()
+        if not timed:  # kept for this process only: a failure may be passing (e.g. memory in use)
+            return answer(default(), given)
         best = min(timed, key=lambda t: t[0])[1]
         remember(device, kind, key, encode(best))
         return answer(best, cache.entries.get(entry))

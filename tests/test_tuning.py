@@ -276,3 +276,28 @@ def test_a_repeat_call_gets_its_answer_without_listing_candidates(monkeypatch):
     assert pick() == "slow" and calls == []
     assert pick(("only",)) == "only" and calls == ["candidates", "default"]  # nothing to time
     assert pick(("only",)) == "only" and calls == ["candidates", "default"]
+
+
+def test_when_every_candidate_fails_the_default_is_kept_for_the_process(monkeypatch):
+    """Failing candidates are timed once, not on every call; the next process tries them again."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    attempts = []
+
+    def run(name):
+        attempts.append(name)
+        raise RuntimeError(f"{name}: out of shared memory")
+
+    def pick():
+        return tuning.pick(CPU, "failing", "key", lambda: ["a", "b"], encode=str, run=run, default=lambda: "a")
+
+    with pytest.warns(RuntimeWarning) as failures:
+        assert pick() == "a"
+    assert attempts == ["a", "b"] and [str(w.message) for w in failures] == [
+        "fastres: failing candidate a failed: a: out of shared memory",
+        "fastres: failing candidate b failed: b: out of shared memory"]
+    assert pick() == "a" and attempts == ["a", "b"]
+    assert tuning.lookup(CPU, "failing", "key") is None
+    tuning.forget_in_memory()
+    with pytest.warns(RuntimeWarning, match="candidate . failed"):
+        assert pick() == "a"
+    assert attempts == ["a", "b"] * 2
