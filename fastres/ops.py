@@ -17,8 +17,9 @@ under torch.onnx.export conv_bn_act records its arithmetic in standard ops inste
 (Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue). An
 ExportedProgram that holds the op exports too: the same standard ops are its decomposition in
 torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks. torch.func's transforms
-(grad, vmap, jacrev, ...) and forward-mode AD get those standard ops as well: they have no rules
-for a custom op's autograd formula.
+(grad, jacrev, jvp, ...) and forward-mode AD get those standard ops as well, from the wrapper and
+from the op called directly: they have no rules for a custom op's autograd formula. Under vmap
+a batch of images is one call of the op over them all.
 
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
@@ -36,6 +37,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._decomp import register_decomposition
+from torch._library.autograd import make_autograd_impl
 
 from fastres import backends
 from fastres.backends import reference
@@ -214,6 +216,44 @@ def differentiated_by_transform() -> bool:
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
+def _register_transform_rules() -> None:
+    """The same for `torch.ops.fastres.conv_bn_act` called directly (an exported or traced graph):
+    the autograd function torch.library generates for a custom op has no setup_context, which
+    torch.func.grad / jacrev reject, and eager forward AD passes through it dropping the tangent
+    (pytorch/pytorch#168393, #179652). So the op's Autograd kernel for each device type computes
+    the standard-op form under those and runs torch's generated one otherwise.
+
+    Without a vmap rule the op under vmap would loop over the batch with a warning."""
+    op = torch.ops.fastres.conv_bn_act.default
+    generated = make_autograd_impl(op, _conv_bn_act)
+
+    def kernel(keyset, *args, **kwargs):
+        if differentiated_by_transform():
+            return _standard_ops(*args, **kwargs)
+        return generated(keyset, *args, **kwargs)
+
+    # Runtime keys (AutogradCPU, ...) take precedence over custom_op's registration on the alias.
+    for device_type in (*_AUTOCAST_DEVICES, "meta"):
+        _LIB.impl("conv_bn_act", kernel, "Autograd" + torch._C._dispatch_key_for_device(device_type), with_keyset=True)
+
+    @_conv_bn_act.register_vmap
+    def _batched(info, in_dims, x, weight, scale, shift, residual, *rest):
+        """A batch of x (and of residual) is more images: one call over them all. A batch of any
+        other operand (per-sample weights, an ensemble) runs one call per sample."""
+        size = info.batch_size
+        args = (x, weight, scale, shift, residual, *rest)
+        dims = [d if isinstance(d, int) else None for d in in_dims]  # a list argument's in_dims is a list of None
+        if any(d is not None for i, d in enumerate(dims) if i not in (0, 4)) or x.dim() != 4 + (dims[0] is not None):
+            return torch.stack([op(*(a if d is None else a.select(d, i) for a, d in zip(args, dims)))
+                                for i in range(size)]), 0
+
+        def images(t, dim):
+            return (t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)).flatten(0, 1)
+
+        residual = None if residual is None else images(residual, dims[4])
+        return op(images(x, dims[0]), weight, scale, shift, residual, *rest).unflatten(0, (size, -1)), 0
+
+
 def _projection(
     weight: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, stride: Sequence[int] | None
 ) -> Projection | None:
@@ -290,3 +330,6 @@ def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, 
     y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
                         negative_slope=negative_slope, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return y.to(x.dtype)
+
+
+_register_transform_rules()

@@ -258,6 +258,19 @@ def _fused(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
         backend="reference", residual_stride=None if case.projection is None else case.projection.stride)
 
 
+def _raw_op(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """torch.ops.fastres.conv_bn_act called directly, as an exported or traced graph calls it."""
+    projection = case.projection
+    return torch.ops.fastres.conv_bn_act(
+        t["x"], t["weight"], t.get("scale"), t.get("shift"), t.get("residual"), list(case.stride),
+        list(case.padding), list(case.dilation), case.groups, case.act, "reference", t.get("residual_weight"),
+        t.get("residual_scale"), t.get("residual_shift"), None if projection is None else list(projection.stride),
+        case.negative_slope)
+
+
+ENTRIES = (_fused, _raw_op)  # the wrapper, and the op itself
+
+
 def _eager(case: ConvCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unfused chain in torch ops, in x's dtype (scale and shift cast to it, as a model's BN's)."""
     def affine(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
@@ -313,29 +326,57 @@ def test_gradients_match_eager_autograd(case, dtype):
             f"{name}: {error(grad, name):.3g} vs eager {error(eager[name], name):.3g}")
 
 
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
-def test_torch_func_grad_and_vmap_run_the_ops_standard_form(case):
+def test_torch_func_grad_and_vmap_run_the_ops_standard_form(case, entry):
     """torch.func's transforms have no rules for a torch.library op's autograd formula (torch raises
     "must override the setup_context staticmethod"): under one, the op computes its standard-op form,
-    the same arithmetic, so torch.func.grad gives eager's gradients and vmap (per-sample work) runs."""
+    the same arithmetic, so torch.func.grad and jacrev give eager's gradients and vmap (per-sample
+    work) runs, called through the wrapper or directly."""
     t = _leaves(make_inputs(case, torch.float64))
     names = list(t)
     grad_out = torch.randn(case.n, case.k, *case.output_hw, dtype=torch.float64,
                            generator=torch.Generator().manual_seed(1))
-    got = torch.func.grad(lambda *values: (_fused(case, dict(zip(names, values))) * grad_out).sum(),
+    got = torch.func.grad(lambda *values: (entry(case, dict(zip(names, values))) * grad_out).sum(),
                           argnums=tuple(range(len(names))))(*t.values())
     want = _gradients(_eager, case, t, grad_out)
     for name, grad in zip(names, got):
         torch.testing.assert_close(grad, want[name], rtol=1e-9, atol=1e-9)
-    per_sample = torch.func.vmap(lambda x, residual: _fused(case, {**t, "x": x[None], "residual": residual[None]})[0])
+    jacobian = torch.func.jacrev(lambda x: entry(case, {**t, "x": x}))(t["x"])
+    assert jacobian.shape == (*grad_out.shape, *t["x"].shape)
+    torch.testing.assert_close(torch.einsum("nkpq,nkpq...->...", grad_out, jacobian), want["x"], rtol=1e-9, atol=1e-9)
+    per_sample = torch.func.vmap(lambda x, residual: entry(case, {**t, "x": x[None], "residual": residual[None]})[0])
     torch.testing.assert_close(per_sample(t["x"], t["residual"]), _fused(case, t))
 
 
+@pytest.mark.parametrize("batched", [("x",), ("residual",), ("x", "residual"), ("weight",), ("x", "scale")],
+                         ids="+".join)
+@pytest.mark.filterwarnings("error:There is a performance drop")  # torch's loop over the batch, without a vmap rule
+def test_vmap_over_the_op_equals_a_loop_over_its_samples(batched, monkeypatch):
+    """The op's vmap rule: a batch of images (x, residual) is one call over them all, a batch of
+    weights or BN terms (an ensemble) one call per sample; either way each sample's result is the
+    op's own on that sample."""
+    from fastres import backends
+
+    case = GRAD_CASES[0]
+    t = {name: v.detach() for name, v in _leaves(make_inputs(case, torch.float64)).items()}
+    generator = torch.Generator().manual_seed(2)
+    stacks = {name: torch.randn(3, *t[name].shape, dtype=t[name].dtype, generator=generator) for name in batched}
+    calls = []
+    run = backends.run
+    monkeypatch.setattr(backends, "run", lambda *args: calls.append(args[1].n) or run(*args))
+    got = torch.func.vmap(lambda given: _raw_op(case, {**t, **given}))(stacks)
+    assert calls == ([3 * case.n] if set(batched) <= {"x", "residual"} else [case.n] * 3)
+    want = torch.stack([_raw_op(case, {**t, **{name: v[i] for name, v in stacks.items()}}) for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # make_dual's own
-def test_forward_mode_ad_gets_the_ops_tangent(case):
-    """Forward-mode AD (dual tensors) has no rule in a custom op's autograd formula, and the op gave
-    no tangent without a word: inside a dual_level it computes its standard-op form."""
+def test_forward_mode_ad_gets_the_ops_tangent(case, entry):
+    """Forward-mode AD (dual tensors, torch.func.jvp) has no rule in a custom op's autograd formula,
+    and the op gave a zero tangent without a word: under it the op computes its standard-op form."""
     torch.manual_seed(0)
     t = {name: v.detach() for name, v in _leaves(make_inputs(case, torch.float64)).items()}
     tangents = {name: torch.randn_like(v) for name, v in t.items()}
@@ -345,7 +386,12 @@ def test_forward_mode_ad_gets_the_ops_tangent(case):
             out = forward(case, {name: forward_ad.make_dual(v, tangents[name]) for name, v in t.items()})
             return forward_ad.unpack_dual(out).tangent
 
-    torch.testing.assert_close(tangent(_fused), tangent(_eager))
+    want = tangent(_eager)
+    torch.testing.assert_close(tangent(entry), want)
+    names = list(t)
+    _, jvp = torch.func.jvp(lambda *values: entry(case, dict(zip(names, values))), tuple(t.values()),
+                            tuple(tangents.values()))
+    torch.testing.assert_close(jvp, want)
 
 
 class _TinyBlock(torch.nn.Module):
