@@ -351,14 +351,14 @@ def test_torch_func_grad_and_vmap_run_the_ops_standard_form(case, entry):
 
 @pytest.mark.parametrize("batched", [("x",), ("residual",), ("x", "residual"), ("weight",), ("x", "scale")],
                          ids="+".join)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
 @pytest.mark.filterwarnings("error:There is a performance drop")  # torch's loop over the batch, without a vmap rule
-def test_vmap_over_the_op_equals_a_loop_over_its_samples(batched, monkeypatch):
+def test_vmap_over_the_op_equals_a_loop_over_its_samples(case, batched, monkeypatch):
     """The op's vmap rule: a batch of images (x, residual) is one call over them all, a batch of
     weights or BN terms (an ensemble) one call per sample; either way each sample's result is the
     op's own on that sample."""
     from fastres import backends
 
-    case = GRAD_CASES[0]
     t = {name: v.detach() for name, v in _leaves(make_inputs(case, torch.float64)).items()}
     generator = torch.Generator().manual_seed(2)
     stacks = {name: torch.randn(3, *t[name].shape, dtype=t[name].dtype, generator=generator) for name in batched}
