@@ -21,6 +21,11 @@ torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks. torch.
 from the op called directly: they have no rules for a custom op's autograd formula. Under vmap
 a batch of images is one call of the op over them all.
 
+A plain eager call of the wrapper (nothing watching: no autograd to record, autocast, profiler,
+tracer, compiler, dispatch or function mode) runs the op's kernel without the dispatcher: the same
+checks and result, without torch.library's Python layers around a custom op (a third of a fused
+call's host time).
+
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
 aten.convolution_backward, so saliency maps, Grad-CAM or input gradients of an eval-mode fused
@@ -47,8 +52,7 @@ from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection, che
 __all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx", "differentiated_by_transform"]
 
 
-@torch.library.custom_op("fastres::conv_bn_act", mutates_args=())
-def _conv_bn_act(
+def _compute(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: Optional[torch.Tensor],
@@ -66,6 +70,7 @@ def _conv_bn_act(
     residual_stride: Optional[Sequence[int]] = None,
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
 ) -> torch.Tensor:
+    """The op's kernel on every device; the wrapper calls it directly for a plain eager call."""
     backends.check_name(backend)
     projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
     problem = ConvProblem.from_tensors(
@@ -75,6 +80,9 @@ def _conv_bn_act(
     if math.prod(problem.output_shape) == 0:
         return empty_output(x, problem.output_shape)
     return backends.run(backend, problem, x, weight, scale, shift, residual, projection)
+
+
+_conv_bn_act = torch.library.custom_op("fastres::conv_bn_act", mutates_args=())(_compute)
 
 
 @_conv_bn_act.register_fake
@@ -301,11 +309,32 @@ def conv_bn_act(
     if exporting_to_onnx() or differentiated_by_transform():
         return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
                              residual_weight, residual_scale, residual_shift, residual_stride, negative_slope)
-    return torch.ops.fastres.conv_bn_act(
+    call = _compute if _plain_eager_call(x, weight, scale, shift, residual, residual_weight, residual_scale,
+                                         residual_shift) else torch.ops.fastres.conv_bn_act.default
+    return call(
         x, weight, scale, shift, residual, list(stride), list(padding), list(dilation),
         groups, act, backend, residual_weight, residual_scale, residual_shift,
         None if residual_stride is None else list(pair(residual_stride, "residual_stride")), negative_slope,
     )
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager_call(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a call may run the op's kernel without going through the dispatcher: nothing is
+    watching or transforming it (no compiler or tracer, dispatch or function mode, profiler,
+    autocast, no gradient to record), on plain CPU or CUDA tensors. The same checks and kernel;
+    what it skips, torch.library's Python layers around a custom op, is a third of a fused call's
+    host time (benchmarks/bench_host.py)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()):
+        return False
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if device_type is None or torch.is_autocast_enabled(device_type):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in (x, *tensors))
 
 
 @register_decomposition(torch.ops.fastres.conv_bn_act.default)

@@ -219,6 +219,67 @@ def test_opcheck_passes():
         torch.library.opcheck(torch.ops.fastres.conv_bn_act.default, leaves)
 
 
+def _spy_direct_calls(monkeypatch) -> list:
+    """The calls the wrapper makes to the op's kernel without going through the dispatcher."""
+    calls = []
+    compute = fastres.ops._compute
+    monkeypatch.setattr(fastres.ops, "_compute", lambda *args: calls.append(args) or compute(*args))
+    return calls
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _watched(name: str, inputs: ConvInputs):
+    """A context in which something watches or transforms the op's calls, and the inputs it sees."""
+    if name == "gradient":
+        return torch.enable_grad(), dataclasses.replace(inputs, x=inputs.x.detach().requires_grad_())
+    if name == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16), inputs
+    if name == "profiler":
+        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), inputs
+    if name == "dispatch mode":
+        return ConvCallRecorder(), inputs
+    if name == "function mode":
+        return torch.device("cpu"), inputs
+    if name == "tensor subclass":
+        return torch.no_grad(), dataclasses.replace(inputs, x=inputs.x.as_subclass(_Subclass))
+    assert name == "meta tensors"
+    return torch.no_grad(), make_inputs(CASE, torch.float32, torch.device("meta"))
+
+
+def test_a_plain_eager_call_runs_the_kernel_without_the_dispatcher(monkeypatch):
+    """torch.library's Python layers around a custom op cost a third of a fused call's host time;
+    a call nothing watches runs the op's own checks and kernel directly, with the same result."""
+    calls = _spy_direct_calls(monkeypatch)
+    inputs = make_inputs(CASE, torch.float32)
+    with torch.no_grad():
+        direct = call_op(CASE, inputs, backend="reference")
+        assert len(calls) == 1
+        dispatched = torch.ops.fastres.conv_bn_act(*inputs.op_args(), [1, 1], [1, 1], [1, 1], 1, "relu", "reference")
+        assert torch.equal(direct, dispatched) and direct.stride() == dispatched.stride()
+        with pytest.raises(RuntimeError, match="channels"):  # the same checks
+            fastres.ops.conv_bn_act(inputs.x[:, 1:], inputs.weight, padding=1)
+        assert len(calls) == 2
+
+
+@pytest.mark.parametrize("watcher", ["gradient", "autocast", "profiler", "dispatch mode", "function mode",
+                                     "tensor subclass", "meta tensors"])
+def test_a_watched_call_goes_through_the_dispatcher(watcher, monkeypatch):
+    """What watches or transforms a call (autograd, autocast, the profiler, dispatch and function
+    modes, a tensor subclass, meta tensors' fake kernel) sees the op itself."""
+    calls = _spy_direct_calls(monkeypatch)
+    context, inputs = _watched(watcher, make_inputs(CASE, torch.float32))
+    with context as entered:
+        out = call_op(CASE, inputs, backend="reference")
+    assert calls == [] and out.shape == (CASE.n, CASE.k, *CASE.output_hw)
+    if watcher == "profiler":
+        assert "fastres::conv_bn_act" in {event.key for event in entered.key_averages()}
+    if watcher == "dispatch mode":
+        assert len(entered.calls) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("case", PROJECTION_ODD_CASES, ids=str)
 def test_projected_residual_is_the_unfused_downsample(case, dtype):
