@@ -315,7 +315,7 @@ def pick(
                     seen.add(code)
                     extra.append(variant)
             timed += time_each(extra)
-        if not timed:  # kept for this process only: a failure may be passing (e.g. memory in use)
+        if not timed:  # kept for this process only: a failure may not last (e.g. memory in use)
             return answer(default(), given)
         best = min(timed, key=lambda t: t[0])[1]
         remember(device, kind, key, encode(best))

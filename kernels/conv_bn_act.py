@@ -317,7 +317,8 @@ def _fits(cfg: Config, problem: ConvProblem, shared_mem: int | None) -> bool:
 def _shared_mem(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index or torch.cuda.current_device())
+    index = torch.cuda.current_device() if device.index is None else device.index  # (index 0 is falsy)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
     return int(props["max_shared_mem"])
 
 

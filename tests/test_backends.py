@@ -261,10 +261,57 @@ def test_gpu_operands_at_odd_storage_offsets(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+@pytest.mark.parametrize("current", [1, 0], ids=["current", "not current"])
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
-def test_gpu_second_device(backend):
-    with torch.cuda.device(1):
+def test_gpu_second_device(backend, current):
+    """Tensors on cuda:1, whichever device is current (a serving thread's is the default 0)."""
+    with torch.cuda.device(current):
         run_op_case(model_cases("resnet50", 8, 224)[4], torch.float16, backend, torch.device("cuda", 1))
+
+
+def test_a_call_makes_its_tensors_cuda_device_current(monkeypatch):
+    """Triton launches and tuning times on the thread's current CUDA device, not the tensors': a
+    call on another device runs with its own device current (checked here with stand-ins; on two
+    GPUs by test_gpu_second_device)."""
+    from fastres import backends
+
+    class OnCuda:  # a CUDA tensor's stand-in
+        is_cuda = True
+
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def get_device(self) -> int:
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert backends.other_cuda_device(OnCuda(1)) == 1
+    assert backends.other_cuda_device(OnCuda(0)) is None
+    assert backends.other_cuda_device(torch.zeros(1)) is None
+
+    current = []
+
+    class Device:  # torch.cuda.device's stand-in
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def __enter__(self) -> None:
+            current.append(self.index)
+
+        def __exit__(self, *exc) -> None:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(backends, "other_cuda_device", lambda x: 1)
+    during = []
+    reference_run = backends.reference.run
+    monkeypatch.setattr(backends.reference, "run", lambda *args: during.append(list(current)) or reference_run(*args))
+    case = PROJECTION_ODD_CASES[0]
+    inputs = make_inputs(case, torch.float32)
+    with torch.no_grad():
+        out = call_op(case, inputs, backend="reference")
+    assert during == [[1]] and current == []
+    torch.testing.assert_close(out, call_op(case, inputs, backend="reference"))
 
 
 @pytest.mark.gpu

@@ -142,15 +142,35 @@ def run(
     residual: torch.Tensor | None,
     projection: Projection | None = None,
 ) -> torch.Tensor:
-    """Run one validated call on the named backend (or the one "auto" picks)."""
+    """Run one validated call on the named backend (or the one "auto" picks), on x's device."""
+    index = other_cuda_device(x)
+    if index is None:
+        return _run(backend, problem, x, weight, scale, shift, residual, projection)
+    with torch.cuda.device(index):
+        return _run(backend, problem, x, weight, scale, shift, residual, projection)
+
+
+def other_cuda_device(x: torch.Tensor) -> int | None:
+    """x's CUDA device when it is not this thread's current device, else None. Triton launches and
+    tuning times on the current device, not on the tensors' (a model on cuda:1, a serving thread
+    whose current device is the default 0)."""
+    if not x.is_cuda:
+        return None
+    index = x.get_device()
+    return None if index == torch.cuda.current_device() else index
+
+
+def _run(backend: str, problem: ConvProblem, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+         shift: torch.Tensor | None, residual: torch.Tensor | None, projection: Projection | None) -> torch.Tensor:
     if backend == "auto":
         backend = choose(problem, x.device, (x, weight, scale, shift, residual, projection))
     elif backend != SPLIT:
         _check(backend, problem, x.device)
     if problem.projection is not None and (backend == SPLIT or not _BACKENDS[backend].fuses_projection(problem)):
         halves = "auto" if backend == SPLIT else backend
-        shortcut = run(halves, problem.projection, residual, projection.weight, projection.scale, projection.shift, None)
-        return run(halves, problem.main, x, weight, scale, shift, shortcut)
+        shortcut = _run(halves, problem.projection, residual, projection.weight, projection.scale, projection.shift,
+                        None, None)
+        return _run(halves, problem.main, x, weight, scale, shift, shortcut, None)
     module = _BACKENDS[backend]
     if problem.projection is not None:
         return module.run(problem, x, weight, scale, shift, residual, projection)
