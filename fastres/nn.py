@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from fastres.hooks import has_call_hooks
 from fastres.numerics import activate, fold_bn
-from fastres.ops import conv_bn_act, differentiated_by_transform, exporting_to_onnx
+from fastres.ops import conv_bn_act, differentiated_by_transform, exporting_to_onnx, recorded_by_tracer
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, check_activation
 
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
@@ -79,8 +79,7 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
     forward, and a backward gets compute's gradients."""
     # Tracers (torch.compile, torch.jit.trace, make_fx and other dispatch modes) record the fold from the
     # parameters, never a cached constant; torch.func and forward AD need it computed on their tensors.
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or differentiated_by_transform()):
+    if recorded_by_tracer() or differentiated_by_transform():
         return compute(*tensors)
     grad = torch.is_grad_enabled()
     wants_grad = False

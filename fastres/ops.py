@@ -49,7 +49,8 @@ from fastres.backends import reference
 from fastres.numerics import activate_backward
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection, check_inputs, empty_output, pair
 
-__all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx", "differentiated_by_transform"]
+__all__ = ["conv_bn_act", "autocast_dtype", "autocast_arguments", "exporting_to_onnx", "recorded_by_tracer",
+           "differentiated_by_transform"]
 
 
 def _compute(
@@ -217,6 +218,12 @@ def exporting_to_onnx() -> bool:
     return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
 
 
+def recorded_by_tracer() -> bool:
+    """Whether a compiler, tracer or dispatch mode (torch.compile, torch.jit.trace, make_fx, fake
+    tensors, ...) sees the caller: it records calls from their inputs, never a shortcut's result."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def differentiated_by_transform() -> bool:
     """Whether torch.func's transforms (grad, vmap, jvp, ...) or forward-mode AD (a dual_level) see
     the caller: a custom op's autograd formula has rules for neither, so the op computes its
@@ -327,8 +334,7 @@ def _plain_eager_call(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     autocast, no gradient to record), on plain CPU or CUDA tensors. The same checks and kernel;
     what it skips, torch.library's Python layers around a custom op, is a third of a fused call's
     host time (benchmarks/bench_host.py)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()):
+    if recorded_by_tracer() or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled():
         return False
     device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
     if device_type is None or torch.is_autocast_enabled(device_type):
