@@ -21,10 +21,11 @@ torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks. torch.
 from the op called directly: they have no rules for a custom op's autograd formula. Under vmap
 a batch of images is one call of the op over them all.
 
-A plain eager call of the wrapper (nothing watching: no autograd to record, autocast, profiler,
-tracer, compiler, dispatch or function mode) runs the op's kernel without the dispatcher: the same
-checks and result, without torch.library's Python layers around a custom op (a third of a fused
-call's host time).
+A plain eager call of the wrapper (nothing watching: no autocast, profiler, tracer, compiler,
+dispatch or function mode, tensor subclass) runs the op's kernel without the dispatcher, and one
+that records a gradient runs it inside the op's own autograd function (_Differentiable): the same
+checks, result and gradient, without torch.library's Python layers around a custom op (a third of
+a fused call's host time; in grad mode, more than the call itself).
 
 Its gradient (register_autograd) is the unfused chain's: the backward recomputes the conv, takes
 the activation's derivative with eager autograd's own kernels and the conv's with
@@ -42,7 +43,6 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._decomp import register_decomposition
-from torch._library.autograd import make_autograd_impl
 
 from fastres import backends
 from fastres.backends import reference
@@ -231,21 +231,53 @@ def differentiated_by_transform() -> bool:
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
+class _Differentiable(torch.autograd.Function):
+    """The op's autograd record (register_autograd's formula) for a call that needs one. torch's
+    generated function refills the arguments the dispatcher dropped as defaults through
+    torch._library.utils.fill_defaults, which rebuilds the schema's argument list once per argument:
+    about 80 us a call here, more than the fused call itself. The defaults are fixed: a tuple."""
+
+    @staticmethod
+    def forward(ctx: Any, *args: Any) -> torch.Tensor:
+        *args, keyset = args
+        if keyset is None:  # from the wrapper's plain eager call: the kernel itself
+            output = _compute(*args)
+        else:
+            output = _below_autograd(keyset, *args)
+        _setup_context(ctx, (*args, *_SCHEMA_DEFAULTS[len(args):]), output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return (*_backward(ctx, grad), None)
+
+
+def _below_autograd(keyset: torch._C.DispatchKeySet, *args: Any) -> torch.Tensor:
+    """The op's kernel for the keys below the Autograd one that called it (autocast, the device's)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastres.conv_bn_act.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_SCHEMA_DEFAULTS = tuple(a.default_value for a in torch.ops.fastres.conv_bn_act.default._schema.arguments)
+
+
 def _register_transform_rules() -> None:
-    """The same for `torch.ops.fastres.conv_bn_act` called directly (an exported or traced graph):
-    the autograd function torch.library generates for a custom op has no setup_context, which
-    torch.func.grad / jacrev reject, and eager forward AD passes through it dropping the tangent
-    (pytorch/pytorch#168393, #179652). So the op's Autograd kernel for each device type computes
-    the standard-op form under those and runs torch's generated one otherwise.
+    """The op's Autograd kernel for each device type, for `torch.ops.fastres.conv_bn_act` called
+    directly (an exported or traced graph) too: the standard-op form under torch.func's transforms
+    and forward AD, whose rules a custom op's autograd formula lacks (torch.func.grad / jacrev
+    reject torch's generated function for want of a setup_context; eager forward AD passes through
+    it dropping the tangent: pytorch/pytorch#168393, #179652); _Differentiable when a gradient is
+    wanted; the kernel below autograd otherwise.
 
     Without a vmap rule the op under vmap would loop over the batch with a warning."""
     op = torch.ops.fastres.conv_bn_act.default
-    generated = make_autograd_impl(op, _conv_bn_act)
 
-    def kernel(keyset, *args, **kwargs):
+    def kernel(keyset, *args):
         if differentiated_by_transform():
-            return _standard_ops(*args, **kwargs)
-        return generated(keyset, *args, **kwargs)
+            return _standard_ops(*args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return _Differentiable.apply(*args, keyset)
+        return _below_autograd(keyset, *args)
 
     # Runtime keys (AutogradCPU, ...) take precedence over custom_op's registration on the alias.
     for device_type in (*_AUTOCAST_DEVICES, "meta"):
@@ -316,31 +348,32 @@ def conv_bn_act(
     if exporting_to_onnx() or differentiated_by_transform():
         return _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
                              residual_weight, residual_scale, residual_shift, residual_stride, negative_slope)
-    call = _compute if _plain_eager_call(x, weight, scale, shift, residual, residual_weight, residual_scale,
-                                         residual_shift) else torch.ops.fastres.conv_bn_act.default
-    return call(
-        x, weight, scale, shift, residual, list(stride), list(padding), list(dilation),
-        groups, act, backend, residual_weight, residual_scale, residual_shift,
-        None if residual_stride is None else list(pair(residual_stride, "residual_stride")), negative_slope,
-    )
+    args = (x, weight, scale, shift, residual, list(stride), list(padding), list(dilation),
+            groups, act, backend, residual_weight, residual_scale, residual_shift,
+            None if residual_stride is None else list(pair(residual_stride, "residual_stride")), negative_slope)
+    tensors = (x, weight, scale, shift, residual, residual_weight, residual_scale, residual_shift)
+    if _watched(*tensors):
+        return torch.ops.fastres.conv_bn_act.default(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _Differentiable.apply(*args, None)
+    return _compute(*args)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager_call(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether a call may run the op's kernel without going through the dispatcher: nothing is
-    watching or transforming it (no compiler or tracer, dispatch or function mode, profiler,
-    autocast, no gradient to record), on plain CPU or CUDA tensors. The same checks and kernel;
-    what it skips, torch.library's Python layers around a custom op, is a third of a fused call's
-    host time (benchmarks/bench_host.py)."""
+def _watched(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a call must go through the dispatcher, which runs what watches or transforms it (a
+    compiler or tracer, dispatch or function mode, profiler, autocast, a tensor subclass or a device
+    other than CPU / CUDA). Otherwise the wrapper runs the op's kernel (or autograd record) itself:
+    the same checks, kernel and gradient without torch.library's Python layers around a custom op,
+    a third of a fused call's host time (benchmarks/bench_host.py)."""
     if recorded_by_tracer() or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled():
-        return False
+        return True
     device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
     if device_type is None or torch.is_autocast_enabled(device_type):
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in (x, *tensors))
+        return True
+    return any(t is not None and type(t) not in _PLAIN_TENSORS for t in (x, *tensors))
 
 
 @register_decomposition(torch.ops.fastres.conv_bn_act.default)

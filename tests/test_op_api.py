@@ -233,8 +233,6 @@ class _Subclass(torch.Tensor):
 
 def _watched(name: str, inputs: ConvInputs):
     """A context in which something watches or transforms the op's calls, and the inputs it sees."""
-    if name == "gradient":
-        return torch.enable_grad(), dataclasses.replace(inputs, x=inputs.x.detach().requires_grad_())
     if name == "autocast":
         return torch.autocast("cpu", dtype=torch.bfloat16), inputs
     if name == "profiler":
@@ -264,7 +262,7 @@ def test_a_plain_eager_call_runs_the_kernel_without_the_dispatcher(monkeypatch):
         assert len(calls) == 2
 
 
-@pytest.mark.parametrize("watcher", ["gradient", "autocast", "profiler", "dispatch mode", "function mode",
+@pytest.mark.parametrize("watcher", ["autocast", "profiler", "dispatch mode", "function mode",
                                      "tensor subclass", "meta tensors"])
 def test_a_watched_call_goes_through_the_dispatcher(watcher, monkeypatch):
     """What watches or transforms a call (autograd, autocast, the profiler, dispatch and function
@@ -385,6 +383,22 @@ def test_gradients_match_eager_autograd(case, dtype):
         assert grad.dtype == leaves[name].dtype and grad.shape == leaves[name].shape
         assert error(grad, name) <= max(bound, 2 * error(eager[name], name)), (
             f"{name}: {error(grad, name):.3g} vs eager {error(eager[name], name):.3g}")
+
+
+def test_a_plain_eager_call_that_needs_a_gradient_records_the_ops_backward(monkeypatch):
+    """With a tensor that requires grad, the wrapper records the op's autograd formula around the
+    direct kernel call: the dispatcher's output and gradients, for each operand."""
+    calls = _spy_direct_calls(monkeypatch)
+    case = GRAD_CASES[1]
+    leaves = _leaves(make_inputs(case, torch.float64))
+    direct = _fused(case, leaves)
+    assert len(calls) == 1 and direct.grad_fn is not None
+    grads = torch.autograd.grad(direct.square().sum(), list(leaves.values()))
+    copies = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    dispatched = _raw_op(case, copies)
+    assert len(calls) == 1 and torch.equal(direct, dispatched)
+    for name, got, want in zip(leaves, grads, torch.autograd.grad(dispatched.square().sum(), list(copies.values()))):
+        assert torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda f: f.__name__)
