@@ -131,6 +131,7 @@ class FusedConvBN(_Fused):
     """
 
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE  # (class default: modules pickled before LeakyReLU fused)
+    HOLDS_MODULES = ("_modules_ref", "_projection_ref")  # tuples of the graph's modules (graph_module)
 
     def __init__(
         self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str,
@@ -328,6 +329,8 @@ class _Tracer(fx.Tracer):
 class _NormOf(nn.Module):
     """The BatchNorm part of a BatchNorm + activation module, as its own graph node. The module
     is held in a tuple: no second state_dict entry, and train()/eval() reach it where it lives."""
+
+    HOLDS_MODULES = ("_ref",)
 
     def __init__(self, norm_act: nn.Module) -> None:
         super().__init__()

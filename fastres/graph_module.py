@@ -85,6 +85,8 @@ class EagerFallback:
         gm.recompile()
 
     def wanted(self, gm: nn.Module, **arguments: Any) -> bool:
+        if "_fastres_replica_of" in vars(gm):  # (vars: fx's load runs this on a _CodeOnlyModule too)
+            _adopt_replica(gm)
         if self.watch is None:
             return False
         if gm.training:
@@ -115,6 +117,16 @@ class EagerFallback:
         self.unfused.training = gm.training
         return self.cls.forward(self.unfused, *args, **kwargs)
 
+    def replicated(self, replica_of: dict[int, nn.Module]) -> EagerFallback:
+        """This fallback for a replica of its module, whose modules replica_of maps by id."""
+        unfused = self.unfused
+        if unfused is not None:  # a container: its replica holds the replica's children
+            unfused = unfused._replicate_for_data_parallel()
+            unfused._modules = {name: replica_of.get(id(child), child) for name, child in unfused._modules.items()}
+        replica = EagerFallback(self.cls, unfused, self.watch, self.traced_with)
+        replica._warned = self._warned
+        return replica
+
     def __deepcopy__(self, memo: dict) -> EagerFallback:
         return EagerFallback(self.cls, copy.deepcopy(self.unfused, memo), copy.deepcopy(self.watch, memo),
                              self.traced_with)
@@ -125,6 +137,20 @@ class EagerFallback:
         return (EagerFallback, (None, None, None))
 
 
+def _adopt_replica(replica: fx.GraphModule) -> None:
+    """Point a DataParallel replica's references to modules outside _modules (a fused op's conv and
+    BN: HOLDS_MODULES; the fallback's container) at the replica's own modules. replicate() remaps
+    only _modules, after copying each module's attributes, so the first call of the replica does it."""
+    original = vars(replica).pop("_fastres_replica_of")
+    replica_of = {id(o): r for o, r in zip(original.modules(), replica.modules())}
+    for module in replica.modules():
+        for attr in getattr(module, "HOLDS_MODULES", ()):
+            refs = vars(module).get(attr)
+            if refs is not None:
+                vars(module)[attr] = tuple(m if m is None else replica_of.get(id(m), m) for m in refs)
+    replica._fastres_eager = original._fastres_eager.replicated(replica_of)
+
+
 def _prepend(line: str, previous: Callable[[list[str]], list[str]] | None, body: list[str]) -> list[str]:
     return [line, *(body if previous is None else previous(body))]
 
@@ -132,7 +158,18 @@ def _prepend(line: str, previous: Callable[[list[str]], list[str]] | None, body:
 class _GraphModule(fx.GraphModule):
     """What replaces a traced module: fx's deepcopy keeps only what the graph uses and renames the
     class; this one keeps plain attributes (the eager fallback, timm's pretrained_cfg) and the name.
-    fx's pickle loads back a plain GraphModule; this one's loads back its class and fallback too."""
+    fx's pickle loads back a plain GraphModule; this one's loads back its class and fallback too.
+    A torch.nn.DataParallel replica remaps the modules its fused ops hold on its first call."""
+
+    def _replicate_for_data_parallel(self) -> fx.GraphModule:
+        # fx's replica is a plain GraphModule of what the graph uses (no fallback, class or other
+        # children: its forward fails). This is nn.Module's, but of this instance's own class, which
+        # holds its forward (nn.Module's `self.__new__` would make a fresh GraphModule class).
+        replica = object.__new__(type(self))
+        replica.__dict__ = {**self.__dict__, "_parameters": {}, "_buffers": dict(self._buffers),
+                            "_modules": dict(self._modules), "_is_replica": True,
+                            "_fastres_replica_of": self}  # the module copied: a plain attribute, not a child
+        return replica
 
     def __reduce__(self) -> tuple:
         fallback = self.__dict__.get("_fastres_eager")

@@ -112,6 +112,9 @@ def _warn_uncacheable() -> None:
 
 def _lookup_or_compute(owner: nn.Module, key: tuple, tensors: tuple[torch.Tensor | None, ...],
                        compute: Callable[..., _T]) -> _T:
+    if vars(owner).get("_is_replica"):  # DataParallel's: made for one forward, on copies made for it
+        with torch.no_grad():
+            return compute(*tensors)
     with _fold_lock:
         cached = _fold_cache.get(owner)
     if cached is not None and cached[0] == key:

@@ -4,6 +4,7 @@ fuses and every one it must leave alone: same answers, same state_dict keys, a t
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import re
 import warnings
@@ -874,6 +875,69 @@ def test_a_copy_of_an_optimized_model_watches_its_own_modules():
     with torch.no_grad(), ConvCallRecorder() as calls:
         optimized(x)
     assert len(calls.calls) == 1
+
+
+def _scaled(model: nn.Module, factor: int) -> nn.Module:
+    """A copy of model with every floating parameter and buffer times factor."""
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in (*scaled.parameters(), *scaled.buffers()):
+            if t.is_floating_point():
+                t.mul_(factor)
+    return scaled
+
+
+def _replicas_on_cpu(model: nn.Module, monkeypatch: pytest.MonkeyPatch, copies: int = 2) -> list[nn.Module]:
+    """torch.nn.parallel.replicate(model, [0, 1, ...]) as DataParallel calls it, with a CPU stand-in
+    for its broadcast to the GPUs: replica j's parameters and buffers are the model's times j + 1."""
+    replicating = importlib.import_module("torch.nn.parallel.replicate")  # (the package's `replicate` is the function)
+
+    def broadcast(tensors, devices, detach):
+        return [[(t.detach() * (j + 1) if t.is_floating_point() else t.detach().clone()).requires_grad_(
+            t.requires_grad and not detach) for t in tensors] for j in range(len(devices))]
+
+    monkeypatch.setattr(replicating, "_broadcast_coalesced_reshape", broadcast)
+    return replicating.replicate(model, list(range(copies)), detach=not torch.is_grad_enabled())
+
+
+def _sequential() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def _sequential_norm_act() -> nn.Module:
+    """timm's BatchNorm + activation after a conv (fused) and after a pool (its norm a _NormOf view)."""
+    norm_act = _norm_act("batchnorm", nn.ReLU())
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm_act(8), nn.MaxPool2d(2), norm_act(8))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("make,optimize", [(torchvision.models.resnet18, True), (_sequential, True),
+                                           (_sequential_norm_act, True), (fastres.models.resnet18, False)],
+                         ids=["optimized-resnet18", "optimized-sequential", "optimized-norm-act", "zoo-resnet18"])
+def test_data_parallel_replicas_run_their_own_modules(make, optimize, train, monkeypatch):
+    """torch.nn.DataParallel runs a replica per GPU, made by replicate(), which remaps children
+    only: the conv and BN a fused op holds outside them, and the train-mode fallback's container,
+    must be the replica's too. Checked with a CPU stand-in for the broadcast (no machine here has
+    two GPUs): replica j runs the model times j + 1, fused in eval mode, and caches no BN fold
+    (on a GPU each new fold waits for its stream); the original is unchanged."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(make()).double().eval()  # float64: train mode's batch statistics over 2x1x1
+    fast = fastres.optimize(model) if optimize else model
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = fast(x)
+    fast.train(train)
+    replicas = _replicas_on_cpu(fast, monkeypatch)
+    for factor, replica in enumerate(replicas, start=1):
+        reference = _scaled(model, factor).train(train)
+        torch.testing.assert_close(replica(x), reference(x))
+        with ConvCallRecorder() as calls:
+            replica(x)
+        assert (len(calls.calls) > 0) != train
+    assert not any(m in fastres.nn._fold_cache for r in replicas for m in r.modules())  # they live for one call
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), expected, rtol=0, atol=0)
 
 
 def test_an_optimized_sequential_indexes_slices_and_iterates_as_the_sequential():
