@@ -46,7 +46,8 @@ def precompile(model: nn.Module, *inputs: Any) -> int:
             yield launch
 
     try:
-        compile_ahead(counted())
+        with torch.cuda.device(device):  # Triton compiles into the current device's cache, as it launches
+            compile_ahead(counted())
     except Exception as exc:  # noqa: BLE001 - a speed-up only: the first call compiles as it tunes instead
         log.debug("fastres.precompile stopped after %d compiles (%s): the first call compiles the rest", count, exc)
     return count

@@ -1282,6 +1282,40 @@ def test_precompile_lists_the_calls_on_meta_tensors_and_leaves_the_model_untouch
     assert len(seen) == 1 and seen[0][1] == (x,)
 
 
+def test_precompile_compiles_on_its_inputs_device(monkeypatch):
+    """Triton compiles into the current device's kernel cache: a model on cuda:1 precompiled from a
+    thread whose current device is 0 must compile with cuda:1 current, or its first call compiles
+    again. Checked with a fake cuda:1 input and stand-ins for the device switch and the compiles."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastres import compilation, kernels
+    from fastres.backends import triton as triton_backend
+
+    current = [0]
+
+    class Device:  # torch.cuda.device's stand-in
+        def __init__(self, device: torch.device) -> None:
+            self.index = torch.device(device).index
+
+        def __enter__(self) -> None:
+            current.append(self.index)
+
+        def __exit__(self, *exc) -> None:
+            current.pop()
+
+    compiled_on = []
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(compilation, "recorded_calls", lambda model, inputs, device_type: [])
+    monkeypatch.setattr(compilation, "compile_launches",
+                        lambda calls, device: [lambda: compiled_on.append(current[-1])])
+    monkeypatch.setattr(kernels, "compile_ahead", lambda compiles: [compile_one() for compile_one in compiles])
+    with FakeTensorMode():
+        x = torch.empty(1, 3, 8, 8, device="cuda:1")
+    assert fastres.precompile(nn.Identity(), x) == 1
+    assert compiled_on == [1] and current == [0]
+
+
 def test_precompile_compiles_each_leaky_relu_slope(monkeypatch):
     """The slope is a Triton kernel constant: two layers of one shape, LeakyReLU(0.1) and (0.2),
     are two compiles ahead, each with its own slope (not tuning's shared key, not the default)."""
