@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh setup test            # build + every gpu test (or: test-triton,
 #                                                        #   then test-others, if it needs two calls)
+#   bash benchmarks/gpu_session.sh setup test-first      # a 146-test first look (short budgets)
 #   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck
 #   bash benchmarks/gpu_session.sh setup test-onnx       # torch.onnx.export of GPU models (tests/test_onnx.py)
 #   bash benchmarks/gpu_session.sh setup layers          # ResNet-50 layers + block tails, fp16
@@ -83,16 +84,36 @@ logged() {  # logged LOG LINES COMMAND...: COMMAND's output to $OUT/LOG, its las
 }
 
 gpu_tests() {  # gpu_tests NAME [pytest args]: the gpu-marked tests, log in $OUT/NAME.log
-    local name=$1 plugins=()
+    local name=$1 plugins=() budget rc
     shift
     # pytest-timeout and pytest-xdist are on the GPU machine's image. A hung kernel then fails its
     # test, not the call; and GPU_TEST_WORKERS processes share the GPU, so the tests' Triton
     # compiles (most of their time: every shape and dtype tunes from an empty cache) use the cores.
     $PY -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout=240)
     $PY -c "import xdist" 2>/dev/null && plugins+=(-n "${GPU_TEST_WORKERS:-8}")
-    logged "$name.log" 25 $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "${plugins[@]}" "$@"
+    # Interrupted (SIGINT) before the call's limit, pytest still prints its failures' tracebacks and
+    # summary; killed with the call, it would leave only dots. TESTS_LEAVE seconds stay for the
+    # stages after it in the same call.
+    budget=$((CALL_LIMIT - SECONDS - ${TESTS_LEAVE:-0}))
+    if [ "$budget" -lt 60 ]; then
+        echo "$name: $budget s left for tests in this call, not started"
+        return 3
+    fi
+    logged "$name.log" 25 timeout -s INT -k 30 "$budget" \
+        $PY -m pytest -m gpu -q --maxfail=10 --durations=15 -p no:cacheprovider "${plugins[@]}" "$@"
+    rc=$?
+    [ $rc = 124 ] && return 3
+    return $rc
 }
 
+# A first look within a short device budget (146 tests, fp16): the backend matrix on ResNet-50's
+# layers (CUTLASS, cuDNN + epilogue), every CUTLASS kernel, the Triton kernel on ResNet-50's layers,
+# odd shapes and projected residuals, every epilogue activation compiled, and the CUDA-graph paths.
+FIRST_TESTS="(backend_matrix and torch.float16 and resnet50 and not auto) or every_cutlass_kernel
+    or (model_layers_full_size and torch.float16 and resnet50) or (odd_cases and torch.float16)
+    or (projected_residual and torch.float16 and not every_candidate) or cuda_graph or capture
+    or reduce_overhead or (every_activation_compiled and torch.float16)"
+stage_test-first() { gpu_tests test-gpu-first -k "$(echo $FIRST_TESTS)"; }
 stage_test() { gpu_tests test-gpu; }
 # The same tests in two halves, for when `test` does not fit one 10-minute call.
 stage_test-triton() { gpu_tests test-gpu-triton tests/test_triton_backend.py; }
@@ -187,7 +208,9 @@ for stage in "$@"; do
     rc=$?
     case $rc in
         0) ;;
-        3) status=3; echo "stage $stage stopped at the time limit: carry its JSON back in .bench-results/$stage/ and run it again" ;;
+        3) status=3
+           echo "stage $stage stopped at the time limit (a bench stage: carry its JSON back in" \
+                ".bench-results/$stage/ and run it again)" ;;
         *) status=1; echo "stage $stage failed"; [ "$stage" = setup ] && break ;;
     esac
     echo "stage $stage: $((SECONDS - started)) s"
