@@ -258,6 +258,11 @@ def _below_autograd(keyset: torch._C.DispatchKeySet, *args: Any) -> torch.Tensor
         return torch.ops.fastres.conv_bn_act.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
+def _records_gradient(*args: Any) -> bool:
+    """Whether autograd records a call with these arguments (grad mode on, a tensor needing one)."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 _SCHEMA_DEFAULTS = tuple(a.default_value for a in torch.ops.fastres.conv_bn_act.default._schema.arguments)
 
 
@@ -275,7 +280,7 @@ def _register_transform_rules() -> None:
     def kernel(keyset, *args):
         if differentiated_by_transform():
             return _standard_ops(*args)
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if _records_gradient(*args):
             return _Differentiable.apply(*args, keyset)
         return _below_autograd(keyset, *args)
 
@@ -354,7 +359,7 @@ def conv_bn_act(
     tensors = (x, weight, scale, shift, residual, residual_weight, residual_scale, residual_shift)
     if _watched(*tensors):
         return torch.ops.fastres.conv_bn_act.default(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _records_gradient(*tensors):
         return _Differentiable.apply(*args, None)
     return _compute(*args)
 
