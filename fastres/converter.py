@@ -48,12 +48,13 @@ part of a fused chain. Hooks added later to a module the graph bypasses are watc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -167,7 +168,7 @@ class FusedConvBN(_Fused):
             raise fx.proxy.TraceError(_NOT_TRACEABLE)
         if any(m.training for m in self.fused_modules()) or exporting_to_onnx():
             return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
-        why = self._outside_contract(x, residual)
+        residual, why = self._within_contract(x, residual)
         if why is not None:
             self._fallback(why)
             return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
@@ -178,30 +179,46 @@ class FusedConvBN(_Fused):
         # the code after the chain may depend on that (a .view, an export to NCHW consumers).
         return out if _channels_last(x) or _channels_last(conv.weight) else out.contiguous()
 
-    def _outside_contract(self, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
+    def _within_contract(
+        self, x: torch.Tensor, residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """The residual to hand the op, and why this call is outside its contract (None: inside).
+        A residual that broadcasts to the output (a position embedding (1, C, H, W), a bias map)
+        goes in expanded: stride 0 where it repeats, the values eager's broadcasting add reads."""
         conv = self._modules_ref[0]
         dtype = autocast_dtype(x)  # under torch.autocast, both the op's and eager's conv compute in autocast's
         if x.dim() != 4 or (conv.weight.dtype != x.dtype and autocast_dtype(conv.weight) != dtype):
-            return f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
+            return residual, f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
         if residual is None:
-            return None
+            return None, None
         p, q = output_hw(x.shape[2], x.shape[3], *conv.kernel_size, conv.stride, self.padding, conv.dilation)
         expected = (x.shape[0], conv.out_channels, p, q)
-        got, got_dtype = tuple(residual.shape), residual.dtype
+        got, got_dtype, broadcast = tuple(residual.shape), residual.dtype, False
         if self._projection_ref is not None:
             pconv = self._projection_ref[0]
             if residual.dim() != 4 or residual.shape[1] != pconv.in_channels:
-                return f"residual {got} is not the {pconv.in_channels}-channel input of {self.projection_name}"
+                why = f"residual {got} is not the {pconv.in_channels}-channel input of {self.projection_name}"
+                return residual, why
             got = (got[0], pconv.out_channels, *output_hw(got[2], got[3], 1, 1, pconv.stride, (0, 0), (1, 1)))
             got_dtype = dtype if residual.dtype == x.dtype else autocast_dtype(residual)
+        elif got != expected and _broadcasts_to(got, expected):
+            got, broadcast = expected, True
         # A residual of another dtype than the conv's output: eager's add would promote.
         if got != expected or got_dtype != dtype or residual.device != x.device:
-            return f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {dtype}"
-        return None
+            return residual, f"residual {tuple(residual.shape)} {residual.dtype} vs output {expected} {dtype}"
+        return residual.expand(expected) if broadcast else residual, None
 
     def extra_repr(self) -> str:
         projected = "" if self.projection_name is None else f", residual projected by {self.projection_name}"
         return f"{self.conv_name}, act={act_text(self.act, self.negative_slope)!r}, backend={self.backend!r}{projected}"
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether `shape` broadcasts to `target` (and not `target` to something larger)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -229,9 +246,13 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return tuple(conv.padding)  # type: ignore[return-value]
 
 
+def _own_forward(conv: nn.Module) -> bool:
+    return type(conv).forward is not nn.Conv2d.forward
+
+
 def _conv_problem(conv: nn.Module) -> str | None:
     """Why this conv cannot be fused, or None."""
-    if type(conv).forward is not nn.Conv2d.forward:
+    if _own_forward(conv):
         return f"{type(conv).__name__} has its own forward (not a plain nn.Conv2d)"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
@@ -581,13 +602,15 @@ def _fuse_projections(gm: fx.GraphModule, report: OptimizeReport) -> None:
     """Fold each fused 1x1 conv + BN whose output is only another fused chain's residual (a ResNet
     downsample branch) into that chain's op as its residual projection. When the 1x1 branch is
     the chain that took the add (it came first in the graph), the roles swap: the other branch,
-    a plain conv + BN, becomes the op's main conv and the 1x1 branch its projection."""
+    a plain conv + BN, becomes the op's main conv and the 1x1 branch its projection. A residual
+    that is also the chain's input (`y + bn(conv(y))`) is one user by fx's count, and no branch."""
     for node in list(gm.graph.nodes):
         outer = _fused_module(gm, node)
         inner_node = node.args[1] if outer is not None and len(node.args) == 2 else None
         inner = _fused_module(gm, inner_node)
         if (inner is None or outer.projection_name is not None or len(inner_node.args) != 1
-                or len(inner_node.users) != 1 or inner.act != "none" or inner.projection_name is not None):
+                or len(inner_node.users) != 1 or node.args[0] is inner_node
+                or inner.act != "none" or inner.projection_name is not None):
             continue
         if _projectable(inner):
             main, main_input, branch, branch_input = outer, node.args[0], inner, inner_node.args[0]
@@ -650,9 +673,28 @@ def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, 
     return _traced_as(module, {})
 
 
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Tracing runs forward's Python, and code that caches into `self` on a first call (torchvision's
+    MultiScaleRoIAlign sets self.scales) would keep a Proxy of that trace: the next trace would
+    build on another graph's nodes, an eager call would get a Proxy. Whatever the trace sets on
+    a module (attributes, parameters, buffers, children) is put back as it was."""
+    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, parameters, buffers, children in saved:
+            for now, before in ((vars(m), attributes), (m._parameters, parameters), (m._buffers, buffers),
+                                (m._modules, children)):
+                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                    now.clear()
+                    now.update(before)
+
+
 def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
     tracer = _Tracer()
-    graph = tracer.trace(module, concrete_args=traced_with or None)
+    with _attributes_kept(module):
+        graph = tracer.trace(module, concrete_args=traced_with or None)
     if not _output_reads_an_input(graph):
         # fx followed no data from the inputs to the output: the forward returns what it kept
         # elsewhere (timm's FeatureHookNet returns what hooks collected), which the trace froze.
@@ -811,7 +853,9 @@ def optimize(
     optimized = _rewrite(model, "", backend, report, given)
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:
-            report.entries[name] = "eager: not called by any traced forward"
+            # A subclass with its own forward (timm's weight-standardized StdConv2d) is traced through.
+            why = _conv_problem(module) if _own_forward(module) else "not called by any traced forward"
+            report.entries[name] = f"eager: {why}"
         elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
             report.entries[name] = f"eager: {type(module).__name__} (only nn.Conv2d is fused)"
     report.entries = dict(sorted(report.entries.items(), key=lambda kv: _module_order(optimized, kv[0])))

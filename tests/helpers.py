@@ -17,7 +17,8 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as `t` in another memory layout: NCHW-contiguous, or a strided view."""
+    """`t`'s values in another memory layout: NCHW-contiguous or a strided view; or "broadcast",
+    a stride-0 view of part of them (the reference must be computed from what this returns)."""
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "nchw":
@@ -29,6 +30,10 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
         view = wide[:, ::2]
         view.copy_(t)
         return view
+    if layout == "broadcast":
+        # The first image's first row, repeated: stride 0 over N and H, as a (1, C, 1, W) tensor
+        # broadcast to t's shape (e.g. a position embedding added to every image).
+        return t[:1, :, :1].expand_as(t)
     raise ValueError(layout)
 
 

@@ -27,7 +27,9 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(ODD_CASES) + list(model_cases("resnet50", 2, 32)[:6]), ids=str)
 def test_cudnn_backend_epilogue(case, dtype):
-    run_op_case(case.replace(residual=True), dtype, "cudnn", CPU, residual_layout="nchw")
+    # fp16 with a broadcast (stride-0) residual, the others with an NCHW one
+    layout = "broadcast" if dtype == torch.float16 else "nchw"
+    run_op_case(case.replace(residual=True), dtype, "cudnn", CPU, residual_layout=layout)
 
 
 @needs_interpreter
@@ -226,12 +228,13 @@ def test_gpu_every_cutlass_kernel(config, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("residual_layout", ["nchw", "broadcast"])
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
-def test_gpu_non_default_stream_and_layouts(backend):
+def test_gpu_non_default_stream_and_layouts(backend, residual_layout):
     case = model_cases("resnet50", 8, 224)[4]
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        run_op_case(case, torch.float16, backend, GPU, layout="nchw", residual_layout="nchw")
+        run_op_case(case, torch.float16, backend, GPU, layout="nchw", residual_layout=residual_layout)
     stream.synchronize()
 
 

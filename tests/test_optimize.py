@@ -23,7 +23,7 @@ from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm
 from helpers import HookLog, assert_hooks_saw_the_same, hooked_run, register_hook
 
 
-def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = None, **kwargs) -> nn.Module:
+def _check(model: nn.Module, x: torch.Tensor, fused: int | None, total: int | None = None, **kwargs) -> nn.Module:
     model = randomize_batchnorm_(model).eval()
     keys = set(model.state_dict())
     with torch.no_grad():
@@ -32,7 +32,8 @@ def _check(model: nn.Module, x: torch.Tensor, fused: int, total: int | None = No
         got = optimized(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     report = optimized.fastres_report
-    assert len(report.fused) == fused, str(report)
+    if fused is not None:
+        assert len(report.fused) == fused, str(report)
     if total is not None:
         assert len(report.entries) == total, str(report)
     assert set(optimized.state_dict()) == keys
@@ -106,13 +107,15 @@ def _deeplab() -> tuple[nn.Module, torch.Tensor]:
 def test_detection_and_segmentation_models_fuse_their_resnet_backbone(make):
     """Faster R-CNN (FrozenBatchNorm2d backbone behind IntermediateLayerGetter and an FPN, an
     untraceable top level over lists of images) and DeepLabV3 (dilation 2 and 4 in its last
-    stages): every backbone conv fuses, and the detections and masks are eager's."""
+    stages): every backbone conv fuses, and the detections and masks are eager's. Optimized before
+    its first call, as a freshly loaded model is: Faster R-CNN's MultiScaleRoIAlign caches its
+    scales into itself on that call, which tracing must not do with its Proxies."""
     torch.manual_seed(0)
     model, x = make()
     model = randomize_batchnorm_(model).eval()
     with torch.no_grad():
-        expected = model(x)
         optimized = fastres.optimize(model)
+        expected = model(x)
         got = optimized(x)
     backbone = [name for name in optimized.fastres_report.entries if name.startswith("backbone.")]
     assert len(backbone) >= 53 and all(
@@ -412,6 +415,24 @@ def test_timm_models_with_leaky_relu(name):
     assert slopes == ({"(0.01)", "(0.001)"} if name == "tresnet_m" else {"(0.01)"})
 
 
+@pytest.mark.parametrize("name,image,chain", [
+    ("efficientvit_m0", 64, "stages.1.downsample.res2.0.m.conv"), ("shvit_s1", 64, "stages.1.downsample.3.m.c"),
+    ("efficientvim_m1", 64, "stages.0.downsample.dwconv2.conv"), ("pit_xs_224", 224, "patch_embed.conv"),
+    ("visformer_tiny", 224, "patch_embed1.proj")])
+def test_timm_models_whose_residual_is_the_chains_input_or_a_position_embedding(name, image, chain):
+    """EfficientViT (MSRA), SHViT and EfficientViM add a conv + BN's output to what it computed from
+    it (`y + bn(conv(y))`: not a projection branch); PiT and Visformer add a (1, C, H, W) position
+    embedding to their patch embedding's conv (a residual broadcast over the batch): `chain` fuses
+    with its add, and the model gives eager's answers with no warning."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        optimized = _check(model, torch.randn(2, 3, image, image), fused=None)
+    assert re.fullmatch(r"fused: conv(\+bn)?\+add", optimized.fastres_report.entries[chain])
+
+
 def test_convs_with_bias_and_frozen_batchnorm():
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -423,6 +444,15 @@ def test_batchnorm_subclasses():
         pass
 
     _check(Block("iadd", bn=MyBN), torch.randn(2, 8, 6, 6), fused=2)
+
+
+class StandardizedConv(nn.Conv2d):
+    """A conv whose forward standardizes its weights first, as timm's StdConv2d (BiT, hybrid ViTs)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.var(dim=(1, 2, 3), keepdim=True) + 1e-5).sqrt()
+        return self._conv_forward(x, w, self.bias)
 
 
 class Unfusable(nn.Module):
@@ -439,6 +469,7 @@ class Unfusable(nn.Module):
         self.bn_reflect = nn.BatchNorm2d(8)
         self.no_stats = nn.Conv2d(8, 8, 1)
         self.bn_no_stats = nn.BatchNorm2d(8, track_running_stats=False)
+        self.standardized, self.bn_standardized = StandardizedConv(8, 8, 1), nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = F.elu(self.elu(x))
@@ -446,7 +477,8 @@ class Unfusable(nn.Module):
         t = self.used_twice(y)
         y = self.bn_twice(t) + t
         y = self.bn_reflect(self.reflect(y))
-        return self.bn_no_stats(self.no_stats(y))
+        y = self.bn_no_stats(self.no_stats(y))
+        return F.relu(self.bn_standardized(self.standardized(y)))
 
 
 class SharedConv(nn.Module):
@@ -589,13 +621,14 @@ def test_a_forward_that_switches_grad_mode_or_autocast_is_not_traced(style):
 
 
 def test_unfusable_chains_stay_eager_with_reasons():
-    optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=5)
+    optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=6)
     eager = optimized.fastres_report.eager
     assert "not followed by a BatchNorm, residual add or one of the op's activations (next: elu)" in eager["elu"]
     assert "(next: call_module used_twice)" in eager["after_bn"]
     assert "2 users" in eager["used_twice"]
     assert "padding_mode='reflect'" in eager["reflect"]
     assert "running statistics" in eager["no_stats"]
+    assert eager["standardized"] == "eager: StandardizedConv has its own forward (not a plain nn.Conv2d)"
 
 
 class NoBatchNorm(nn.Module):
@@ -710,6 +743,27 @@ def test_shortcuts_that_are_not_a_plain_projection_stay_their_own_op(shortcut):
     with ConvCallRecorder() as calls, torch.no_grad():
         optimized(torch.randn(2, 8, 9, 9))
     assert len(calls.cases) == 2 and all(c.projection is None for c in calls.cases)
+
+
+class InputAndResidual(nn.Module):
+    """A conv + BN whose output is both the next chain's input and its residual, `y + bn(conv(y))`
+    (timm's EfficientViT (MSRA), SHViT and EfficientViM after their downsampling). With a 1x1 first
+    and a 3x3 second, or the other way round, one of the two looks like a projection branch."""
+
+    def __init__(self, first: int, second: int):
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(8, 16, first, padding=first // 2, bias=False), nn.BatchNorm2d(16))
+        self.second = nn.Sequential(nn.Conv2d(16, 16, second, padding=second // 2, bias=False), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        y = self.first(x)
+        return y + self.second(y)
+
+
+@pytest.mark.parametrize("first,second", [(1, 3), (3, 1), (1, 1)], ids=["1x1-then-3x3", "3x3-then-1x1", "1x1-twice"])
+def test_a_chain_whose_input_is_its_residual_is_not_a_projection(first, second):
+    optimized = _check(InputAndResidual(first, second), torch.randn(2, 8, 7, 7), fused=2, total=2)
+    assert optimized.fastres_report.entries["second.0"] == "fused: conv+bn+add"
 
 
 def test_a_projected_residual_of_another_shape_runs_eagerly_and_says_so():
@@ -1107,6 +1161,33 @@ class Untraceable(nn.Module):
         return self.head(y * 2 if y.sum() > 0 else y)
 
 
+class CachesOnFirstCall(nn.Module):
+    """Keeps something computed from its first input, as torchvision's MultiScaleRoIAlign keeps its
+    scales (Faster R-CNN's box and mask heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.size = None
+
+    def forward(self, x):
+        if self.size is None:
+            self.size = x.shape[-1]
+        return F.relu(self.bn(self.conv(x))) / self.size
+
+
+def test_a_forward_that_caches_into_self_keeps_no_trace_of_tracing():
+    """Tracing runs the forward with Proxies: what it set on the module is undone, so the
+    optimized copy holds no Proxy, fuses, and its own forward (train mode) still works."""
+    model = randomize_batchnorm_(CachesOnFirstCall()).eval()
+    optimized = fastres.optimize(model)  # before the model's first call
+    assert optimized.size is None and optimized.fastres_report.entries["conv"] == "fused: conv+bn+relu"
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(optimized.train()(x), model.train()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_untraceable_top_level_falls_back_to_its_children():
     """Its Sequential is fused; its own conv stays an nn.Conv2d (nothing to trace inside it), and
     the report says why it runs eagerly."""
@@ -1170,18 +1251,37 @@ def test_example_inputs_that_pass_an_argument_trace_it_as_a_tensor():
     assert fastres.optimize(model, example_inputs=(x, residual)).fastres_report.entries["conv"] == "fused: conv+bn+add+relu"
 
 
-def test_a_broadcasting_residual_runs_eagerly_and_says_so():
-    class Broadcast(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
-            self.register_buffer("bias_map", torch.randn(1, 8, 1, 1))
+class Broadcast(nn.Module):
+    """conv -> BN + a learned tensor of `shape` -> ReLU: a position embedding (1, C, H, W) as in
+    timm's PiT and Visformer patch embeddings, or a per-channel bias map (1, C, 1, 1)."""
 
-        def forward(self, x):
-            return F.relu(self.bn(self.conv(x)) + self.bias_map)
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+        self.embed = nn.Parameter(torch.randn(shape))
 
-    with pytest.warns(RuntimeWarning, match="ran eagerly"):
-        _check(Broadcast(), torch.randn(2, 4, 5, 5), fused=1)
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + self.embed)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 5), (1, 8, 1, 1), (8, 1, 5)], ids=str)
+def test_a_residual_that_broadcasts_to_the_output_is_fused_as_a_stride_0_view(shape):
+    model = Broadcast(shape)
+    x = torch.randn(3, 4, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ran eagerly"
+        optimized = _check(model, x, fused=1)
+    with ConvCallRecorder() as recorded, torch.no_grad():
+        optimized(x)
+    assert [c.residual for c in recorded.cases] == [True]
+    # Autograd sums the gradient over the broadcast, as eager's add does.
+    grads = [torch.autograd.grad(m(x).square().sum(), m.embed)[0] for m in (model, optimized)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_residual_the_output_broadcasts_to_runs_eagerly_and_says_so():
+    with pytest.warns(RuntimeWarning, match=r"ran eagerly .* residual \(2, 8, 5, 5\)"):
+        _check(Broadcast((2, 8, 5, 5)), torch.randn(1, 4, 5, 5), fused=1)
 
 
 def test_training_mode_models_are_refused():

@@ -112,11 +112,12 @@ LAYOUT_CASES = [ODD_CASES[1], ODD_CASES[5], ODD_CASES[8]]  # 3x3, 1x1 plain GEMM
 
 
 @needs_interpreter
-@pytest.mark.parametrize("residual_layout", ["channels_last", "nchw", "strided"])
+@pytest.mark.parametrize("residual_layout", ["channels_last", "nchw", "strided", "broadcast"])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided"])
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
 def test_layouts_through_the_op(case, layout, residual_layout):
-    """NCHW inputs, non-contiguous views, and residuals in any layout, through the public op."""
+    """NCHW inputs, non-contiguous views, and residuals in any layout, through the public op;
+    a broadcast residual (stride 0) is what fastres.optimize passes for a position embedding."""
     run_op_case(case.replace(residual=True), torch.float16, "triton", CPU, layout=layout, residual_layout=residual_layout)
 
 
