@@ -673,12 +673,21 @@ def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, 
     return _traced_as(module, {})
 
 
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_holds_proxy(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_proxy(v) for v in value.values())
+    return isinstance(value, fx.Proxy)
+
+
 @contextlib.contextmanager
 def _attributes_kept(module: nn.Module) -> Iterator[None]:
     """Tracing runs forward's Python, and code that caches into `self` on a first call (torchvision's
     MultiScaleRoIAlign sets self.scales) would keep a Proxy of that trace: the next trace would
-    build on another graph's nodes, an eager call would get a Proxy. Whatever the trace sets on
-    a module (attributes, parameters, buffers, children) is put back as it was."""
+    build on another graph's nodes, an eager call would get a Proxy. What the trace changed on a
+    module (attributes, parameters, buffers, children) is put back, and what it added that holds a
+    Proxy is removed; fx's own additions (the root's `_tensor_constant0`, ...) stay."""
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
     try:
         yield
@@ -686,9 +695,11 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
         for m, attributes, parameters, buffers, children in saved:
             for now, before in ((vars(m), attributes), (m._parameters, parameters), (m._buffers, buffers),
                                 (m._modules, children)):
-                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
-                    now.clear()
-                    now.update(before)
+                for key in [k for k, v in now.items() if k not in before and _holds_proxy(v)]:
+                    del now[key]
+                for key, value in before.items():
+                    if key not in now or now[key] is not value:
+                        now[key] = value
 
 
 def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
@@ -739,19 +750,20 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     if _is_fastres(module):
         _report_as_before(module, prefix, report)
         return module
+    if type(module).forward is nn.Module.forward:  # no forward (ModuleList, ModuleDict): fuse in each child
+        return _rewrite_children(module, prefix, backend, report)
     if _Tracer().is_whole(module, prefix.rstrip(".")):  # a conv, a BN, an activation: nothing inside to fuse
         return module
     try:
         tracer, graph, traced_with = _trace(module, given)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: try the children
         why = str(exc) if isinstance(exc, UnfaithfulTrace) else type(exc).__name__
-        for child_name, child in list(module.named_children()):
+        for child_name, child in module.named_children():
             if isinstance(child, nn.Conv2d):
                 report.entries[f"{prefix}{child_name}"] = (
                     f"eager: {prefix.rstrip('.') or 'the model'}, which calls it, is not traceable with torch.fx "
                     f"({why})")
-            setattr(module, child_name, _rewrite(child, f"{prefix}{child_name}.", backend, report))
-        return module
+        return _rewrite_children(module, prefix, backend, report)
     gm = graph_module(module, graph, type(module))
     _fuse_graph(gm, prefix, backend, report)
     # fastres's own modules were leaves of this trace: report them. Hooked modules were too: fuse
@@ -771,6 +783,13 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     EagerFallback.install(gm, type(module), unfused, [name for name in tracer.called if name not in still_called],
                           traced_with)
     return gm
+
+
+def _rewrite_children(module: nn.Module, prefix: str, backend: str, report: OptimizeReport) -> nn.Module:
+    """module itself, each of its children replaced by its _rewrite."""
+    for child_name, child in list(module.named_children()):
+        setattr(module, child_name, _rewrite(child, f"{prefix}{child_name}.", backend, report))
+    return module
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -1149,21 +1149,28 @@ def test_a_model_deepcopy_cannot_copy_is_refused_with_the_reason():
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow at the top defeats torch.fx; its block still gets fused."""
+    """Data-dependent control flow at the top defeats torch.fx; its blocks still get fused, in a
+    ModuleList and a ModuleDict too (containers without a forward, which fx takes for leaves)."""
 
     def __init__(self):
         super().__init__()
         self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())])
+        self.heads = nn.ModuleDict({"main": nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))})
         self.head = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         y = self.block(x)
+        for stage in self.stages:
+            y = stage(y)
+        y = self.heads["main"](y)
         return self.head(y * 2 if y.sum() > 0 else y)
 
 
 class CachesOnFirstCall(nn.Module):
     """Keeps something computed from its first input, as torchvision's MultiScaleRoIAlign keeps its
-    scales (Faster R-CNN's box and mask heads)."""
+    scales (Faster R-CNN's box and mask heads); and makes a tensor inside forward, which fx keeps
+    as an attribute of the traced module (`_tensor_constant0`, as in timm's BEiT)."""
 
     def __init__(self):
         super().__init__()
@@ -1173,15 +1180,18 @@ class CachesOnFirstCall(nn.Module):
     def forward(self, x):
         if self.size is None:
             self.size = x.shape[-1]
-        return F.relu(self.bn(self.conv(x))) / self.size
+        if not hasattr(self, "height"):  # an attribute made on the first call
+            self.height = x.shape[-2]
+        return F.relu(self.bn(self.conv(x))) / self.size * self.height * torch.tensor(0.5)
 
 
 def test_a_forward_that_caches_into_self_keeps_no_trace_of_tracing():
-    """Tracing runs the forward with Proxies: what it set on the module is undone, so the
-    optimized copy holds no Proxy, fuses, and its own forward (train mode) still works."""
+    """Tracing runs the forward with Proxies: what it set on the module is undone (but not what fx
+    added), so the optimized copy holds no Proxy, fuses, and its own forward (train mode) works."""
     model = randomize_batchnorm_(CachesOnFirstCall()).eval()
     optimized = fastres.optimize(model)  # before the model's first call
-    assert optimized.size is None and optimized.fastres_report.entries["conv"] == "fused: conv+bn+relu"
+    assert optimized.size is None and not hasattr(optimized, "height")
+    assert optimized.fastres_report.entries["conv"] == "fused: conv+bn+relu"
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
@@ -1189,11 +1199,14 @@ def test_a_forward_that_caches_into_self_keeps_no_trace_of_tracing():
 
 
 def test_untraceable_top_level_falls_back_to_its_children():
-    """Its Sequential is fused; its own conv stays an nn.Conv2d (nothing to trace inside it), and
-    the report says why it runs eagerly."""
-    optimized = _check(Untraceable(), torch.randn(2, 3, 6, 6), fused=1, total=2)
+    """Its Sequentials are fused, those in its ModuleList and ModuleDict too; its own conv stays
+    an nn.Conv2d (nothing to trace inside it), and the report says why it runs eagerly."""
+    optimized = _check(Untraceable(), torch.randn(2, 3, 6, 6), fused=3, total=4)
     assert type(optimized) is Untraceable and type(optimized.head) is nn.Conv2d
-    assert optimized.fastres_report.entries["block.0"] == "fused: conv+bn+relu"
+    assert type(optimized.stages) is nn.ModuleList and type(optimized.heads) is nn.ModuleDict
+    entries = optimized.fastres_report.entries
+    assert entries["block.0"] == entries["stages.0.0"] == "fused: conv+bn+relu"
+    assert entries["heads.main.0"] == "fused: conv+bn"
     assert optimized.fastres_report.entries["head"] == "eager: the model, which calls it, is not traceable with torch.fx (TraceError)"
 
 
