@@ -1,5 +1,6 @@
 """Test configuration: Triton interpreter on CPU-only machines, an isolated tuning cache per test,
-and the `gpu` marker (tests that need a CUDA device skip cleanly without one)."""
+the `gpu` marker (tests that need a CUDA device skip cleanly without one) and the opt-in `sweep`
+tests (`--sweep`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,17 @@ import pytest  # noqa: E402
 from fastres import tuning  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--sweep", action="store_true",
+                     help="run the `sweep` tests: fastres.optimize over whole timm / torchvision model libraries")
+
+
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--sweep"):  # opt-in: left out of the run, not reported as skipped
+        sweep = [item for item in items if "sweep" in item.keywords]
+        if sweep:
+            config.hook.pytest_deselected(items=sweep)
+            items[:] = [item for item in items if "sweep" not in item.keywords]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run `make test-gpu` on a GPU machine)")
