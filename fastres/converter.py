@@ -750,6 +750,11 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     if _is_fastres(module):
         _report_as_before(module, prefix, report)
         return module
+    if not any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        # Nothing to fuse inside (a transformer block, a head): left as it is, not traced. Traced,
+        # a block its untraceable parent calls with a non-default argument (a rope table) would
+        # run its own forward at every call, with a warning.
+        return module
     if type(module).forward is nn.Module.forward:  # no forward (ModuleList, ModuleDict): fuse in each child
         return _rewrite_children(module, prefix, backend, report)
     if _Tracer().is_whole(module, prefix.rstrip(".")):  # a conv, a BN, an activation: nothing inside to fuse

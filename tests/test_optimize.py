@@ -1167,6 +1167,41 @@ class Untraceable(nn.Module):
         return self.head(y * 2 if y.sum() > 0 else y)
 
 
+class RopeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x, rope=None):
+        return self.proj(x) if rope is None else self.proj(x) * rope
+
+
+class PassesItsBlocksAnArgument(nn.Module):
+    """An untraceable forward handing its conv-free blocks an argument they default to None (a
+    rope table, as timm's Qwen3 ViT does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.ModuleList([RopeBlock(), RopeBlock()])
+
+    def forward(self, x):
+        x = self.stem(x)
+        rope = torch.linspace(0.5, 1.5, 6) if x.sum() > 0 else torch.ones(6)
+        for block in self.blocks:
+            x = block(x, rope)
+        return x
+
+
+def test_modules_with_no_conv_inside_are_left_as_they_are():
+    """Nothing to fuse in them, so they are not traced: traced with rope=None, the blocks would run
+    their own forward at every call (the parent passes a rope), with a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        optimized = _check(PassesItsBlocksAnArgument(), torch.randn(2, 3, 6, 6), fused=1, total=1)
+    assert all(type(block) is RopeBlock for block in optimized.blocks)
+
+
 class CachesOnFirstCall(nn.Module):
     """Keeps something computed from its first input, as torchvision's MultiScaleRoIAlign keeps its
     scales (Faster R-CNN's box and mask heads); and makes a tensor inside forward, which fx keeps
