@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fastres-installed
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu bench-smoke clean
+.PHONY: install demo test test-gpu test-sweep bench-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install
 # On a machine with a GPU and an existing torch (no network): see README "Running on a GPU".
 test-gpu:
 	$(PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
+
+# fastres.optimize over whole timm / torchvision model libraries, each against eager (~15 min on 2 cores).
+test-sweep: install
+	$(PY) -m pytest tests/test_optimize_sweep.py --sweep $(PYTEST_ARGS)
 
 bench-smoke: install
 	$(PY) -m fastres bench layers --smoke --out bench-out

@@ -1,9 +1,9 @@
 """fastres.optimize over whole model libraries: every torchvision classification, segmentation and
 optical-flow model, and the first few models of every timm family, with seeded random weights.
 Each must optimize without an error or a fastres warning, name every conv in its report, and give
-eager's answers. Not part of `make test` (several minutes on 2 cores): run it with
-`pytest tests/test_optimize_sweep.py --sweep` after changing the converter. Its first run found
-three converter bugs that the hand-written patterns had missed (benchmarks/NOTES.md)."""
+eager's answers. Not part of `make test` (about 15 minutes on 2 cores): run it with `make
+test-sweep` after changing the converter. Such a sweep found the converter bugs that
+benchmarks/NOTES.md lists for the nineteenth session, which the hand-written patterns had missed."""
 
 from __future__ import annotations
 
