@@ -53,6 +53,7 @@ import copy
 import inspect
 import operator
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -681,25 +682,36 @@ def _holds_proxy(value: Any) -> bool:
     return isinstance(value, fx.Proxy)
 
 
+def _put_back(now: dict | list, before: dict | list) -> None:
+    """`now` as `before` again, by identity; but keys a dict gained keep their values unless those
+    hold a Proxy (fx adds the root's `_tensor_constant0`, ...)."""
+    if isinstance(now, list):
+        if len(now) != len(before) or any(a is not b for a, b in zip(now, before)):
+            now[:] = before
+        return
+    for key in [k for k, v in now.items() if k not in before and _holds_proxy(v)]:
+        del now[key]
+    for key, value in before.items():
+        if key not in now or now[key] is not value:
+            now[key] = value
+
+
 @contextlib.contextmanager
 def _attributes_kept(module: nn.Module) -> Iterator[None]:
-    """Tracing runs forward's Python, and code that caches into `self` on a first call (torchvision's
-    MultiScaleRoIAlign sets self.scales) would keep a Proxy of that trace: the next trace would
-    build on another graph's nodes, an eager call would get a Proxy. What the trace changed on a
-    module (attributes, parameters, buffers, children) is put back, and what it added that holds a
-    Proxy is removed; fx's own additions (the root's `_tensor_constant0`, ...) stay."""
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+    """Tracing runs forward's Python, and code that caches into `self` on a first call would keep a
+    Proxy of that trace (torchvision's MultiScaleRoIAlign sets self.scales; timm's EfficientViT
+    fills a dict, attention_bias_cache): the next trace would build on another graph's nodes, an
+    eager call would get a Proxy. Every module's attributes (parameters, buffers and children
+    included) and the dicts and lists they hold are put back as they were."""
+    saved = []
+    for m in module.modules():
+        saved.append((vars(m), dict(vars(m))))
+        saved += [(v, type(v)(v)) for v in vars(m).values() if type(v) in (dict, list, OrderedDict)]
     try:
         yield
     finally:
-        for m, attributes, parameters, buffers, children in saved:
-            for now, before in ((vars(m), attributes), (m._parameters, parameters), (m._buffers, buffers),
-                                (m._modules, children)):
-                for key in [k for k, v in now.items() if k not in before and _holds_proxy(v)]:
-                    del now[key]
-                for key, value in before.items():
-                    if key not in now or now[key] is not value:
-                        now[key] = value
+        for now, before in saved:
+            _put_back(now, before)
 
 
 def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:

@@ -51,6 +51,8 @@ def graph_module(module: nn.Module, graph: fx.Graph, cls: type) -> fx.GraphModul
     for name, tensor in module._buffers.items():
         if tensor is not None and not hasattr(gm, name):
             gm.register_buffer(name, tensor, persistent=name not in module._non_persistent_buffers_set)
+    # Those the graph reads, GraphModule registers as persistent on torch 2.11 (not on 2.15).
+    gm._non_persistent_buffers_set |= module._non_persistent_buffers_set & gm._buffers.keys()
     return gm
 
 

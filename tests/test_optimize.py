@@ -433,6 +433,25 @@ def test_timm_models_whose_residual_is_the_chains_input_or_a_position_embedding(
     assert re.fullmatch(r"fused: conv(\+bn)?\+add", optimized.fastres_report.entries[chain])
 
 
+class ReadsANonPersistentBuffer(nn.Module):
+    """A buffer outside the state_dict that the forward reads (timm's attention_bias_idxs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.register_buffer("offset", torch.linspace(-1, 1, 8).view(1, 8, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x))) + self.offset
+
+
+def test_a_buffer_outside_the_state_dict_stays_outside():
+    """The graph reads it, and fx's GraphModule (torch 2.11) would register it as persistent: the
+    optimized model's state_dict would gain a key the model's own lacks."""
+    optimized = _check(ReadsANonPersistentBuffer(), torch.randn(2, 3, 4, 4), fused=1)
+    assert "offset" not in optimized.state_dict() and "offset" in dict(optimized.named_buffers())
+
+
 def test_convs_with_bias_and_frozen_batchnorm():
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -1203,21 +1222,29 @@ def test_modules_with_no_conv_inside_are_left_as_they_are():
 
 
 class CachesOnFirstCall(nn.Module):
-    """Keeps something computed from its first input, as torchvision's MultiScaleRoIAlign keeps its
-    scales (Faster R-CNN's box and mask heads); and makes a tensor inside forward, which fx keeps
-    as an attribute of the traced module (`_tensor_constant0`, as in timm's BEiT)."""
+    """Keeps what it computed from its first input: in an attribute, as torchvision's
+    MultiScaleRoIAlign keeps its scales (Faster R-CNN's box and mask heads), in a new one, in a
+    list, and in a dict, per device, as timm's EfficientViT keeps attention biases. And makes a tensor inside
+    forward, which fx keeps as an attribute of the traced module (`_tensor_constant0`, as in timm's
+    BEiT)."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
         self.size = None
+        self.cache, self.seen = {}, []
 
     def forward(self, x):
         if self.size is None:
             self.size = x.shape[-1]
         if not hasattr(self, "height"):  # an attribute made on the first call
             self.height = x.shape[-2]
-        return F.relu(self.bn(self.conv(x))) / self.size * self.height * torch.tensor(0.5)
+        if "scale" not in self.cache:
+            self.cache["scale"] = x.shape[1]
+        if not self.seen:
+            self.seen.append(x.shape[0])
+        y = F.relu(self.bn(self.conv(x))) / self.size * self.height / self.cache["scale"] * self.seen[0]
+        return y * torch.tensor(0.5)
 
 
 def test_a_forward_that_caches_into_self_keeps_no_trace_of_tracing():
@@ -1225,7 +1252,7 @@ def test_a_forward_that_caches_into_self_keeps_no_trace_of_tracing():
     added), so the optimized copy holds no Proxy, fuses, and its own forward (train mode) works."""
     model = randomize_batchnorm_(CachesOnFirstCall()).eval()
     optimized = fastres.optimize(model)  # before the model's first call
-    assert optimized.size is None and not hasattr(optimized, "height")
+    assert optimized.size is None and not hasattr(optimized, "height") and optimized.cache == {} and optimized.seen == []
     assert optimized.fastres_report.entries["conv"] == "fused: conv+bn+relu"
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
