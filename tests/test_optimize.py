@@ -1252,7 +1252,8 @@ def test_a_forward_that_caches_into_self_keeps_no_trace_of_tracing():
     added), so the optimized copy holds no Proxy, fuses, and its own forward (train mode) works."""
     model = randomize_batchnorm_(CachesOnFirstCall()).eval()
     optimized = fastres.optimize(model)  # before the model's first call
-    assert optimized.size is None and not hasattr(optimized, "height") and optimized.cache == {} and optimized.seen == []
+    assert optimized.size is None and not hasattr(optimized, "height")
+    assert optimized.cache == {} and optimized.seen == []
     assert optimized.fastres_report.entries["conv"] == "fused: conv+bn+relu"
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
