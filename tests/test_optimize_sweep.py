@@ -16,6 +16,7 @@ import torch.nn as nn
 import torchvision
 
 import fastres
+from fastres.bench.models import named_model
 from fastres.shapes import randomize_batchnorm_
 
 pytestmark = pytest.mark.sweep
@@ -46,18 +47,15 @@ def _torchvision_models() -> list[str]:
 
 def _build(model_id: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The model with seeded weights and BN statistics, in eval mode, and inputs it accepts."""
-    torch.manual_seed(0)
     source, name = model_id.split(":", 1)
-    if source == "timm":
-        import timm
-
-        model = timm.create_model(name, pretrained=False)
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+    if source in ("timm", "classification"):  # what `fastres bench` and `fastres verify` build
+        model = named_model(model_id if source == "timm" else name)
+        size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[1:]
     else:
+        torch.manual_seed(0)
         extra = {"weights_backbone": None} if source == "segmentation" else {}
-        model = torchvision.models.get_model(name, weights=None, **extra)
+        model = randomize_batchnorm_(torchvision.models.get_model(name, weights=None, **extra)).eval()
         size = (128, 128) if source == "optical_flow" else (224, 224)
-    model = randomize_batchnorm_(model).eval()
     inputs = (torch.randn(2, 3, *size),) * (2 if source == "optical_flow" else 1)
     # Small images first (fast); a model that needs its own size (position embeddings) gets it.
     for hw in ((64, 64), size) if source in ("timm", "classification") else (size,):
