@@ -90,6 +90,8 @@ _OTHER_ACT_NAMES = frozenset(
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
                 (nn.Sigmoid, "sigmoid"), (nn.Hardsigmoid, "hardsigmoid"), (nn.LeakyReLU, "leaky_relu"),
                 (nn.GELU, "gelu"))
+# GELU's two forms, by F.gelu's `approximate`
+_GELU_ACTS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -407,13 +409,15 @@ def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str,
         module = gm.get_submodule(node.target)
         for cls, act in _ACT_MODULES:
             if isinstance(module, cls) and _is_op_form(module):
+                act = _GELU_ACTS[module.approximate] if isinstance(module, nn.GELU) else act
                 return act, float(getattr(module, "negative_slope", DEFAULT_NEGATIVE_SLOPE))
     if node.op == "call_function" and node.target in _LEAKY_RELU_FUNCTIONS:
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", DEFAULT_NEGATIVE_SLOPE)
         # a slope computed in forward is a graph node, not a number the op can take
         return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else None
     if node.op == "call_function" and node.target is F.gelu:
-        return ("gelu", DEFAULT_NEGATIVE_SLOPE) if node.kwargs.get("approximate", "none") == "none" else None
+        act = _GELU_ACTS.get(node.kwargs.get("approximate", "none"))
+        return None if act is None else (act, DEFAULT_NEGATIVE_SLOPE)
     if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
         return _ACT_FUNCTIONS[node.target], DEFAULT_NEGATIVE_SLOPE
     if node.op == "call_method" and node.target in _ACT_METHODS:
@@ -422,22 +426,20 @@ def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str,
 
 
 def _is_op_form(module: nn.Module) -> bool:
-    """Whether an activation module computes the op's function of its name: ReLU6 with other
-    bounds (a Hardtanh) or GELU's tanh approximation does not."""
+    """Whether an activation module computes one of the op's functions: ReLU6 with other bounds
+    (a Hardtanh) does not."""
     if isinstance(module, nn.ReLU6):
         return (module.min_val, module.max_val) == (0.0, 6.0)
-    return not isinstance(module, nn.GELU) or module.approximate == "none"
+    return not isinstance(module, nn.GELU) or module.approximate in _GELU_ACTS
 
 
 def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> str | None:
     """The name of the activation `node` applies to `value` when the op has no epilogue for it
-    (Tanh, ELU, GELU's tanh form, a LeakyReLU slope computed in forward, ...), or None."""
+    (Tanh, ELU, a LeakyReLU slope computed in forward, ...), or None."""
     if node.args[:1] != (value,):
         return None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, nn.GELU):
-            return f"GELU(approximate={module.approximate!r})"
         # torch.nn.modules.activation, timm.layers.activations(_me), ... (not MultiheadAttention)
         is_activation = "activation" in type(module).__module__ and not list(module.children())
         return type(module).__name__ if is_activation else None
@@ -446,8 +448,6 @@ def _unfused_activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> st
     target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
     if target not in _OTHER_ACT_NAMES:
         return None
-    if node.target is F.gelu:
-        return f"gelu(approximate={node.kwargs.get('approximate')!r})"
     return f"{target} with a slope computed in forward" if node.target in _LEAKY_RELU_FUNCTIONS else target
 
 

@@ -33,6 +33,7 @@ _ACT_FUNCTIONS = {
     "sigmoid": torch.sigmoid,
     "hardsigmoid": F.hardsigmoid,
     "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
 }
 
 # The gradient through each activation, given the output's gradient g and the pre-activation z:
@@ -46,6 +47,7 @@ _ACT_BACKWARDS = {
     "sigmoid": lambda g, z: torch.ops.aten.sigmoid_backward(g, torch.sigmoid(z)),
     "hardsigmoid": torch.ops.aten.hardsigmoid_backward,
     "gelu": torch.ops.aten.gelu_backward,
+    "gelu_tanh": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh"),
 }
 
 

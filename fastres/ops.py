@@ -341,8 +341,9 @@ def conv_bn_act(
     x: (N, C, H, W), any memory format (channels_last is the fast one); weight: (K, C/groups, R, S)
     of x's dtype. scale, shift: optional per-output-channel vectors (used in float32). residual:
     optional, the output's shape and dtype, any memory format, may alias x. act: "none", "relu",
-    "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid", "gelu" (exact) or "leaky_relu" (with
-    negative_slope, as F.leaky_relu's). backend: "auto", "triton", "cuda", "cudnn" or "reference".
+    "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid", "gelu" (exact), "gelu_tanh" (tanh
+    approximation) or "leaky_relu" (with negative_slope, as F.leaky_relu's). backend: "auto", "triton",
+    "cuda", "cudnn" or "reference".
     residual_weight: optional (K, C_res, 1, 1) weight that projects the residual first (a ResNet
     downsample branch), with its own BN as residual_scale / residual_shift and residual_stride:
     residual is then (N, C_res, H_res, W_res) and the added term conv1x1(residual) * residual_scale[k]

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-# "gelu" is GELU's exact (erf) form, F.gelu's default.
+# "gelu" is GELU's exact (erf) form, F.gelu's default; "gelu_tanh" is F.gelu(approximate="tanh").
 ACTIVATIONS: tuple[str, ...] = (
-    "none", "relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid", "leaky_relu", "gelu")
+    "none", "relu", "relu6", "silu", "hardswish", "sigmoid", "hardsigmoid", "leaky_relu", "gelu", "gelu_tanh")
 # F.leaky_relu's default; the op's negative_slope argument is read by act="leaky_relu" only.
 DEFAULT_NEGATIVE_SLOPE = 0.01
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

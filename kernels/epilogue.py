@@ -12,7 +12,7 @@ from fastres.kernels import cdiv
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE
 
 ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6,
-             "leaky_relu": 7, "gelu": 8}
+             "leaky_relu": 7, "gelu": 8, "gelu_tanh": 9}
 
 
 @triton.jit
@@ -22,11 +22,14 @@ def activation(v, ACT: tl.constexpr, NEG_SLOPE: tl.constexpr):
         v = tl.where(v < 0, 0.0, v)
     elif ACT == 2:
         v = tl.where(v < 0, 0.0, tl.where(v > 6.0, 6.0, v))
-    elif ACT == 3 or ACT == 5:
-        # sigmoid from exp(-|v|) so exp never overflows; silu = v * sigmoid(v).
-        e = tl.exp(-tl.abs(v))
-        sigmoid = tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        v = v * sigmoid if ACT == 3 else sigmoid
+    elif ACT == 3 or ACT == 5 or ACT == 9:
+        # sigmoid(z) from exp(-|z|) so exp never overflows. silu = v * sigmoid(v). GELU's tanh form,
+        # 0.5 v (1 + tanh(u)) with u = sqrt(2/pi) (v + 0.044715 v^3), is v * sigmoid(2u): no cancellation
+        # in 1 + tanh(u) for u << 0, and a v^3 overflowing to +-inf still gives v * 1 or v * 0, as torch.
+        z = v * (1.5957691216057308 + 0.07135481627260025 * v * v) if ACT == 9 else v
+        e = tl.exp(-tl.abs(z))
+        sigmoid = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        v = sigmoid if ACT == 5 else v * sigmoid
     elif ACT == 4 or ACT == 6:
         # hardsigmoid = relu6(v + 3) / 6, clamped the same NaN-propagating way; hardswish = v * that.
         t = v + 3.0

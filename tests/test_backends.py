@@ -44,12 +44,14 @@ def test_cudnn_backend_activations(act, dtype):
 @pytest.mark.parametrize("backend", ["triton", "cudnn", "reference"])
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_nan_and_inf_through_every_activation_as_in_eager(act, backend):
-    """Each epilogue's activation lets NaN through and maps +-Inf where eager's does."""
+    """Each epilogue's activation lets NaN through and maps +-Inf, and finite values whose cube
+    overflows float32 (GELU's tanh form takes one), where eager's does."""
     x = torch.randn(1, 4, 5, 5)
     x[0, 1, 2, 2] = float("nan")
     w = torch.randn(8, 4, 1, 1).abs()
     residual = torch.randn(1, 8, 5, 5)
     residual[0, 3, 4, 4], residual[0, 5, 0, 0] = float("-inf"), float("inf")
+    residual[0, 2, 1, 1], residual[0, 6, 3, 3] = 1e30, -1e30
     out = fastres.ops.conv_bn_act(x, w, residual=residual, act=act, backend=backend)
     # The reference backend is eager float32 on the CPU, whose GELU maps +Inf to NaN (float64's: +Inf).
     compute = torch.float32 if backend == "reference" else torch.float64

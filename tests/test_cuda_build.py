@@ -72,6 +72,7 @@ def test_unsupported_cases_name_the_reason():
     assert "act='silu'" in _reason(plain, act="silu") and "act='hardswish'" in _reason(plain, act="hardswish")
     assert "act='sigmoid'" in _reason(plain, act="sigmoid") and "act='hardsigmoid'" in _reason(plain, act="hardsigmoid")
     assert "act='leaky_relu'" in _reason(plain, act="leaky_relu") and "act='gelu'" in _reason(plain, act="gelu")
+    assert "act='gelu_tanh'" in _reason(plain, act="gelu_tanh")
     assert "sm_75" in _reason(plain, arch=75) and "sm_80, sm_90" in _reason(plain, arch=75)
     assert _reason(plain, arch=80) == "" and _reason(plain, arch=89) == ""
     assert "float32" in _reason(plain, dtype=torch.float32) or "Float" in _reason(plain, dtype=torch.float32)

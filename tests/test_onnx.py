@@ -79,6 +79,7 @@ OP_CASES = [
     ODD_CASES[14].replace(act="hardsigmoid"),  # no BN: a bias
     ODD_CASES[15],  # LeakyReLU(0.1)
     ODD_CASES[2].replace(act="gelu"),  # stride 2
+    ODD_CASES[6].replace(act="gelu_tanh"),  # strided 1x1
     *PROJECTION_ODD_CASES,  # a projected residual: two convs
 ]
 

@@ -130,7 +130,7 @@ BAD_INPUTS = [
      r"expected stride to be a single integer value or a list of 2 values"),
     ("unknown activation", dict(act="elu"), ValueError,
      r"act must be one of 'none', 'relu', 'relu6', 'silu', 'hardswish', 'sigmoid', 'hardsigmoid', 'leaky_relu', "
-     r"'gelu', but got 'elu'"),
+     r"'gelu', 'gelu_tanh', but got 'elu'"),
     ("a slope for another activation", dict(act="relu", negative_slope=0.1), ValueError,
      r"negative_slope=0.1 is only used by act='leaky_relu', but act='relu'"),
     ("unknown backend", dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),

@@ -298,7 +298,7 @@ class Block(nn.Module):
         self.relu = nn.ReLU(inplace=True)  # one module used twice
         self.act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "silu": nn.SiLU(), "hardswish": nn.Hardswish(),
                     "sigmoid": nn.Sigmoid(), "hardsigmoid": nn.Hardsigmoid(), "leaky_relu": nn.LeakyReLU(0.2),
-                    "gelu": nn.GELU()}[act]
+                    "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh")}[act]
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -364,7 +364,7 @@ def test_leaky_relu_fuses_with_its_own_slope():
 
 
 class GELUs(nn.Module):
-    """GELU as a module and as F.gelu, exact (fused) and tanh-approximated (another function: eager)."""
+    """GELU as a module and as F.gelu, in its exact form and its tanh approximation."""
 
     def __init__(self):
         super().__init__()
@@ -379,12 +379,22 @@ class GELUs(nn.Module):
         return x
 
 
-def test_exact_gelu_fuses_and_the_tanh_approximation_does_not():
+def test_both_gelu_forms_fuse_as_their_own_activation():
     optimized = _check(GELUs(), torch.randn(2, 8, 6, 6), fused=4, total=4)
     assert list(optimized.fastres_report.entries.values()) == [
-        "fused: conv+bn+gelu", "fused: conv+bn+gelu",
-        "fused: conv+bn (then GELU(approximate='tanh'), not one of the op's activations, runs eagerly)",
-        "fused: conv+bn (then gelu(approximate='tanh'), not one of the op's activations, runs eagerly)"]
+        "fused: conv+bn+gelu", "fused: conv+bn+gelu", "fused: conv+bn+gelu_tanh", "fused: conv+bn+gelu_tanh"]
+
+
+def test_timm_efficientvit_l_fuses_its_tanh_gelus():
+    """EfficientViT-L (MIT) ends its ConvNormAct blocks with GELU's tanh form: each conv fuses with it."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientvit_l1", pretrained=False)
+    optimized = _check(model, torch.randn(1, 3, 64, 64), fused=None)
+    entries = optimized.fastres_report.entries
+    expected = {f"{name}.conv": f"fused: conv+{'bn+' if isinstance(m.norm, nn.BatchNorm2d) else ''}gelu_tanh"
+                for name, m in model.named_modules() if isinstance(getattr(m, "act", None), timm.layers.GELUTanh)}
+    assert len(expected) >= 30 and {name: entries[name] for name in expected} == expected
 
 
 @pytest.mark.parametrize("name,image", [("repvit_m1", 64), ("efficientformer_l1", 224)])
