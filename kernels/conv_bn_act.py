@@ -332,8 +332,9 @@ def heuristic(problem: ConvProblem) -> Config:
     block_k = max(16, min(block_k, next_power_of_2(run)))
     block_m = 128 if m >= 128 * 64 else 64
     if problem.projection is not None:
-        # Two live accumulators: 64x128 on 4 warps compiles without spills for sm_90 and sm_80
-        # (python -m fastres.kernels.aot); 128x128 on 8 warps spills 104 B per thread on sm_90.
+        # Two live accumulators: 64x128 on 4 warps compiles without spills for sm_90 (and sm_80 with
+        # triton 3.9; 3.6 keeps 32 B of stack there) (python -m fastres.kernels.aot); 128x128 on
+        # 8 warps spills 104 B per thread on sm_90.
         block_m = 64
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return Config(block_m, block_n, block_k, 8, warps, 3)
