@@ -50,8 +50,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import operator
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -313,13 +315,15 @@ def _modes() -> dict[str, Any]:
 
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
-    fastres's own fused modules, and any module with call hooks (they must run as in eager).
-    `called` names every module the traced forward called, leaves or traced through. In-place
-    operators stay in place (_InPlaceProxy). A node recorded while the forward has switched a
-    global mode (_modes) ends the trace with UnfaithfulTrace."""
+    fastres's own fused modules, any module with call hooks (they must run as in eager), and
+    instances of `notrace` (with `autowrap_functions`: timm's lists, _timm_notrace). `called`
+    names every module the traced forward called, leaves or traced through. In-place operators
+    stay in place (_InPlaceProxy). A node recorded while the forward has switched a global mode
+    (_modes) ends the trace with UnfaithfulTrace."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, notrace: frozenset[type] = frozenset(), autowrap_functions: tuple[Callable, ...] = ()) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.notrace = notrace
         self.called: dict[str, None] = {}
         self._modes_at_start: dict[str, Any] = {}
 
@@ -342,7 +346,7 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return call_hooks(m) is not None or self.is_whole(m, qualname)
+        return call_hooks(m) is not None or type(m) in self.notrace or self.is_whole(m, qualname)
 
     def is_whole(self, m: nn.Module, qualname: str) -> bool:
         """Whether m is a leaf whatever its hooks (nothing inside it to fuse)."""
@@ -406,11 +410,7 @@ def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str,
     if node.args[:1] != (value,):
         return None
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        for cls, act in _ACT_MODULES:
-            if isinstance(module, cls) and _is_op_form(module):
-                act = _GELU_ACTS[module.approximate] if isinstance(module, nn.GELU) else act
-                return act, float(getattr(module, "negative_slope", DEFAULT_NEGATIVE_SLOPE))
+        return _module_activation(gm.get_submodule(node.target))
     if node.op == "call_function" and node.target in _LEAKY_RELU_FUNCTIONS:
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", DEFAULT_NEGATIVE_SLOPE)
         # a slope computed in forward is a graph node, not a number the op can take
@@ -423,6 +423,29 @@ def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str,
     if node.op == "call_method" and node.target in _ACT_METHODS:
         return _ACT_METHODS[node.target], DEFAULT_NEGATIVE_SLOPE
     return None
+
+
+def _module_activation(module: nn.Module) -> tuple[str, float] | None:
+    """The op's activation a module computes: torch.nn's activation modules, and a module without
+    children (whose hooks the op would skip) whose forward is one call of an activation the op has
+    (timm's GELUTanh, GELU, Sigmoid: the `act` of its BatchNormAct2d; a user's own)."""
+    for cls, act in _ACT_MODULES:
+        if isinstance(module, cls):
+            if not _is_op_form(module):
+                return None
+            act = _GELU_ACTS[module.approximate] if isinstance(module, nn.GELU) else act
+            return act, float(getattr(module, "negative_slope", DEFAULT_NEGATIVE_SLOPE))
+    if next(module.children(), None) is not None:
+        return None
+    try:
+        with _attributes_kept(module):
+            gm = fx.GraphModule(module, fx.Tracer().trace(module))
+    except Exception:  # noqa: BLE001 - fx cannot trace it: not one the op can take
+        return None
+    nodes = list(gm.graph.nodes)
+    if len(nodes) != 3 or nodes[0].op != "placeholder" or nodes[2].args != (nodes[1],):
+        return None
+    return _activation(nodes[1], gm, nodes[0])
 
 
 def _is_op_form(module: nn.Module) -> bool:
@@ -658,20 +681,36 @@ def _report_as_before(module: nn.Module, prefix: str, report: OptimizeReport) ->
             report.entries[prefix + name] = "eager: left unfused by an earlier fastres.optimize"
 
 
+def _timm_notrace() -> tuple[frozenset[type], tuple[Callable, ...]]:
+    """The modules and functions timm registers as not to be traced into (timm.layers._fx: what
+    timm's own feature extraction hands torch.fx), if timm is loaded; else none."""
+    registry = sys.modules.get("timm.layers._fx")
+    if registry is None:
+        return frozenset(), ()
+    return (frozenset(registry.get_notrace_modules()),
+            tuple(f for f in registry.get_notrace_functions() if callable(f)))
+
+
 def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
     """module's graph, its tracer, and the arguments it was traced with as constants. fx traces
     every argument as a tensor, so `if mask is None:` took the other branch and the default call
     broke: arguments whose defaults are constants (None, a flag, a number, a string) are traced as
     those constants (the fallback runs calls that pass other values), unless example_inputs gives
     them (`given` positional ones) or that trace fails (code that needs a tensor there): those
-    are traced as fx would."""
+    are traced as fx would. A module fx cannot trace is traced again with timm's modules and
+    functions not to trace into as calls (a dynamically padded Conv2dSame in a MaxViT block): the
+    rest of it then fuses, and those modules are rewritten on their own."""
     constants = _constant_defaults(module, given)
-    if constants:
+    notrace = _timm_notrace()
+    tracers = [_Tracer] + ([functools.partial(_Tracer, *notrace)] if any(notrace) else [])
+    tries = [(tracer, traced_with) for tracer in tracers for traced_with in ([constants, {}] if constants else [{}])]
+    for tracer, traced_with in tries[:-1]:
         try:
-            return _traced_as(module, constants)
-        except Exception:  # noqa: BLE001 - code that needs a tensor there: trace it as fx would
+            return _traced_as(module, traced_with, tracer())
+        except Exception:  # noqa: BLE001 - code that needs a tensor there, or fx cannot trace it: next try
             pass
-    return _traced_as(module, {})
+    tracer, traced_with = tries[-1]
+    return _traced_as(module, traced_with, tracer())
 
 
 def _holds_proxy(value: Any) -> bool:
@@ -714,8 +753,9 @@ def _attributes_kept(module: nn.Module) -> Iterator[None]:
             _put_back(now, before)
 
 
-def _traced_as(module: nn.Module, traced_with: dict[str, Any]) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
-    tracer = _Tracer()
+def _traced_as(
+    module: nn.Module, traced_with: dict[str, Any], tracer: _Tracer
+) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
     with _attributes_kept(module):
         graph = tracer.trace(module, concrete_args=traced_with or None)
     if not _output_reads_an_input(graph):
@@ -783,13 +823,13 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
         return _rewrite_children(module, prefix, backend, report)
     gm = graph_module(module, graph, type(module))
     _fuse_graph(gm, prefix, backend, report)
-    # fastres's own modules were leaves of this trace: report them. Hooked modules were too: fuse
-    # inside them on their own.
+    # fastres's own modules were leaves of this trace: report them. Hooked modules and timm's
+    # not-to-trace ones were too: fuse inside them on their own.
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):
         sub = gm.get_submodule(target)
         if _is_fastres(sub) and not isinstance(sub, FusedConvBN):  # (this graph's own are reported)
             _report_as_before(sub, f"{prefix}{target}.", report)
-        elif call_hooks(sub) is not None and not tracer.is_whole(sub, target):
+        elif (call_hooks(sub) is not None or type(sub) in tracer.notrace) and not tracer.is_whole(sub, target):
             parent, _, child = target.rpartition(".")
             setattr(gm.get_submodule(parent), child, _rewrite(sub, f"{prefix}{target}.", backend, report))
     move_hooks(module, gm)

@@ -244,6 +244,63 @@ def test_batchnorm_act_modules_split_into_norm_and_act(kind, act):
     assert optimized.fastres_report.entries == {"conv1": f"fused: conv+bn+{name}", "conv2": f"fused: conv+bn+add+{name}"}
 
 
+@pytest.mark.parametrize("act,name", [("GELUTanh", "gelu_tanh"), ("GELU", "gelu"), ("Sigmoid", "sigmoid")])
+def test_timm_activation_modules_fuse_as_the_function_they_call(act, name):
+    """timm's own activation modules (a BatchNormAct2d's act when a model asks for "gelu_tanh", ...)
+    each call one of the op's activations: they fuse as that one."""
+    activations = pytest.importorskip("timm.layers.activations")
+    module = getattr(activations, act)()
+    block = NormActBlock(_norm_act("batchnorm", module), _norm_act("batchnorm", None), module)
+    optimized = _check(block, torch.randn(2, 8, 6, 6), fused=2, total=2)
+    assert optimized.fastres_report.entries == {
+        "conv1": f"fused: conv+bn+{name}", "conv2": f"fused: conv+bn+add+{name}"}
+
+
+class OneCall(nn.Module):
+    def forward(self, x):
+        return F.hardswish(x)
+
+
+class TwoCalls(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class WithState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x):
+        return F.silu(x * self.scale)
+
+
+class CallsAChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(x)
+
+
+@pytest.mark.parametrize("act,entries", [
+    (OneCall, ("fused: conv+bn+hardswish", "fused: conv+bn+add+hardswish")),
+    (TwoCalls, ("fused: conv+bn", "fused: conv+bn+add")),
+    (WithState, ("fused: conv+bn", "fused: conv+bn+add")),
+    # in a BatchNormAct2d the module is one call, and fusing it would skip its child's hooks; at
+    # the block's end it is traced into, and its child is the ReLU
+    (CallsAChild, ("fused: conv+bn", "fused: conv+bn+add+relu")),
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_a_users_activation_module_fuses_when_its_forward_is_one_of_the_ops_activations(act, entries):
+    """A user's activation module, as timm's BatchNormAct2d's act and after the block's add: one
+    whose forward is one call of the op's activations is that activation; others run as they are,
+    after the fused chain."""
+    block = NormActBlock(_norm_act("batchnorm", act()), _norm_act("batchnorm", None), act())
+    optimized = _check(block, torch.randn(2, 8, 6, 6), fused=2, total=2)
+    assert optimized.fastres_report.entries == dict(zip(("conv1", "conv2"), entries))
+
+
 def test_batchnorm_act_with_a_drop_layer_fuses_only_the_norm():
     """A drop layer (identity in eval, not in training) stays in the graph: the act after it is
     not fused, and the model trains as before."""
@@ -1281,6 +1338,55 @@ def test_untraceable_top_level_falls_back_to_its_children():
     assert entries["block.0"] == entries["stages.0.0"] == "fused: conv+bn+relu"
     assert entries["heads.main.0"] == "fused: conv+bn"
     assert optimized.fastres_report.entries["head"] == "eager: the model, which calls it, is not traceable with torch.fx (TraceError)"
+
+
+class NotTracedInto(nn.Module):
+    """A module the test registers with timm as not to be traced into."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def even_crop(x: torch.Tensor) -> torch.Tensor:
+    """x cropped to an even height and width: control flow on its shape, which fx cannot trace
+    (the test registers it with timm as not to be traced into)."""
+    if x.shape[-2] % 2 or x.shape[-1] % 2:
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    return x
+
+
+class SamePadded(nn.Module):
+    """A TF-"same" strided conv (timm's Conv2dSame: it pads by the input's size, which torch.fx
+    cannot trace) between conv + BN + ReLU chains, as in timm's MaxViT "tf" blocks."""
+
+    def __init__(self):
+        super().__init__()
+        layers = pytest.importorskip("timm.layers")
+        layers.register_notrace_module(NotTracedInto)
+        layers.register_notrace_function(even_crop)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.down = layers.Conv2dSame(8, 8, 3, stride=2, bias=False)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.leaf = NotTracedInto()
+
+    def forward(self, x):
+        y = even_crop(F.relu(self.bn1(self.conv1(x))))
+        return self.leaf(F.relu(self.bn2(self.conv2(self.down(y)))))
+
+
+def test_a_model_fx_cannot_trace_is_traced_with_timms_modules_not_to_trace_into_as_calls():
+    """Conv2dSame and a registered function stay calls (timm registers its own so for its fx
+    feature extraction), the chains around them fuse, and a registered module with a chain
+    inside is fused on its own."""
+    optimized = _check(SamePadded(), torch.randn(2, 8, 9, 10), fused=3, total=4)
+    assert optimized.fastres_report.entries == {
+        "conv1": "fused: conv+bn+relu", "down": "eager: Conv2dSame has its own forward (not a plain nn.Conv2d)",
+        "conv2": "fused: conv+bn+relu", "leaf.body.0": "fused: conv+bn+relu"}
+    assert isinstance(optimized, SamePadded) and isinstance(optimized.leaf, NotTracedInto)
 
 
 class DefaultArguments(nn.Module):
