@@ -404,9 +404,9 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _activation(node: fx.Node, gm: fx.GraphModule, value: fx.Node) -> tuple[str, float] | None:
+def _activation(node: fx.Node, gm: nn.Module, value: fx.Node) -> tuple[str, float] | None:
     """The activation `node` applies to `value`, if it is one the op has, and its negative_slope
-    (LeakyReLU's; the default for the others)."""
+    (LeakyReLU's; the default for the others). gm: the module whose graph holds `node`."""
     if node.args[:1] != (value,):
         return None
     if node.op == "call_module":
@@ -439,13 +439,12 @@ def _module_activation(module: nn.Module) -> tuple[str, float] | None:
         return None
     try:
         with _attributes_kept(module):
-            gm = fx.GraphModule(module, fx.Tracer().trace(module))
+            nodes = list(fx.Tracer().trace(module).nodes)
     except Exception:  # noqa: BLE001 - fx cannot trace it: not one the op can take
         return None
-    nodes = list(gm.graph.nodes)
     if len(nodes) != 3 or nodes[0].op != "placeholder" or nodes[2].args != (nodes[1],):
         return None
-    return _activation(nodes[1], gm, nodes[0])
+    return _activation(nodes[1], module, nodes[0])
 
 
 def _is_op_form(module: nn.Module) -> bool:
