@@ -50,15 +50,18 @@ def test_every_config_fits_hopper_shared_memory(compiled):
 
 
 def test_projection_keeps_its_two_accumulators_in_registers(compiled):
-    """On Hopper, the heuristic tile for a projected residual does not spill; the tiles tuning
-    skips for it (over 64 fp32 values per accumulator per thread) do. (On sm_80 the heuristic tile
-    keeps 32 B of stack with triton 3.6's ptxas and none with 3.9's: not asserted, it is the
-    Triton version's.)"""
+    """The heuristic tile for a projected residual does not spill (on sm_80 from triton 3.9 on:
+    3.6, the GPU image's, keeps 32 B of stack there); the tiles tuning skips for it (over 64 fp32
+    values per accumulator per thread) do, on Hopper."""
+    import triton
+    from packaging.version import Version
+
     from fastres.kernels.conv_bn_act import CONFIGS
 
     by_name = {(r["arch"], r["name"]): r for r in compiled}
-    for dtype in ("fp16", "bf16"):
-        assert by_name[(90, f"gemm {dtype} 1x1 +projection")]["stack_bytes"] == 0
+    for arch in (90, 80) if Version(triton.__version__) >= Version("3.9") else (90,):
+        for dtype in ("fp16", "bf16"):
+            assert by_name[(arch, f"gemm {dtype} 1x1 +projection")]["stack_bytes"] == 0
     for c in CONFIGS:
         row = by_name[(90, f"gemm fp16 +projection config {c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}w{c.num_warps}s{c.num_stages}")]
         if c.BLOCK_M * c.BLOCK_N > 64 * 32 * c.num_warps:
