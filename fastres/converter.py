@@ -10,9 +10,9 @@ autocast around traced code (`with torch.no_grad():`, a `@torch.autocast` forwar
 as untraceable (_Tracer.create_node), since its graph would run without them.
 In each graph a chain is fused when every link has exactly one user:
 
-    nn.Conv2d (plain, zero padding) -> BatchNorm (BatchNorm2d and subclasses with its forward,
-    SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional add of a
-    residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU /
+    nn.Conv2d (plain, or timm's Conv2dSame; zero padding) -> BatchNorm (BatchNorm2d and subclasses
+    with its forward, SyncBatchNorm, torchvision's FrozenBatchNorm2d; running statistics) -> optional
+    add of a residual (+, +=, torch.add, .add, .add_) -> optional activation (ReLU / ReLU6 / SiLU /
     Hardswish / Sigmoid / Hardsigmoid / LeakyReLU with a constant slope / GELU's exact form, as
     modules, F.*, torch.* or methods; one module reused in many places is fine)
 
@@ -140,8 +140,8 @@ class FusedConvBN(_Fused):
     HOLDS_MODULES = ("_modules_ref", "_projection_ref")  # tuples of the graph's modules (graph_module)
 
     def __init__(
-        self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int], act: str, backend: str,
-        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+        self, name: str, conv: nn.Conv2d, bn: nn.Module | None, padding: tuple[int, int] | str, act: str,
+        backend: str, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> None:
         super().__init__()
         # A tuple keeps conv/bn out of this module's children: no duplicate state_dict keys.
@@ -177,12 +177,26 @@ class FusedConvBN(_Fused):
         if why is not None:
             self._fallback(why)
             return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
-        if self.padding != conv.padding:
-            conv = _PaddedView(conv, self.padding)
-        out = fused_conv_bn(conv, bn, x, residual, self.act, self.backend, projection, self.negative_slope)
+        padding, extra = self._op_padding(x)
+        # The op pads symmetrically: TF's odd SAME total puts its extra row / column last, padded here
+        # (a pass over x, which eager's Conv2dSame makes too).
+        padded = F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x
+        if padding != conv.padding:
+            conv = _PaddedView(conv, padding)
+        out = fused_conv_bn(conv, bn, padded, residual, self.act, self.backend, projection, self.negative_slope)
         # The op's output is channels_last; eager conv's is only when its input or weight is, and
         # the code after the chain may depend on that (a .view, an export to NCHW consumers).
         return out if _channels_last(x) or _channels_last(conv.weight) else out.contiguous()
+
+    def _op_padding(self, x: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The op's (h, w) padding for input x, and the rows and columns to add below and right of x
+        first. padding="same" is TensorFlow's SAME, from x's size (_same_padding)."""
+        if self.padding != "same":
+            return self.padding, (0, 0)
+        conv = self._modules_ref[0]
+        totals = [_same_padding(size, k, s, d)
+                  for size, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
+        return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
 
     def _within_contract(
         self, x: torch.Tensor, residual: torch.Tensor | None,
@@ -196,7 +210,9 @@ class FusedConvBN(_Fused):
             return residual, f"input {x.dtype} of rank {x.dim()} with {conv.weight.dtype} weights"
         if residual is None:
             return None, None
-        p, q = output_hw(x.shape[2], x.shape[3], *conv.kernel_size, conv.stride, self.padding, conv.dilation)
+        padding, extra = self._op_padding(x)
+        p, q = output_hw(x.shape[2] + extra[0], x.shape[3] + extra[1], *conv.kernel_size, conv.stride, padding,
+                         conv.dilation)
         expected = (x.shape[0], conv.out_channels, p, q)
         got, got_dtype, broadcast = tuple(residual.shape), residual.dtype, False
         if self._projection_ref is not None:
@@ -232,7 +248,7 @@ def _channels_last(t: torch.Tensor) -> bool:
 
 
 class _PaddedView:
-    """A conv seen with explicit (h, w) padding (for convs declared with padding='same'/'valid')."""
+    """A conv seen with explicit (h, w) padding (convs declared with padding="same" / "valid", Conv2dSame)."""
 
     def __init__(self, conv: nn.Conv2d, padding: tuple[int, int]) -> None:
         self.weight, self.bias, self.stride, self.dilation, self.groups = (
@@ -240,15 +256,31 @@ class _PaddedView:
         self.padding = padding
 
 
-def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if conv.padding == "same" and all(t % 2 == 0 for t in total):
-            return (total[0] // 2, total[1] // 2)
-        return None
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """TensorFlow's SAME padding in total along one dimension of `size` (timm's get_same_padding):
+    the output is ceil(size / stride) long. An odd total's extra row or column goes last."""
+    return max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+def _fused_padding(conv: nn.Conv2d) -> tuple[int, int] | str:
+    """The padding a FusedConvBN gives the op for conv: (h, w), or "same", computed per call from the
+    input's size. That is TensorFlow's SAME, which timm's Conv2dSame applies, and PyTorch's "same"
+    too (stride 1, so a total of dilation * (kernel - 1), the odd one out also last)."""
+    if _pads_tf_same(conv):
+        return "same"
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return (totals[0] // 2, totals[1] // 2) if all(t % 2 == 0 for t in totals) else "same"
     return tuple(conv.padding)  # type: ignore[return-value]
+
+
+def _pads_tf_same(conv: nn.Module) -> bool:
+    """Whether conv runs timm's Conv2dSame forward: F.pad to TensorFlow's SAME from the input's size
+    (its padding attribute is 0), then the conv."""
+    same = sys.modules.get("timm.layers.conv2d_same")
+    return same is not None and type(conv).forward is same.Conv2dSame.forward
 
 
 def _own_forward(conv: nn.Module) -> bool:
@@ -257,12 +289,10 @@ def _own_forward(conv: nn.Module) -> bool:
 
 def _conv_problem(conv: nn.Module) -> str | None:
     """Why this conv cannot be fused, or None."""
-    if _own_forward(conv):
+    if _own_forward(conv) and not _pads_tf_same(conv):
         return f"{type(conv).__name__} has its own forward (not a plain nn.Conv2d)"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
-    if _explicit_padding(conv) is None:
-        return f"padding={conv.padding!r} is asymmetric"
     if (hooks := call_hooks(conv)) is not None:
         return f"it has {hooks} (the fused op would skip it)"
     return None
@@ -570,7 +600,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         after = None if nxt is None or act != "none" else _eager_after(nxt, gm, last, prefix)
         # One module per call: a conv called twice (shared weights) may end two different chains.
         fused_name = _free_name(gm, f"{conv_node.target.replace('.', '_')}_fastres")
-        gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _explicit_padding(conv), act, backend, slope))
+        gm.add_submodule(fused_name, FusedConvBN(name, conv, bn, _fused_padding(conv), act, backend, slope))
         with gm.graph.inserting_before(last):
             args = (conv_node.args[0],) if residual is None else (conv_node.args[0], residual)
             new = gm.graph.call_module(fused_name, args)
@@ -929,7 +959,7 @@ def optimize(
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:
             # A subclass with its own forward (timm's weight-standardized StdConv2d) is traced through.
-            why = _conv_problem(module) if _own_forward(module) else "not called by any traced forward"
+            why = _own_forward(module) and _conv_problem(module) or "not called by any traced forward"
             report.entries[name] = f"eager: {why}"
         elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
             report.entries[name] = f"eager: {type(module).__name__} (only nn.Conv2d is fused)"

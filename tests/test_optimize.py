@@ -20,7 +20,7 @@ import fastres
 from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
-from helpers import HookLog, assert_hooks_saw_the_same, hooked_run, register_hook
+from helpers import INTERPRETER, HookLog, assert_hooks_saw_the_same, hooked_run, register_hook
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int | None, total: int | None = None, **kwargs) -> nn.Module:
@@ -1369,24 +1369,109 @@ class SamePadded(nn.Module):
         layers.register_notrace_module(NotTracedInto)
         layers.register_notrace_function(even_crop)
         self.conv1, self.bn1 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
-        self.down = layers.Conv2dSame(8, 8, 3, stride=2, bias=False)
+        self.down, self.down_bn = layers.Conv2dSame(8, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8)
         self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
         self.leaf = NotTracedInto()
 
     def forward(self, x):
         y = even_crop(F.relu(self.bn1(self.conv1(x))))
-        return self.leaf(F.relu(self.bn2(self.conv2(self.down(y)))))
+        return self.leaf(F.relu(self.bn2(self.conv2(self.down_bn(self.down(y))))))
 
 
 def test_a_model_fx_cannot_trace_is_traced_with_timms_modules_not_to_trace_into_as_calls():
     """Conv2dSame and a registered function stay calls (timm registers its own so for its fx
     feature extraction), the chains around them fuse, and a registered module with a chain
     inside is fused on its own."""
-    optimized = _check(SamePadded(), torch.randn(2, 8, 9, 10), fused=3, total=4)
+    optimized = _check(SamePadded(), torch.randn(2, 8, 9, 10), fused=4, total=4)
     assert optimized.fastres_report.entries == {
-        "conv1": "fused: conv+bn+relu", "down": "eager: Conv2dSame has its own forward (not a plain nn.Conv2d)",
-        "conv2": "fused: conv+bn+relu", "leaf.body.0": "fused: conv+bn+relu"}
+        "conv1": "fused: conv+bn+relu", "down": "fused: conv+bn", "conv2": "fused: conv+bn+relu",
+        "leaf.body.0": "fused: conv+bn+relu"}
     assert isinstance(optimized, SamePadded) and isinstance(optimized.leaf, NotTracedInto)
+
+
+class SameConvBNAct(nn.Module):
+    """conv + BN + ReLU [+ x, then ReLU] whose conv pads as TensorFlow's SAME does: from the input's
+    size, an odd total's extra row or column last (timm's Conv2dSame; PyTorch's padding="same")."""
+
+    def __init__(self, conv: nn.Conv2d, add: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.add = conv, nn.BatchNorm2d(conv.out_channels), add
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x) if self.add else F.relu(self.bn(self.conv(x)))
+
+
+def _same_conv(kind: str, kernel, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Conv2d:
+    if kind == "Conv2dSame":
+        layers = pytest.importorskip("timm.layers")
+        return layers.Conv2dSame(8, 8, kernel, stride=stride, dilation=dilation, groups=groups, bias=False)
+    return nn.Conv2d(8, 8, kernel, stride=stride, padding="same", dilation=dilation, groups=groups, bias=False)
+
+
+# (kind, kernel, stride, dilation, groups), and the (h, w) input size the op sees and its padding for a
+# 9 x 10 input: TF's SAME total along a size is (ceil(size / stride) - 1) * stride + dilation * (k - 1)
+# + 1 - size, half of it on each side, the odd one out below / right (added by F.pad before the op).
+SAME_CASES = [
+    ("Conv2dSame", 3, 2, 1, 1, (9, 11), (1, 0)),     # totals 2, 1: only the width is padded first
+    ("Conv2dSame", 5, 2, 1, 8, (9, 11), (2, 1)),     # depthwise; totals 4, 3
+    ("Conv2dSame", 3, 1, 2, 1, (9, 10), (2, 2)),     # stride 1: dilation * (k - 1) = 4, symmetric
+    ("Conv2dSame", (4, 3), 1, 1, 1, (10, 10), (1, 1)),   # an even kernel's odd total 3
+    ("Conv2dSame", 1, 2, 1, 1, (9, 10), (0, 0)),     # 1x1: never padded
+    ("padding='same'", 2, 1, 1, 1, (10, 11), (0, 0)),    # PyTorch's own: total 1 goes last too
+    ("padding='same'", (4, 5), 1, 1, 8, (10, 10), (1, 2)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # eager's own conv, for ours
+@pytest.mark.parametrize("kind,kernel,stride,dilation,groups,seen,padding", SAME_CASES,
+                         ids=[f"{c[0]}-k{c[1]}s{c[2]}d{c[3]}g{c[4]}" for c in SAME_CASES])
+def test_tf_same_padding_fuses_with_the_odd_row_and_column_padded_first(kind, kernel, stride, dilation, groups,
+                                                                       seen, padding):
+    """The op pads symmetrically: an odd SAME total's extra row / column is padded onto the input
+    first (eager's Conv2dSame pads it all), an even one is the op's own padding (no pass over x)."""
+    torch.manual_seed(0)
+    model = SameConvBNAct(_same_conv(kind, kernel, stride, dilation, groups))
+    optimized = _check(model, torch.randn(2, 8, 9, 10), fused=1, total=1)
+    assert optimized.fastres_report.entries == {"conv": "fused: conv+bn+relu"}
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(2, 8, 9, 10))
+    (case,) = calls.cases
+    assert ((case.h, case.w), case.padding) == (seen, padding)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("kind", ["Conv2dSame", "padding='same'"])
+def test_tf_same_padding_takes_a_residual_and_any_input_size(kind):
+    """The output's size, which the residual must match, comes from each call's input (stride 1,
+    an even kernel: an odd total whatever the size)."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(SameConvBNAct(_same_conv(kind, 2), add=True)).eval()
+    optimized = fastres.optimize(model)
+    assert optimized.fastres_report.entries == {"conv": "fused: conv+bn+add+relu"}
+    for size in [(5, 5), (6, 9), (1, 2)]:
+        x = torch.randn(2, 8, *size)
+        with torch.no_grad():
+            expected = model(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a fallback to eager would warn
+                got = optimized(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+def test_tf_ported_timm_model_fuses_every_conv_on_the_triton_kernels():
+    """tf_mobilenetv3's stem and stride-2 depthwise convs are Conv2dSame: with them every conv fuses,
+    and the Triton kernels give eager's answer on odd and even input sizes."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(timm.create_model("tf_mobilenetv3_small_minimal_100")).eval()
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    optimized = fastres.optimize(model, backend="triton", channels_last=False)
+    assert len(optimized.fastres_report.fused) == convs, str(optimized.fastres_report)
+    for size in [32, 33]:
+        x = torch.randn(1, 3, size, size + 1)
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(x), model(x), rtol=1e-3, atol=1e-3)
 
 
 class DefaultArguments(nn.Module):
