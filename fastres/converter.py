@@ -177,16 +177,20 @@ class FusedConvBN(_Fused):
         if why is not None:
             self._fallback(why)
             return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
-        padding, extra = self._op_padding(x)
-        # The op pads symmetrically: TF's odd SAME total puts its extra row / column last, padded here
-        # (a pass over x, which eager's Conv2dSame makes too).
-        padded = F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x
+        padded, padding = self.op_input(x)
         if padding != conv.padding:
             conv = _PaddedView(conv, padding)
         out = fused_conv_bn(conv, bn, padded, residual, self.act, self.backend, projection, self.negative_slope)
         # The op's output is channels_last; eager conv's is only when its input or weight is, and
         # the code after the chain may depend on that (a .view, an export to NCHW consumers).
         return out if _channels_last(x) or _channels_last(conv.weight) else out.contiguous()
+
+    def op_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """x as the op takes it, and the op's (h, w) padding. The op pads symmetrically: an odd
+        SAME total's extra row / column, which TensorFlow puts below and right, is padded onto x
+        here (a pass over x, which eager's Conv2dSame makes too)."""
+        padding, extra = self._op_padding(x)
+        return (F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x), padding
 
     def _op_padding(self, x: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
         """The op's (h, w) padding for input x, and the rows and columns to add below and right of x

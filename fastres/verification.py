@@ -150,9 +150,10 @@ def verify(
                                              stride=pconv.stride, act="none")
             reduction += pconv.in_channels
             gain = torch.maximum(gain.abs(), conv_bn_fold(pconv, pbn)[0].abs())
+        layer_in, padding = module.op_input(layer_in)
         ref = reference_conv_bn_act(
             layer_in, conv.weight, conv_bias=conv.bias, bn=bn, residual=residual,
-            stride=conv.stride, padding=module.padding, dilation=conv.dilation, groups=conv.groups, act=module.act,
+            stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups, act=module.act,
             negative_slope=module.negative_slope,
         )
         name = module.conv_name + ("" if module.projection_name is None else f" + {module.projection_name}")

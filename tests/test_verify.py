@@ -47,6 +47,17 @@ def test_verify_checks_each_layer_at_its_own_leaky_relu_slope():
     assert not report.ok and not report.model[1].ok
 
 
+def test_verify_checks_tf_same_padded_layers_at_their_own_padding():
+    """tf_mobilenetv3's Conv2dSame layers pad by the input's size (an odd total's extra row or
+    column below and right): each is checked against float64 on the input the op took."""
+    model = named_model("timm:tf_mobilenetv3_small_minimal_100")
+    optimized = fastres.optimize(model)
+    report = fastres.verify(model, optimized, torch.randn(1, 3, 64, 65), per_layer=True)
+    assert report.ok, str(report)
+    assert sorted(r.name for r in report.layers) == sorted(optimized.fastres_report.fused)
+    assert "conv_stem" in [r.name for r in report.layers]
+
+
 def _fused(optimized, name):
     return next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name == name)
 
