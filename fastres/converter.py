@@ -17,7 +17,9 @@ In each graph a chain is fused when every link has exactly one user:
     modules, F.*, torch.* or methods; one module reused in many places is fine)
 
 A conv with no BatchNorm after it fuses the same way when an add or an activation follows it
-(VGG's conv + ReLU; the conv's bias becomes the op's shift); a conv alone stays as it is.
+(VGG's conv + ReLU; the conv's bias becomes the op's shift); a conv alone stays as it is. A
+BatchNorm over a channel concatenation of convs (MixNet's MixedConv2d) is split first into a
+slice per conv, and the add and activation after it with it (_split_concatenated_norms).
 
 timm's BatchNorm + activation modules (BatchNormAct2d and kin) are first split into three nodes,
 the BatchNorm (a _NormOf view), their `drop` and their `act`, so each link follows the rules
@@ -356,7 +358,8 @@ class _Tracer(fx.Tracer):
     (_modes) ends the trace with UnfaithfulTrace."""
 
     def __init__(self, notrace: frozenset[type] = frozenset(), autowrap_functions: tuple[Callable, ...] = ()) -> None:
-        super().__init__(autowrap_functions=autowrap_functions)
+        # _channels: a call in fused graphs, which fx traces again from their code when they are loaded
+        super().__init__(autowrap_functions=(_channels, *autowrap_functions))
         self.notrace = notrace
         self.called: dict[str, None] = {}
         self._modes_at_start: dict[str, Any] = {}
@@ -423,14 +426,148 @@ def _split_norm_acts(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+class _NormSlice(nn.Module):
+    """Channels [start, stop) of a BatchNorm whose input is a channel concatenation of convs, as its
+    own graph node after one of them (_split_concatenated_norms): BN is per channel, so each conv
+    then fuses with its slice. It reads the BatchNorm's tensors as views and runs in the
+    BatchNorm's mode (in train mode, each slice updates its channels' running statistics; the first
+    counts the batch). The BatchNorm is held in a tuple: no second state_dict entry."""
+
+    HOLDS_MODULES = ("_ref",)
+
+    def __init__(self, bn: nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        self._ref = (bn,)
+        self.start, self.stop = start, stop
+
+    @property
+    def training(self) -> bool:  # the BatchNorm's, which train() / eval() reach where it lives
+        return "_ref" in vars(self) and self._ref[0].training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass
+
+    @property
+    def eps(self) -> float:
+        return self._ref[0].eps
+
+    @property
+    def running_mean(self) -> torch.Tensor:
+        return self._part("running_mean")
+
+    @property
+    def running_var(self) -> torch.Tensor:
+        return self._part("running_var")
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self._part("weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._part("bias")
+
+    def _part(self, name: str) -> torch.Tensor | None:
+        tensor = getattr(self._ref[0], name, None)
+        return None if tensor is None else tensor[self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"channels {self.start}:{self.stop} of its {type(self._ref[0]).__name__}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self._ref[0]
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.training:  # a frozen BN, or eval
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.track_running_stats and bn.num_batches_tracked is not None:
+            if self.start == 0:
+                bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
+
+
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _concatenated_convs(gm: fx.GraphModule, cat: fx.Node) -> list[fx.Node] | None:
+    """The conv nodes `cat` concatenates along channels, if it concatenates only fusable convs that
+    nothing else reads (MixNet's MixedConv2d), else None."""
+    if cat.op != "call_function" or cat.target not in _CAT_FUNCTIONS:
+        return None
+    tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if dim not in (1, -3) or not isinstance(tensors, (list, tuple)) or len(set(tensors)) != len(tensors):
+        return None
+    for node in tensors:
+        if not (isinstance(node, fx.Node) and node.op == "call_module" and _single_user(node) is cat):
+            return None
+        conv = gm.get_submodule(node.target)
+        if not isinstance(conv, nn.Conv2d) or _conv_problem(conv) is not None:
+            return None
+    return list(tensors)
+
+
+def _split_concatenated_norms(gm: fx.GraphModule) -> None:
+    """Rewrite act(bn(cat([conv_i(x_i)], 1)) [+ r]) as cat([act(bn_i(conv_i(x_i)) [+ r_i])], 1),
+    bn_i and r_i being BN's and r's channels of conv_i (a _NormSlice, _channels), when cat's convs
+    are fusable and read by nothing else, and BN (eval, with running statistics, not SyncBatchNorm),
+    the add and the activation are each the one user of what they take: MixNet's MixedConv2d, its
+    BatchNormAct2d, and the block's skip connection."""
+    for cat in list(gm.graph.nodes):
+        convs = _concatenated_convs(gm, cat)
+        norm_node = _single_user(cat) if convs else None
+        bn = None if norm_node is None else _batchnorm_at(gm, norm_node)
+        if (bn is None or norm_node.args[:1] != (cat,) or _hooks_at(gm, norm_node) is not None
+                or isinstance(bn, (nn.SyncBatchNorm, _NormSlice)) or bn.training
+                or getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None
+                or bn.running_mean.numel() != sum(gm.get_submodule(c.target).out_channels for c in convs)):
+            continue
+        add_node = act_node = residual = None
+        nxt = _single_user(norm_node)
+        if nxt is not None and (residual := _residual_of(nxt, norm_node)) is not None:
+            add_node, nxt = nxt, _single_user(nxt)
+        value = add_node or norm_node
+        if nxt is not None and _activation(nxt, gm, value) is not None and _hooks_at(gm, nxt) is None:
+            act_node = nxt
+        tail = act_node or value
+        parts, start = [], 0
+        with gm.graph.inserting_before(tail):  # where the residual, if any, is defined
+            for conv_node in convs:
+                stop = start + gm.get_submodule(conv_node.target).out_channels
+                name = _free_name(gm, f"{norm_node.target.replace('.', '_')}_{start}_{stop}_fastres")
+                gm.add_submodule(name, _NormSlice(bn, start, stop))
+                last = gm.graph.call_module(name, (conv_node,))
+                if add_node is not None:
+                    last = gm.graph.call_function(operator.add, (last, gm.graph.call_function(
+                        _channels, (residual, start, stop))))
+                if act_node is not None:
+                    last = gm.graph.create_node(act_node.op, act_node.target, (last, *act_node.args[1:]),
+                                                dict(act_node.kwargs))
+                parts.append(last)
+                start = stop
+            joined = gm.graph.call_function(torch.cat, (parts, 1))
+        tail.replace_all_uses_with(joined)
+        for node in (act_node, add_node, norm_node, cat):
+            if node is not None:
+                gm.graph.erase_node(node)
+
+
+def _channels(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Channels [start, stop) of a residual added to a 4-D output, as a view; a residual that
+    broadcasts over the channels (fewer than 3 dimensions, or one channel) as it is."""
+    return t[..., start:stop, :, :] if t.dim() >= 3 and t.shape[-3] != 1 else t
+
+
 def _batchnorm_at(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The BatchNorm module a graph node runs (a view's module for a split norm + act), or None."""
+    """The BatchNorm module a graph node runs (a view's module for a split norm + act, a slice's
+    view itself), or None."""
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
     if isinstance(module, _NormOf):
         return module.module
-    return module if _is_batchnorm(module) else None
+    return module if isinstance(module, _NormSlice) or _is_batchnorm(module) else None
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -566,6 +703,7 @@ def _drop_identities(gm: fx.GraphModule) -> None:
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeReport) -> int:
     _split_norm_acts(gm)
     _drop_identities(gm)
+    _split_concatenated_norms(gm)
     _views_to_reshapes(gm)
     fused = 0
     calls: dict[str, list[str]] = {}  # per conv, what became of each of its calls (a shared conv has several)

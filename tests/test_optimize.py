@@ -179,11 +179,12 @@ def test_the_optimized_model_is_still_an_instance_of_its_class_with_its_attribut
             torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["regnety_002", "efficientnet_b0", "mobilenetv3_small_100"])
+@pytest.mark.parametrize("name", ["regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "mixnet_s"])
 def test_timm_models_built_on_batchnorm_act_modules(name):
     """timm builds these with BatchNormAct2d (BN, drop and act in one module): every conv with a BN
     fuses, so do the convs without one that an activation follows (squeeze-excite's two convs,
-    MobileNetV3's head), and RegNet's downsample becomes a projection."""
+    MobileNetV3's head), RegNet's downsample becomes a projection, and MixNet's convs concatenated
+    before one BN (MixedConv2d) each fuse with their slice of it."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
@@ -200,6 +201,8 @@ def test_timm_models_built_on_batchnorm_act_modules(name):
         assert entries["blocks.1.1.conv_pwl"] == "fused: conv+bn+add"
         assert entries["blocks.1.1.se.conv_reduce"] == "fused: conv+silu"
         assert entries["blocks.1.1.se.conv_expand"] == "fused: conv+sigmoid"
+    if name == "mixnet_s":
+        assert entries["blocks.2.0.conv_dw.1"] == "fused: conv+bn+silu"  # the 5x5 of a MixedConv2d's three
     if name == "mobilenetv3_small_100":
         assert entries["conv_stem"] == "fused: conv+bn+hardswish"
         assert entries["conv_head"] == "fused: conv+hardswish"
@@ -861,6 +864,99 @@ def test_a_projected_residual_of_another_shape_runs_eagerly_and_says_so():
             module(x, residual)
 
 
+class MixedConvs(nn.Module):
+    """MixNet's MixedConv2d: the input split over convs of different kernels (and channel counts),
+    concatenated, then one BatchNorm (`norm`: a BN, or timm's BN + act) and activation over all."""
+
+    def __init__(self, norm=lambda c: nn.BatchNorm2d(c), act: nn.Module | None = nn.SiLU(), style: str = "cat"):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.Conv2d(4, 5, 5, padding=2),
+                                    nn.Conv2d(4, 4, 1, stride=1, bias=False)])
+        self.bn, self.act, self.style = norm(24 if style == "with-its-input" else 12), act, style
+        # what a "+ <name>" style adds after the BN: the block's input, or one that broadcasts
+        self.per_channel, self.one_value = nn.Parameter(torch.randn(12, 1, 1)), nn.Parameter(torch.randn(1, 1, 1, 1))
+
+    def forward(self, x):
+        parts = torch.split(x, 4, 1)
+        outs = [conv(parts[i]) for i, conv in enumerate(self.convs)]
+        if self.style == "with-its-input":  # a DenseNet-like cat: not convs alone
+            outs.append(x)
+        if self.style == "read-twice":
+            y = torch.cat(outs, 1) + outs[0].sum()
+        else:
+            y = torch.cat(outs, dim=-3 if self.style == "dim-keyword" else 1)
+        y = self.bn(y)
+        if self.style.startswith("+ "):
+            added = {"+ x": x, "+ per_channel": self.per_channel, "+ one_value": self.one_value}[self.style]
+            y = y + added
+        return y if self.act is None else self.act(y)
+
+
+@pytest.mark.parametrize("norm,act,parts", [
+    (lambda c: nn.BatchNorm2d(c), nn.SiLU(), "bn+silu"),
+    (lambda c: nn.BatchNorm2d(c), None, "bn"),
+    (lambda c: torchvision.ops.FrozenBatchNorm2d(c), nn.ReLU(), "bn+relu"),
+    ("norm-act", None, "bn+silu"),
+], ids=["batchnorm-silu", "batchnorm", "frozen-relu", "timm-batchnorm-act"])
+@pytest.mark.parametrize("style", ["cat", "dim-keyword"])
+def test_a_batchnorm_over_concatenated_convs_fuses_its_slice_into_each_conv(norm, act, parts, style):
+    """BN is per channel: bn(cat([conv_i(x_i)])) is cat([bn_i(conv_i(x_i))]), bn_i being BN's
+    channels of conv_i, and so is an activation after it. Each conv fuses with its slice."""
+    norm = _norm_act("batchnorm", nn.SiLU()) if norm == "norm-act" else norm
+    model = MixedConvs(norm, act, style)
+    optimized = _check(model, torch.randn(2, 12, 7, 6), fused=3, total=3)
+    assert set(optimized.fastres_report.entries.values()) == {f"fused: conv+{parts}"}
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(2, 12, 7, 6))
+    assert [args[2].shape[0] for args, _ in calls.calls] == [3, 5, 4]  # each its slice's scale
+    assert set(optimized.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("style", ["+ x", "+ per_channel", "+ one_value"])
+def test_a_residual_after_a_batchnorm_over_concatenated_convs_goes_into_each_op_by_its_channels(style):
+    """MixNet's skip connection after its MixedConv2d + BN: each conv's op adds the residual's
+    channels of that conv (a view); one that broadcasts over the channels is added whole."""
+    optimized = _check(MixedConvs(style=style), torch.randn(2, 12, 7, 6), fused=3, total=3)
+    assert set(optimized.fastres_report.entries.values()) == {"fused: conv+bn+add+silu"}
+
+
+def test_a_saved_and_loaded_model_with_sliced_batchnorms_and_residuals_runs_fused():
+    """fx rebuilds a loaded graph by tracing its code, where the residual's channels are a call."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(MixedConvs(style="+ x")).eval()
+    loaded = _saved_and_loaded(fastres.optimize(model))
+    x = torch.randn(2, 12, 7, 6)
+    with torch.no_grad(), ConvCallRecorder() as calls:
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(calls.calls) == 3
+
+
+@pytest.mark.parametrize("style", ["with-its-input", "read-twice"])
+def test_a_concatenation_that_is_not_of_convs_alone_keeps_its_batchnorm_whole(style):
+    optimized = _check(MixedConvs(style=style), torch.randn(2, 12, 7, 6), fused=0, total=3)
+    reasons = optimized.fastres_report.eager.values()
+    assert all("not followed by a BatchNorm" in why or "users" in why for why in reasons)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_a_sliced_batchnorm_put_in_train_mode_alone_trains_as_the_whole_one(momentum):
+    """A BatchNorm split over concatenated convs, switched to train mode on its own in an eval
+    model: the slices run its train-mode arithmetic (batch statistics, running statistics updated
+    per channel, the batch counted once), as eager's whole BatchNorm does."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(MixedConvs(lambda c: nn.BatchNorm2d(c, momentum=momentum))).double().eval()
+    optimized = fastres.optimize(model)
+    eager = copy.deepcopy(model)
+    for m in (eager, optimized):
+        m.bn.train()
+    for _ in range(2):
+        x = torch.randn(4, 12, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(optimized(x), eager(x))
+    for key, value in eager.bn.state_dict().items():
+        torch.testing.assert_close(optimized.bn.state_dict()[key], value)
+    assert int(optimized.bn.num_batches_tracked) == 2
+
+
 class Flattening(nn.Module):
     """Code after the chains that depends on layout: .view of a conv's output, .view_as, and a
     dtype view (a reinterpretation, not a reshape)."""
@@ -1051,10 +1147,17 @@ def _sequential_norm_act() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm_act(8), nn.MaxPool2d(2), norm_act(8))
 
 
+def _mixed_convs() -> nn.Module:
+    """A BatchNorm over concatenated convs: its slices (_NormSlice) hold it outside _modules too."""
+    return nn.Sequential(nn.Conv2d(3, 12, 1), MixedConvs())
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("make,optimize", [(torchvision.models.resnet18, True), (_sequential, True),
-                                           (_sequential_norm_act, True), (fastres.models.resnet18, False)],
-                         ids=["optimized-resnet18", "optimized-sequential", "optimized-norm-act", "zoo-resnet18"])
+                                           (_sequential_norm_act, True), (_mixed_convs, True),
+                                           (fastres.models.resnet18, False)],
+                         ids=["optimized-resnet18", "optimized-sequential", "optimized-norm-act", "optimized-sliced-bn",
+                              "zoo-resnet18"])
 def test_data_parallel_replicas_run_their_own_modules(make, optimize, train, monkeypatch):
     """torch.nn.DataParallel runs a replica per GPU, made by replicate(), which remaps children
     only: the conv and BN a fused op holds outside them, and the train-mode fallback's container,
