@@ -180,9 +180,8 @@ class FusedConvBN(_Fused):
             self._fallback(why)
             return eager_conv_bn(conv, bn, x, residual, self.act, projection, negative_slope=self.negative_slope)
         padded, padding = self.op_input(x)
-        if padding != conv.padding:
-            conv = _PaddedView(conv, padding)
-        out = fused_conv_bn(conv, bn, padded, residual, self.act, self.backend, projection, self.negative_slope)
+        out = fused_conv_bn(conv, bn, padded, residual, self.act, self.backend, projection, self.negative_slope,
+                            padding)
         # The op's output is channels_last; eager conv's is only when its input or weight is, and
         # the code after the chain may depend on that (a .view, an export to NCHW consumers).
         return out if _channels_last(x) or _channels_last(conv.weight) else out.contiguous()
@@ -251,15 +250,6 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 def _channels_last(t: torch.Tensor) -> bool:
     """Whether torch's conv would call t channels_last (strided so, and not also contiguous)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-class _PaddedView:
-    """A conv seen with explicit (h, w) padding (convs declared with padding="same" / "valid", Conv2dSame)."""
-
-    def __init__(self, conv: nn.Conv2d, padding: tuple[int, int]) -> None:
-        self.weight, self.bias, self.stride, self.dilation, self.groups = (
-            conv.weight, conv.bias, conv.stride, conv.dilation, conv.groups)
-        self.padding = padding
 
 
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:

@@ -210,9 +210,11 @@ def fused_conv_bn(
     backend: str = "auto",
     projection: Projection | None = None,
     negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+    padding: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """act(bn(conv(x)) + residual) through fastres.ops.conv_bn_act (BN in eval form; bn=None: a
-    conv with no BN after it); with `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call."""
+    conv with no BN after it); with `projection`, act(bn(conv(x)) + pbn(pconv(residual))) in one call.
+    padding: the op's (h, w), when conv's own is not numbers (padding="same", timm's Conv2dSame)."""
     scale, shift = conv_bn_fold(conv, bn)
     extra = {}
     if projection is not None:
@@ -222,8 +224,8 @@ def fused_conv_bn(
                      residual_stride=pconv.stride)
     return conv_bn_act(
         x, conv.weight, scale, shift, residual,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        act=act, backend=backend, negative_slope=negative_slope, **extra,
+        stride=conv.stride, padding=conv.padding if padding is None else padding, dilation=conv.dilation,
+        groups=conv.groups, act=act, backend=backend, negative_slope=negative_slope, **extra,
     )
 
 

@@ -1504,11 +1504,11 @@ class SameConvBNAct(nn.Module):
         return F.relu(self.bn(self.conv(x)) + x) if self.add else F.relu(self.bn(self.conv(x)))
 
 
-def _same_conv(kind: str, kernel, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Conv2d:
+def _same_conv(kind: str, kernel, stride: int = 1, dilation: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
     if kind == "Conv2dSame":
         layers = pytest.importorskip("timm.layers")
-        return layers.Conv2dSame(8, 8, kernel, stride=stride, dilation=dilation, groups=groups, bias=False)
-    return nn.Conv2d(8, 8, kernel, stride=stride, padding="same", dilation=dilation, groups=groups, bias=False)
+        return layers.Conv2dSame(8, 8, kernel, stride=stride, dilation=dilation, groups=groups, bias=bias)
+    return nn.Conv2d(8, 8, kernel, stride=stride, padding="same", dilation=dilation, groups=groups, bias=bias)
 
 
 # (kind, kernel, stride, dilation, groups), and the (h, w) input size the op sees and its padding for a
@@ -1559,6 +1559,23 @@ def test_tf_same_padding_takes_a_residual_and_any_input_size(kind):
                 warnings.simplefilter("error")  # a fallback to eager would warn
                 got = optimized(x)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("kind", ["Conv2dSame", "padding='same'"])
+def test_a_same_padded_conv_without_batchnorm_caches_its_bias_once(kind):
+    """A conv + ReLU with its bias as the op's shift: the float32 shift is made once and cached for
+    the conv (on a GPU, a new one waits for its stream), whatever its padding, not per call."""
+    conv = _same_conv(kind, 2, bias=True) if kind == "padding='same'" else _same_conv(kind, 3, stride=2, bias=True)
+    optimized = fastres.optimize(nn.Sequential(conv, nn.ReLU()).eval(), dtype=torch.bfloat16)
+    assert optimized.fastres_report.entries == {"0": "fused: conv+relu"}
+    x = torch.randn(2, 8, 9, 10, dtype=torch.bfloat16)
+    with torch.no_grad():
+        optimized(x)
+        cached = fastres.nn._fold_cache.get(optimized[0])
+        optimized(x)
+    assert cached is not None and fastres.nn._fold_cache[optimized[0]][1] is cached[1]
+    assert cached[1].dtype == torch.float32
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
