@@ -403,7 +403,14 @@ def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
                         negative_slope=negative_slope, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    # FakeTensor takes this form over the fake kernel when sizes are symbolic (torch.compile's dynamic
+    # shapes): it must have the op's channels_last strides, or compiled code expects others (conv2d's
+    # output is NCHW for an NCHW x and a 1x1 weight). Not under torch.func's transforms (vmap has no
+    # channels_last) or ONNX export (no layouts).
+    if differentiated_by_transform() or exporting_to_onnx():
+        return y
+    return y.contiguous(memory_format=torch.channels_last)
 
 
 _register_transform_rules()

@@ -497,6 +497,28 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled, eager)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_torch_compile_with_dynamic_shapes_gives_the_ops_strides(kernel):
+    """With symbolic sizes FakeTensor computes the op's output from its decomposition, not its fake
+    kernel: both must give the op's channels_last strides, also for an NCHW x and a 1x1 weight
+    (conv2d's output would be NCHW), or the compiled code's stride checks fail."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    weight = torch.randn(8, 4, kernel, kernel)
+
+    def layer(x):
+        return fastres.ops.conv_bn_act(x, weight, padding=kernel // 2, backend="reference")
+
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    for size in [(5, 6), (7, 3)]:
+        x = torch.randn(2, 4, *size)
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):  # compiled here, not loaded
+            got, expected = compiled(x), layer(x)
+        torch.testing.assert_close(got, expected)
+        assert got.stride() == expected.stride()
+
+
 def test_torch_export_keeps_the_op():
     model = _TinyBlock().eval()
     x = torch.randn(2, 8, 6, 6)

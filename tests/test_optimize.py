@@ -1905,6 +1905,32 @@ def test_torch_compile_on_the_optimized_model():
         torch.testing.assert_close(torch.compile(optimized)(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_torch_compile_with_dynamic_shapes_on_the_optimized_model(layout):
+    """A second image size makes torch.compile trace sizes symbolically, where FakeTensor computes
+    the op's output from its decomposition (the standard-op form) rather than its fake kernel: the
+    two must agree on strides, also for a 1x1 conv, whose weight is both layouts at once and
+    whose conv2d output follows x's (the compiled code asserted NCHW and got channels_last).
+    Eager's values, and the uncompiled model's memory format, come back at every size."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(nn.Sequential(
+        nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    optimized = fastres.optimize(model)
+    compiled = torch.compile(optimized)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for size in [(9, 10), (12, 7), (5, 5)]:
+        x = torch.randn(2, 4, *size).contiguous(memory_format=memory_format)
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):  # compiled here, not loaded
+            got, fused, expected = compiled(x), optimized(x), model(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert got.stride() == fused.stride()
+
+
 @pytest.mark.parametrize("inside", [False, True], ids=["alone", "inside-a-model"])
 def test_optimizing_a_fastres_model_keeps_it(inside):
     model = fastres.models.resnet18().eval()
