@@ -201,6 +201,8 @@ class FusedConvBN(_Fused):
         conv = self._modules_ref[0]
         totals = [_same_padding(size, k, s, d)
                   for size, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
+        if torch.jit.is_tracing():  # its sizes are tensors: the trace keeps this size's padding, as eager's does
+            totals = [int(t) for t in totals]
         return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
 
     def _within_contract(

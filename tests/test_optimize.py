@@ -1578,6 +1578,19 @@ def test_a_same_padded_conv_without_batchnorm_caches_its_bias_once(kind):
     assert cached[1].dtype == torch.float32
 
 
+def test_torch_jit_trace_of_a_tf_same_padded_model_keeps_its_inputs_padding():
+    """torch.jit.trace hands the forward its sizes as tensors; the trace keeps the traced input
+    size's padding (as a trace of eager's Conv2dSame does) and gives eager's answer there."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(SameConvBNAct(_same_conv("Conv2dSame", 3, stride=2))).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 8, 9, 10)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(optimized, x)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
 def test_tf_ported_timm_model_fuses_every_conv_on_the_triton_kernels():
     """tf_mobilenetv3's stem and stride-2 depthwise convs are Conv2dSame: with them every conv fuses,
