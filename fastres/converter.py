@@ -238,7 +238,9 @@ class FusedConvBN(_Fused):
 
     def extra_repr(self) -> str:
         projected = "" if self.projection_name is None else f", residual projected by {self.projection_name}"
-        return f"{self.conv_name}, act={act_text(self.act, self.negative_slope)!r}, backend={self.backend!r}{projected}"
+        same = ", padding='same' (from each input's size)" if self.padding == "same" else ""
+        return (f"{self.conv_name}, act={act_text(self.act, self.negative_slope)!r}, backend={self.backend!r}"
+                f"{same}{projected}")
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

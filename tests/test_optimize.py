@@ -1536,6 +1536,7 @@ def test_tf_same_padding_fuses_with_the_odd_row_and_column_padded_first(kind, ke
     model = SameConvBNAct(_same_conv(kind, kernel, stride, dilation, groups))
     optimized = _check(model, torch.randn(2, 8, 9, 10), fused=1, total=1)
     assert optimized.fastres_report.entries == {"conv": "fused: conv+bn+relu"}
+    assert "padding='same' (from each input's size)" in repr(optimized)
     with ConvCallRecorder() as calls, torch.no_grad():
         optimized(torch.randn(2, 8, 9, 10))
     (case,) = calls.cases
