@@ -47,15 +47,18 @@ def test_verify_checks_each_layer_at_its_own_leaky_relu_slope():
     assert not report.ok and not report.model[1].ok
 
 
-def test_verify_checks_tf_same_padded_layers_at_their_own_padding():
+@pytest.mark.parametrize("name,layer", [("tf_mobilenetv3_small_minimal_100", "conv_stem"),
+                                        ("mixnet_s", "blocks.2.0.conv_dw.1")])
+def test_verify_checks_tf_same_padded_and_sliced_batchnorm_layers(name, layer):
     """tf_mobilenetv3's Conv2dSame layers pad by the input's size (an odd total's extra row or
-    column below and right): each is checked against float64 on the input the op took."""
-    model = named_model("timm:tf_mobilenetv3_small_minimal_100")
+    column below and right), MixNet's concatenated convs each fuse with a slice of one BatchNorm:
+    each layer is checked against float64 on the input and padding the op took, with its slice."""
+    model = named_model(f"timm:{name}")
     optimized = fastres.optimize(model)
     report = fastres.verify(model, optimized, torch.randn(1, 3, 64, 65), per_layer=True)
     assert report.ok, str(report)
     assert sorted(r.name for r in report.layers) == sorted(optimized.fastres_report.fused)
-    assert "conv_stem" in [r.name for r in report.layers]
+    assert layer in [r.name for r in report.layers]
 
 
 def _fused(optimized, name):
