@@ -1095,7 +1095,7 @@ def optimize(
     for name, module in optimized.named_modules():
         if isinstance(module, nn.Conv2d) and name not in report.entries:
             # A subclass with its own forward (timm's weight-standardized StdConv2d) is traced through.
-            why = _own_forward(module) and _conv_problem(module) or "not called by any traced forward"
+            why = (_conv_problem(module) if _own_forward(module) else None) or "not called by any traced forward"
             report.entries[name] = f"eager: {why}"
         elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
             report.entries[name] = f"eager: {type(module).__name__} (only nn.Conv2d is fused)"
