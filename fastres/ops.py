@@ -15,11 +15,13 @@ tensor cores, as its eager convs would, and return autocast's dtype.
 ONNX has no such op and its runtimes (ONNX Runtime, TensorRT) fuse conv chains themselves, so
 under torch.onnx.export conv_bn_act records its arithmetic in standard ops instead of the custom op
 (Conv in x's dtype; Mul, Add and the activation in float32, as the kernels' epilogue). An
-ExportedProgram that holds the op exports too: the same standard ops are its decomposition in
-torch._decomp's table, which torch.onnx.export applies to ops ONNX lacks. torch.func's transforms
-(grad, jacrev, jvp, ...) and forward-mode AD get those standard ops as well, from the wrapper and
-from the op called directly: they have no rules for a custom op's autograd formula. Under vmap
-a batch of images is one call of the op over them all.
+ExportedProgram that holds the op exports too: the exporter retraces it, and the op's Autograd
+kernel records the same standard ops. (Not an entry in torch._decomp's table, which the exporter
+would read too: Inductor refuses to fall back to an op listed there whenever the environment sets
+CI, as GitHub Actions does, and FakeTensor would take it over the fake kernel.) torch.func's
+transforms (grad, jacrev, jvp, ...) and forward-mode AD get those standard ops as well, from the
+wrapper and from the op called directly: they have no rules for a custom op's autograd formula.
+Under vmap a batch of images is one call of the op over them all.
 
 A plain eager call of the wrapper (nothing watching: no autocast, profiler, tracer, compiler,
 dispatch or function mode, tensor subclass) runs the op's kernel without the dispatcher, and one
@@ -42,7 +44,6 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
-from torch._decomp import register_decomposition
 
 from fastres import backends
 from fastres.backends import reference
@@ -268,17 +269,17 @@ _SCHEMA_DEFAULTS = tuple(a.default_value for a in torch.ops.fastres.conv_bn_act.
 
 def _register_transform_rules() -> None:
     """The op's Autograd kernel for each device type, for `torch.ops.fastres.conv_bn_act` called
-    directly (an exported or traced graph) too: the standard-op form under torch.func's transforms
-    and forward AD, whose rules a custom op's autograd formula lacks (torch.func.grad / jacrev
-    reject torch's generated function for want of a setup_context; eager forward AD passes through
-    it dropping the tangent: pytorch/pytorch#168393, #179652); _Differentiable when a gradient is
-    wanted; the kernel below autograd otherwise.
+    directly (an exported or traced graph) too: the standard-op form under torch.onnx.export (an
+    ExportedProgram's retrace), torch.func's transforms and forward AD, whose rules a custom op's
+    autograd formula lacks (torch.func.grad / jacrev reject torch's generated function for want of
+    a setup_context; eager forward AD passes through it dropping the tangent: pytorch/pytorch#168393,
+    #179652); _Differentiable when a gradient is wanted; the kernel below autograd otherwise.
 
     Without a vmap rule the op under vmap would loop over the batch with a warning."""
     op = torch.ops.fastres.conv_bn_act.default
 
     def kernel(keyset, *args):
-        if differentiated_by_transform():
+        if differentiated_by_transform() or exporting_to_onnx():
             return _standard_ops(*args)
         if _records_gradient(*args):
             return _Differentiable.apply(*args, keyset)
@@ -382,16 +383,12 @@ def _watched(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return any(t is not None and type(t) not in _PLAIN_TENSORS for t in (x, *tensors))
 
 
-@register_decomposition(torch.ops.fastres.conv_bn_act.default)
 def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, groups, act, backend,
                   residual_weight=None, residual_scale=None, residual_shift=None, residual_stride=None,
                   negative_slope=DEFAULT_NEGATIVE_SLOPE):
     """The op, checked as the op checks, in ops ONNX has: convs in x's dtype (tensor cores in the
-    runtime), the epilogue in float32 as in the kernels, x's dtype out. What the wrapper records
-    under torch.onnx.export and computes under torch.func's transforms, and the op's entry in
-    torch._decomp's table, which torch.onnx.export applies to an ExportedProgram's ops it has no
-    ONNX function for (torch.export's default decompositions and Inductor's do not take ops from
-    that table: they keep the fused op)."""
+    runtime), the epilogue in float32 as in the kernels, x's dtype out. What the wrapper and the
+    op's Autograd kernel record under torch.onnx.export and compute under torch.func's transforms."""
     backends.check_name(backend)
     projection = _projection(residual_weight, residual_scale, residual_shift, residual_stride)
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
@@ -403,14 +400,7 @@ def _standard_ops(x, weight, scale, shift, residual, stride, padding, dilation, 
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = reference.chain(x, weight, scale, shift, residual, projection, act, compute, conv_dtype=x.dtype,
                         negative_slope=negative_slope, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    y = y.to(x.dtype)
-    # FakeTensor takes this form over the fake kernel when sizes are symbolic (torch.compile's dynamic
-    # shapes): it must have the op's channels_last strides, or compiled code expects others (conv2d's
-    # output is NCHW for an NCHW x and a 1x1 weight). Not under torch.func's transforms (vmap has no
-    # channels_last) or ONNX export (no layouts).
-    if differentiated_by_transform() or exporting_to_onnx():
-        return y
-    return y.contiguous(memory_format=torch.channels_last)
+    return y.to(x.dtype)
 
 
 _register_transform_rules()

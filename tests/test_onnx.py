@@ -160,8 +160,8 @@ def test_models_export_as_their_eager_selves_and_stay_fused(name, dynamo):
 @pytest.mark.parametrize("name", MODELS)
 def test_an_exported_program_holding_the_op_exports_too(name):
     """torch.export first, ONNX second: the ExportedProgram holds fastres::conv_bn_act, which
-    torch.onnx.export decomposes into standard ops (the op's entry in torch._decomp's table), with
-    a dynamic batch size; torch.export's own default decompositions and Inductor's keep the op."""
+    torch.onnx.export retraces into standard ops (the op's Autograd kernel records them), with a
+    dynamic batch size; torch.export's own default decompositions and Inductor's keep the op."""
     from torch._inductor.decomposition import select_decomp_table
 
     model, fused, _ = MODELS[name]()

@@ -497,11 +497,28 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled, eager)
 
 
+def test_torch_compile_works_where_the_environment_sets_ci(monkeypatch):
+    """CI runners (GitHub Actions, GitLab CI) set CI, and with it set Inductor refuses to fall back
+    to an op listed in torch._decomp's table ("a decomposition exists, we should switch to it"):
+    every compile of a fused model failed there. Inductor's fallback for the op, if an earlier test
+    made one, is dropped here so that this compile makes it again."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import lowering
+
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delitem(lowering.lowerings, torch.ops.fastres.conv_bn_act.default, raising=False)
+    torch._dynamo.reset()
+    model = _TinyBlock().eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):  # compiled here, not loaded
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_torch_compile_with_dynamic_shapes_gives_the_ops_strides(kernel):
-    """With symbolic sizes FakeTensor computes the op's output from its decomposition, not its fake
-    kernel: both must give the op's channels_last strides, also for an NCHW x and a 1x1 weight
-    (conv2d's output would be NCHW), or the compiled code's stride checks fail."""
+    """With symbolic sizes the fake kernel must still give the op's channels_last strides, also for
+    an NCHW x and a 1x1 weight (conv2d's output would be NCHW), or the compiled code's stride checks
+    fail (they did while a torch._decomp entry stood in for the fake kernel there)."""
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()

@@ -1921,10 +1921,9 @@ def test_torch_compile_on_the_optimized_model():
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_torch_compile_with_dynamic_shapes_on_the_optimized_model(layout):
-    """A second image size makes torch.compile trace sizes symbolically, where FakeTensor computes
-    the op's output from its decomposition (the standard-op form) rather than its fake kernel: the
-    two must agree on strides, also for a 1x1 conv, whose weight is both layouts at once and
-    whose conv2d output follows x's (the compiled code asserted NCHW and got channels_last).
+    """A second image size makes torch.compile trace sizes symbolically: the op's output must keep
+    its strides there too, also for a 1x1 conv, whose weight is both layouts at once and whose
+    conv2d output follows x's (the compiled code once asserted NCHW and got channels_last).
     Eager's values, and the uncompiled model's memory format, come back at every size."""
     import torch._inductor.config as inductor_config
 
