@@ -546,6 +546,24 @@ def test_torch_export_keeps_the_op():
         torch.testing.assert_close(exported.module()(x), model(x))
 
 
+def test_an_aotinductor_package_calls_the_op(tmp_path, monkeypatch):
+    """AOTInductor (a serving path: a compiled .pt2 package) keeps the op as a call through the
+    dispatcher, with a dynamic batch; built where the environment sets CI, as CI runners do."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("CI", "true")
+    model = _TinyBlock().eval()
+    x, other_batch = torch.randn(2, 8, 6, 6), torch.randn(3, 8, 6, 6)
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+        runner = torch._inductor.aoti_load_package(package)
+        with ConvCallRecorder() as calls:
+            got = runner(other_batch)
+        torch.testing.assert_close(got, model(other_batch))
+    assert len(calls.calls) == 3
+
+
 # --- torch.autocast ---------------------------------------------------------------------------
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
