@@ -294,8 +294,24 @@ def _conv_problem(conv: nn.Module) -> str | None:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
     if (hooks := call_hooks(conv)) is not None:
-        return f"it has {hooks} (the fused op would skip it)"
+        return f"it has {hooks} (the fused op would skip it){_weight_hook_remedy(conv)}"
     return None
+
+
+def _weight_hook_remedy(conv: nn.Module) -> str:
+    """For a pre-hook of torch's that recomputes a weight every call (torch.nn.utils.prune, the old
+    weight_norm and spectral_norm), the call that makes it permanent, after which the conv fuses."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in conv._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            return f"; torch.nn.utils.prune.remove(module, {hook._tensor_name!r}) makes the pruning permanent"
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            remove = "remove_weight_norm" if isinstance(hook, WeightNorm) else "remove_spectral_norm"
+            return f"; torch.nn.utils.{remove}(module, {hook.name!r}) folds the norm into the weight"
+    return ""
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -1014,13 +1030,22 @@ def _rewrite_children(module: nn.Module, prefix: str, backend: str, report: Opti
     return module
 
 
+def _computed_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo entry, a detached copy, for each tensor a module of `model` holds as a plain
+    attribute that autograd computed: torch.nn.utils.prune's `weight` (weight_orig * mask, which its
+    pre-hook recomputes every call) and the old weight_norm's. deepcopy refuses those."""
+    return {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and not value.is_leaf}
+
+
 def _copy(model: nn.Module) -> nn.Module:
     """optimize's deepcopy of `model`, sharing the user's hook callables (fastres.hooks.hook_memo),
     with every module in the mode it had in `model`."""
     try:
-        copied = copy.deepcopy(model, hook_memo(model))
-    except RuntimeError as exc:  # e.g. torch.nn.utils.weight_norm's computed weight
-        raise RuntimeError(f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}") from exc
+        copied = copy.deepcopy(model, {**hook_memo(model), **_computed_tensors(model)})
+    except (RuntimeError, TypeError) as exc:  # a tensor autograd computed, elsewhere; a lock, a file
+        why = f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}"
+        raise (TypeError if isinstance(exc, TypeError) else RuntimeError)(why) from exc
     # Some modules come back from deepcopy in train mode: torchvision's feature extractor
     # (DualGraphModule) re-runs its __init__, which calls train(). Its train() also swaps its graph.
     if copied.training != model.training:

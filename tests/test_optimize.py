@@ -7,6 +7,7 @@ import copy
 import importlib
 import io
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -1320,9 +1321,15 @@ def test_weight_reparametrizations_follow_their_parameters(norm):
     model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3, padding=1)), nn.BatchNorm2d(8), nn.ReLU()).eval()
     optimized = fastres.optimize(model)
     fused = norm.startswith("parametrizations")
-    assert optimized.fastres_report.entries["0"] == (
-        "fused: conv+bn+relu" if fused else "eager: it has a forward pre-hook (the fused op would skip it)")
-    state = {k: v * 1.5 if k.endswith(("original0", "weight_orig")) else v for k, v in model.state_dict().items()}
+    assert optimized.fastres_report.entries["0"] == ("fused: conv+bn+relu" if fused else (
+        "eager: it has a forward pre-hook (the fused op would skip it); "
+        "torch.nn.utils.remove_spectral_norm(module, 'weight') folds the norm into the weight"))
+    _assert_both_follow_a_new_state_dict(model, optimized, ("original0", "weight_orig"))
+
+
+def _assert_both_follow_a_new_state_dict(model: nn.Module, optimized: nn.Module, scaled: tuple[str, ...]) -> None:
+    """Both load model's state_dict with the entries ending in `scaled` times 1.5, then agree."""
+    state = {k: v * 1.5 if k.endswith(scaled) else v for k, v in model.state_dict().items()}
     model.load_state_dict(state)
     optimized.load_state_dict(state)
     x = torch.randn(2, 3, 8, 8)
@@ -1330,11 +1337,44 @@ def test_weight_reparametrizations_follow_their_parameters(norm):
         torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_deepcopy_cannot_copy_is_refused_with_the_reason():
-    with pytest.warns(FutureWarning):
-        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 8, 3))
-    with pytest.raises(RuntimeError, match=r"works on a copy of the model, and copy.deepcopy\(model\) failed: .*"):
-        fastres.optimize(nn.Sequential(conv, nn.ReLU()).eval())
+@pytest.mark.parametrize("prune", [True, False], ids=["prune", "weight_norm"])
+def test_torchs_weight_recomputing_pre_hooks_keep_their_conv_eager_and_say_how_to_fuse_it(prune):
+    """torch.nn.utils.prune and the old weight_norm hold the weight as a tensor autograd computed
+    (deepcopy refuses those: optimize used to fail) and recompute it in a forward pre-hook. The
+    copy follows its own parameters; the report says how to make the weight permanent, and after
+    that call the conv fuses."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    utils = torch.nn.utils
+    if prune:
+        utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+        remedy, make_permanent = "prune.remove(module, 'weight')", lambda: utils.prune.remove(model[0], "weight")
+    else:
+        with pytest.warns(FutureWarning):
+            utils.weight_norm(model[0])
+        remedy, make_permanent = "remove_weight_norm(module, 'weight')", lambda: utils.remove_weight_norm(model[0])
+    assert not model[0].weight.is_leaf
+    optimized = fastres.optimize(model)
+    assert optimized.fastres_report.entries["0"].startswith("eager: it has a forward pre-hook")
+    assert remedy in optimized.fastres_report.entries["0"]
+    _assert_both_follow_a_new_state_dict(model, optimized, ("weight_orig", "weight_v"))
+    make_permanent()
+    optimized = fastres.optimize(model)
+    assert optimized.fastres_report.entries["0"] == "fused: conv+bn+relu"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("held", ["a tensor autograd computed, in a list", "a lock"])
+def test_a_model_deepcopy_cannot_copy_is_refused_with_the_reason(held):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    if held == "a lock":
+        model.lock, error = threading.Lock(), TypeError
+    else:
+        model.features, error = [torch.randn(2, requires_grad=True) * 2], RuntimeError
+    with pytest.raises(error, match=r"works on a copy of the model, and copy.deepcopy\(model\) failed: .*"):
+        fastres.optimize(model)
 
 
 class Untraceable(nn.Module):
