@@ -744,7 +744,8 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: OptimizeR
         if nxt is not None and (found := _activation(nxt, gm, last)) is not None and _hooks_at(gm, nxt) is None:
             chain.append(nxt)
             last, (act, slope) = nxt, found
-        if len(chain) == 1:  # a conv alone: its bias is all there is to fuse
+        projected = len(chain) == 1 and _projects_residual_of(gm, first, conv_node)
+        if len(chain) == 1 and not projected:  # a conv alone: its bias is all there is to fuse
             calls.setdefault(name, []).append("eager: not followed by a BatchNorm, residual add or one of the op's "
                                               f"activations (next: {_describe(first, gm, conv_node)})")
             continue
@@ -795,6 +796,16 @@ def _calls_in_words(whats: list[str]) -> str:
     return f"{verdict}: its {len(whats)} calls: " + " | ".join(whats)
 
 
+def _projects_residual_of(gm: fx.GraphModule, user: fx.Node, conv_node: fx.Node) -> bool:
+    """Whether conv_node, a conv without a BN (its BN folded into its bias), is only the residual
+    of the fused chain `user` and can be that op's projection (_fuse_projections makes it so)."""
+    fused = _fused_module(gm, user)
+    return (fused is not None and fused.projection_name is None and len(user.args) == 2
+            and user.args[1] is conv_node and user.args[0] is not conv_node
+            and _fused_padding(gm.get_submodule(conv_node.target)) == (0, 0)
+            and is_projection_conv(gm.get_submodule(conv_node.target)))
+
+
 def _fused_module(gm: fx.GraphModule, node: object) -> FusedConvBN | None:
     if isinstance(node, fx.Node) and node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -832,14 +843,17 @@ def _fuse_projections(gm: fx.GraphModule, report: OptimizeReport) -> None:
         gm.graph.erase_node(node)
         gm.graph.erase_node(inner_node)
         gm.delete_submodule(inner_node.target if main is outer else node.target)
-        parts = "conv+bn+add" + ("" if main.act == "none" else f"+{act_text(main.act, main.negative_slope)}")
+        parts = "conv" + ("" if main._modules_ref[1] is None else "+bn") + "+add" + (
+            "" if main.act == "none" else f"+{act_text(main.act, main.negative_slope)}")
         report.entries[main.conv_name] = f"fused: {parts}"
-        report.entries[branch.conv_name] = f"fused: conv+bn, the projected residual of {main.conv_name} (one op)"
+        branch_parts = "conv" + ("" if branch._modules_ref[1] is None else "+bn")
+        report.entries[branch.conv_name] = f"fused: {branch_parts}, the projected residual of {main.conv_name} (one op)"
 
 
 def _projectable(module: FusedConvBN) -> bool:
-    conv, bn = module._modules_ref
-    return bn is not None and module.padding == (0, 0) and is_projection_conv(conv)
+    """A 1x1 conv, with a BN or with its BN folded into its bias (torch.fx's fuse, quantization's
+    fuse_modules): the op takes it as its residual's projection."""
+    return module.padding == (0, 0) and is_projection_conv(module._modules_ref[0])
 
 
 def _is_fastres(module: nn.Module) -> bool:

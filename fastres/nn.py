@@ -266,7 +266,8 @@ def eager_conv_bn(
     if isinstance(projection, nn.Module):
         residual = projection(residual)
     elif projection is not None:
-        residual = normalize(projection[1], projection[0](residual))
+        pconv, pbn = projection
+        residual = pconv(residual) if pbn is None else normalize(pbn, pconv(residual))
     if residual is not None:
         y = y + residual
     return activate(y, act, negative_slope) if act_module is None else act_module(y)

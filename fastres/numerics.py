@@ -15,6 +15,7 @@ accumulation, not of the BN statistics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -196,6 +197,13 @@ class Comparison:
     rel_norm: float
     ok: bool
     message: str
+
+
+def branch_gain(*scales: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-channel gain `compare` takes for a sum of branches with these BN scales: the largest
+    |scale|. A branch without one (None) is added unscaled, which compare's max(1, gain) covers."""
+    given = [s.abs() for s in scales if s is not None]
+    return functools.reduce(torch.maximum, given) if given else None
 
 
 def compare(

@@ -29,12 +29,14 @@ MODEL_ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "resnext50_32x4d")
 
 @dataclass(frozen=True)
 class ProjectionCase:
-    """The residual input of a projected case, (N, c, h, w), and its 1x1 conv's stride."""
+    """The residual input of a projected case, (N, c, h, w), its 1x1 conv's stride, and whether a
+    BN follows that conv (else its bias alone: a model whose BNs were folded into the convs)."""
 
     c: int
     h: int
     w: int
     stride: IntPair = (1, 1)
+    bn: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,9 +133,9 @@ class ConvInputs:
     @property
     def gain(self) -> torch.Tensor | None:
         """Per-channel |scale| for fastres.numerics.compare: the larger of the two branches' scales."""
-        if self.projection is None or self.scale is None:
-            return self.scale
-        return torch.maximum(self.scale.abs(), self.projection.scale.abs())
+        from fastres.numerics import branch_gain
+
+        return branch_gain(self.scale, None if self.projection is None else self.projection.scale)
 
     def reference(self, case: ConvCase, act: str | None = None) -> torch.Tensor:
         """The float64 ground truth for these inputs: the unfused chain (bn None: the shift alone, a
@@ -142,8 +144,10 @@ class ConvInputs:
 
         residual = self.residual
         if self.projection is not None:
-            residual = reference_conv_bn_act(residual, self.projection.weight, bn=self.projection_bn,
-                                             stride=self.projection.stride, act="none")
+            pr = self.projection
+            residual = reference_conv_bn_act(residual, pr.weight, bn=self.projection_bn,
+                                             shift=pr.shift if self.projection_bn is None else None,
+                                             stride=pr.stride, act="none")
         if act is not None:
             case = case.replace(act=act)
         return reference_conv_bn_act(
@@ -185,8 +189,10 @@ def make_inputs(
         residual = torch.randn(case.n, pr.c, pr.h, pr.w, generator=gen)
         pweight = torch.randn(case.k, pr.c, 1, 1, generator=gen) * (2.0 / pr.c) ** 0.5
         projection_bn, pscale, pshift = _random_bn(case.k, gen, fold_dtype)
+        if not pr.bn:  # the folded shift stands in for the projection conv's bias
+            projection_bn, pscale = None, None
         projection = Projection(pweight.to(device=device, dtype=dtype).contiguous(memory_format=cl),
-                                pscale.to(device), pshift.to(device), pr.stride)
+                                None if pscale is None else pscale.to(device), pshift.to(device), pr.stride)
     elif case.residual:
         residual = torch.randn(case.n, case.k, *case.output_hw, generator=gen)
     return ConvInputs(
@@ -238,13 +244,14 @@ class ConvCallRecorder(TorchDispatchMode):
         return [self._case(*args, **kwargs) for args, kwargs in self.calls]
 
     def _case(self, x, w, scale, _shift, residual, stride, padding, dilation, groups, act, _backend,
-              residual_weight=None, _residual_scale=None, _residual_shift=None, residual_stride=None,
+              residual_weight=None, residual_scale=None, _residual_shift=None, residual_stride=None,
               negative_slope=DEFAULT_NEGATIVE_SLOPE) -> ConvCase:
         n, c, h, wd = x.shape
         k, _, r, s = w.shape
         projection = None
         if residual_weight is not None:
-            projection = ProjectionCase(*residual.shape[1:], tuple(residual_stride or (1, 1)))
+            projection = ProjectionCase(*residual.shape[1:], tuple(residual_stride or (1, 1)),
+                                        bn=residual_scale is not None)
         case = ConvCase("", n, c, h, wd, k, r, s, tuple(stride), tuple(padding), tuple(dilation), groups,
                         residual is not None, act, projection, bn=scale is not None, negative_slope=negative_slope)
         return case.replace(name=_tag(self.prefix, case))
@@ -255,7 +262,8 @@ def _tag(prefix: str, case: ConvCase) -> str:
     tag = f"{prefix}c{case.c}h{case.h}-k{case.k}:{case.r}x{case.s}s{case.stride[0]}"
     tag += f"g{case.groups}" if case.groups > 1 else ""
     if case.projection is not None:
-        tag += f"+proj(c{case.projection.c}h{case.projection.h}s{case.projection.stride[0]})"
+        pr = case.projection
+        tag += f"+proj(c{pr.c}h{pr.h}s{pr.stride[0]}{'' if pr.bn else '-nobn'})"
     elif case.residual:
         tag += "+res"
     return tag + ("" if case.act == "relu" else f"-{act_text(case.act, case.negative_slope)}") + (
@@ -370,4 +378,7 @@ PROJECTION_ODD_CASES: tuple[ConvCase, ...] = (
              projection=ProjectionCase(72, 7, 11, (2, 2))),
     ConvCase("odd:proj-1x1-leaky0.2", 2, 16, 5, 6, 24, 1, 1, residual=True, act="leaky_relu", negative_slope=0.2,
              projection=ProjectionCase(8, 10, 12, (2, 2))),
+    # BNs folded into the convs' biases (torch.fx.experimental.optimization.fuse, quantization's fuse_modules)
+    ConvCase("odd:proj-biases-only", 2, 10, 5, 7, 24, 3, 3, padding=(1, 1), residual=True, bn=False,
+             projection=ProjectionCase(6, 9, 13, (2, 2), bn=False)),
 )

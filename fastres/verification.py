@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from fastres.converter import FusedConvBN
 from fastres.nn import conv_bn_fold
-from fastres.numerics import compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
+from fastres.numerics import branch_gain, compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
 from fastres.ops import autocast_dtype
 
 __all__ = ["verify", "VerifyReport", "Row"]
@@ -149,7 +149,7 @@ def verify(
             residual = reference_conv_bn_act(residual, pconv.weight, conv_bias=pconv.bias, bn=pbn,
                                              stride=pconv.stride, act="none")
             reduction += pconv.in_channels
-            gain = torch.maximum(gain.abs(), conv_bn_fold(pconv, pbn)[0].abs())
+            gain = branch_gain(gain, conv_bn_fold(pconv, pbn)[0])
         layer_in, padding = module.op_input(layer_in)
         ref = reference_conv_bn_act(
             layer_in, conv.weight, conv_bias=conv.bias, bn=bn, residual=residual,

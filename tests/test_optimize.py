@@ -826,7 +826,55 @@ def test_a_1x1_shortcut_becomes_the_projected_residual():
     assert [c.projection for c in calls.cases] == [ProjectionCase(8, 9, 9, (2, 2))]
 
 
-@pytest.mark.parametrize("shortcut", ["3x3", "relu", "reused", "no-bn"])
+def _bns_folded_into_biases(model: nn.Module, how: str) -> nn.Module:
+    """model (eval) with every BN folded into its conv's bias, as users do for inference."""
+    if how == "torch.fx fuse":
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(model)
+    model.fuse_model(is_qat=False)  # torchvision's quantizable models, before quantization's prepare
+    return model
+
+
+@pytest.mark.parametrize("how", ["torch.fx fuse", "quantization fuse_model"])
+def test_a_1x1_shortcut_whose_bn_was_folded_into_its_bias_is_still_the_projected_residual(how):
+    """A ResNet whose BNs were folded into the convs' biases (torch.fx.experimental.optimization.fuse,
+    torchvision's quantizable models' fuse_model) fuses as the unfolded one does: each downsample
+    1x1 conv, its bias as the shift, is the projection of its block's last conv, in one op."""
+    arch = torchvision.models.resnet18 if how == "torch.fx fuse" else torchvision.models.quantization.resnet18
+    torch.manual_seed(0)
+    model = _bns_folded_into_biases(randomize_batchnorm_(arch()).eval(), how)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    optimized = _check(model, torch.randn(2, 3, 40, 40), fused=20, total=20)
+    entries = optimized.fastres_report.entries
+    for block in ("layer2.0", "layer3.0", "layer4.0"):
+        assert entries[f"{block}.downsample.0"] == f"fused: conv, the projected residual of {block}.conv2 (one op)"
+        assert entries[f"{block}.conv2"] == "fused: conv+add+relu"
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(2, 3, 40, 40))
+    projected = [c for c in calls.cases if c.projection is not None]
+    assert len(calls.cases) == 17 and len(projected) == 3
+    assert all(not c.bn and not c.projection.bn for c in projected)
+    x = torch.randn(2, 3, 40, 40)
+    report = fastres.verify(model, optimized, x, per_layer=True)
+    assert report.ok and "layer2.0.conv2 + layer2.0.downsample.0" in [r.name for r in report.layers], str(report)
+    optimized.layer2.train(), model.layer2.train()  # their fused ops then run eager chains, a projection's too
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_1x1_shortcut_without_bn_that_comes_first_is_the_projected_residual_too():
+    """The bias-only 1x1 shortcut runs before the main branch, so its conv takes the add first;
+    the roles swap as for a shortcut with a BN."""
+    optimized = _check(Downsampling("no-bn"), torch.randn(2, 8, 9, 9), fused=2, total=2)
+    assert optimized.fastres_report.entries["down"] == "fused: conv, the projected residual of conv (one op)"
+    assert optimized.fastres_report.entries["conv"] == "fused: conv+bn+add+relu"
+    with ConvCallRecorder() as calls, torch.no_grad():
+        optimized(torch.randn(2, 8, 9, 9))
+    assert [c.projection for c in calls.cases] == [ProjectionCase(8, 9, 9, (2, 2), bn=False)]
+
+
+@pytest.mark.parametrize("shortcut", ["3x3", "relu", "reused"])
 def test_shortcuts_that_are_not_a_plain_projection_stay_their_own_op(shortcut):
     optimized = _check(Downsampling(shortcut), torch.randn(2, 8, 9, 9), fused=2, total=2)
     assert "projected residual" not in str(optimized.fastres_report)
