@@ -105,42 +105,49 @@ def test_models_by_name_and_their_fused_convs(name):
     assert all(c.name.startswith(f"{name}:") for c in calls)
 
 
-def test_layers_without_a_batchnorm_are_timed_against_their_own_eager_chain():
-    """A VGG-style layer (conv + bias + ReLU, no BN) is a case of its own ("-nobn"), and its eager
-    baselines run conv + bias + ReLU, not a BN the model does not have."""
+def _assert_every_contender_computes(case) -> None:
+    """The eager baselines and the fused op, as the layer benchmark runs them on `case`, give its
+    float64 reference (a wrong baseline would make a wrong speedup)."""
     from fastres.bench.harness import Rotation
-    from fastres.bench.layers import layer_cases, runner
+    from fastres.bench.layers import runner
     from fastres.numerics import compare, tolerance
     from fastres.shapes import make_inputs
 
-    cases = layer_cases(["squeezenet1_0"], 1, 64)
-    assert cases and all(not c.bn and c.name.endswith("-nobn") for c in cases)
-    assert all(c.bn for c in layer_cases(["resnet18"], 1, 64))
-    case = cases[1]
-    inputs = make_inputs(case, torch.float32)
-    assert inputs.bn is None and inputs.scale is None
-    expected = inputs.reference(case)
-    for contender in ("eager-nchw", "eager-cl", "fastres-auto"):
-        out = runner(contender, case, inputs, Rotation([inputs.x, inputs.residual], 1))()
-        assert compare(out, expected, tolerance(torch.float32, case.accumulated)).ok, contender
-
-
-def test_leaky_relu_layers_are_timed_with_their_slope():
-    """TResNet's LeakyReLU(0.001) layers are cases of their own, and every contender and baseline
-    applies that slope (checked against float64), not LeakyReLU's default 0.01."""
-    from fastres.bench.harness import Rotation
-    from fastres.bench.layers import layer_cases, runner
-    from fastres.numerics import compare, tolerance
-    from fastres.shapes import make_inputs
-
-    cases = layer_cases(["timm:tresnet_m"], 1, 64)
-    assert {c.negative_slope for c in cases if c.act == "leaky_relu"} == {0.01, 0.001}
-    case = next(c for c in cases if c.negative_slope == 0.001 and c.name.endswith("-leaky_relu(0.001)"))
     inputs = make_inputs(case, torch.float32)
     expected = inputs.reference(case)
     for contender in ("eager-nchw", "eager-cl", "fastres-auto"):
         out = runner(contender, case, inputs, Rotation([inputs.x, inputs.residual], 1))()
         assert compare(out, expected, tolerance(torch.float32, case.accumulated), gain=inputs.gain).ok, contender
+
+
+def test_layers_without_a_batchnorm_are_timed_against_their_own_eager_chain():
+    """A VGG-style layer (conv + bias + ReLU, no BN) is a case of its own ("-nobn"), and its eager
+    baselines run conv + bias + ReLU, not a BN the model does not have."""
+    from fastres.bench.layers import layer_cases
+
+    cases = layer_cases(["squeezenet1_0"], 1, 64)
+    assert cases and all(not c.bn and c.name.endswith("-nobn") for c in cases)
+    assert all(c.bn for c in layer_cases(["resnet18"], 1, 64))
+    _assert_every_contender_computes(cases[1])
+
+
+def test_a_projection_without_a_batchnorm_is_timed_against_its_own_eager_chain():
+    """A block of a model whose BNs were folded into the biases: the eager baselines' projection
+    conv carries the bias that the op takes as the projection's shift."""
+    from fastres.shapes import PROJECTION_ODD_CASES
+
+    _assert_every_contender_computes(next(c for c in PROJECTION_ODD_CASES if not c.projection.bn))
+
+
+def test_leaky_relu_layers_are_timed_with_their_slope():
+    """TResNet's LeakyReLU(0.001) layers are cases of their own, and every contender and baseline
+    applies that slope (checked against float64), not LeakyReLU's default 0.01."""
+    from fastres.bench.layers import layer_cases
+
+    cases = layer_cases(["timm:tresnet_m"], 1, 64)
+    assert {c.negative_slope for c in cases if c.act == "leaky_relu"} == {0.01, 0.001}
+    _assert_every_contender_computes(
+        next(c for c in cases if c.negative_slope == 0.001 and c.name.endswith("-leaky_relu(0.001)")))
 
 
 @pytest.mark.parametrize("name,why", [("resnet", "not a torchvision classification model"),

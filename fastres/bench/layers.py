@@ -97,8 +97,8 @@ def runner(contender: str, case: ConvCase, inputs, rotation: Rotation) -> Callab
     conv, bn = _modules(case, inputs.weight, inputs.bn, inputs.shift, memory_format)
     projection = None
     if case.projection is not None:
-        projection = _modules(case.projection_case(), inputs.projection.weight, inputs.projection_bn, None,
-                              memory_format)
+        projection = _modules(case.projection_case(), inputs.projection.weight, inputs.projection_bn,
+                              inputs.projection.shift, memory_format)
     layer = lambda x, residual: eager_conv_bn(conv, bn, x, residual, case.act, projection,  # noqa: E731
                                               negative_slope=case.negative_slope)
     if contender == "compile":
