@@ -58,7 +58,7 @@ import operator
 import sys
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -284,7 +284,8 @@ def _pads_tf_same(conv: nn.Module) -> bool:
 
 
 def _own_forward(conv: nn.Module) -> bool:
-    return type(conv).forward is not nn.Conv2d.forward
+    """Whether conv computes otherwise than nn.Conv2d (the fused op reads its weight as nn.Conv2d does)."""
+    return type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward
 
 
 def _conv_problem(conv: nn.Module) -> str | None:
@@ -388,6 +389,17 @@ class _Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
 
+    def create_arg(self, a: Any) -> Any:
+        """fx records any dict as a plain dict: a forward returning a Hugging Face ModelOutput (a
+        dataclass and an OrderedDict, indexed by position and read by attribute: `outputs[0]`,
+        `.last_hidden_state`) or an OrderedDict would return a dict. These are rebuilt."""
+        if isinstance(a, dict) and type(a) is not dict:
+            if is_dataclass(a):  # a ModelOutput holds the fields that are not None
+                return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
+            if isinstance(a, OrderedDict):
+                return self.create_node("call_function", type(a), (super().create_arg(dict(a)),), {})
+        return super().create_arg(a)
+
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.called.setdefault(self.path_of_module(m))
         return super().call_module(m, forward, args, kwargs)
@@ -396,9 +408,10 @@ class _Tracer(fx.Tracer):
         return call_hooks(m) is not None or type(m) in self.notrace or self.is_whole(m, qualname)
 
     def is_whole(self, m: nn.Module, qualname: str) -> bool:
-        """Whether m is a leaf whatever its hooks (nothing inside it to fuse)."""
+        """Whether m is a leaf whatever its hooks (nothing inside it to fuse). A Conv2d subclass with
+        nn.Conv2d's forward (Hugging Face EfficientNet's depthwise conv) is a conv as it is."""
         return (_is_batchnorm(m) or is_norm_act(m) or _is_fastres(m)
-                or super().is_leaf_module(m, qualname))
+                or (isinstance(m, nn.Conv2d) and not _own_forward(m)) or super().is_leaf_module(m, qualname))
 
 
 class _NormOf(nn.Module):

@@ -4,11 +4,13 @@ fuses and every one it must leave alone: same answers, same state_dict keys, a t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import io
 import re
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -545,6 +547,13 @@ class StandardizedConv(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
+class ScaledConv(nn.Conv2d):
+    """A conv that changes its weight in _conv_forward, which nn.Conv2d's forward calls."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight * 2, bias)
+
+
 class Unfusable(nn.Module):
     """Chains fastres must leave alone, each for a reason the report names."""
 
@@ -560,6 +569,7 @@ class Unfusable(nn.Module):
         self.no_stats = nn.Conv2d(8, 8, 1)
         self.bn_no_stats = nn.BatchNorm2d(8, track_running_stats=False)
         self.standardized, self.bn_standardized = StandardizedConv(8, 8, 1), nn.BatchNorm2d(8)
+        self.scaled, self.bn_scaled = ScaledConv(8, 8, 1), nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = F.elu(self.elu(x))
@@ -568,7 +578,8 @@ class Unfusable(nn.Module):
         y = self.bn_twice(t) + t
         y = self.bn_reflect(self.reflect(y))
         y = self.bn_no_stats(self.no_stats(y))
-        return F.relu(self.bn_standardized(self.standardized(y)))
+        y = F.relu(self.bn_standardized(self.standardized(y)))
+        return F.relu(self.bn_scaled(self.scaled(y)))
 
 
 class SharedConv(nn.Module):
@@ -711,7 +722,7 @@ def test_a_forward_that_switches_grad_mode_or_autocast_is_not_traced(style):
 
 
 def test_unfusable_chains_stay_eager_with_reasons():
-    optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=6)
+    optimized = _check(Unfusable(), torch.randn(2, 4, 6, 6), fused=0, total=7)
     eager = optimized.fastres_report.eager
     assert "not followed by a BatchNorm, residual add or one of the op's activations (next: elu)" in eager["elu"]
     assert "(next: call_module used_twice)" in eager["after_bn"]
@@ -719,6 +730,76 @@ def test_unfusable_chains_stay_eager_with_reasons():
     assert "padding_mode='reflect'" in eager["reflect"]
     assert "running statistics" in eager["no_stats"]
     assert eager["standardized"] == "eager: StandardizedConv has its own forward (not a plain nn.Conv2d)"
+    assert eager["scaled"] == "eager: ScaledConv has its own forward (not a plain nn.Conv2d)"
+
+
+class PlainConv(nn.Conv2d):
+    """A Conv2d subclass that computes as nn.Conv2d (Hugging Face EfficientNet's depthwise conv)."""
+
+
+def test_a_conv2d_subclass_that_computes_as_conv2d_fuses():
+    model = nn.Sequential(PlainConv(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.SiLU())
+    optimized = _check(model, torch.randn(2, 4, 6, 6), fused=1, total=1)
+    assert optimized.fastres_report.entries["0"] == "fused: conv+bn+silu"
+
+
+@dataclasses.dataclass
+class ModelOutput(OrderedDict):
+    """What Hugging Face's ModelOutput is: a dataclass, and an OrderedDict of the fields that are not
+    None, which callers index by position (`outputs[0]`) and read by attribute."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+    def __getitem__(self, key):
+        return list(self.values())[key] if isinstance(key, int) else super().__getitem__(key)
+
+
+class Encoder(nn.Module):
+    def __init__(self, ordered: bool):
+        super().__init__()
+        self.ordered = ordered
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        y = self.stem(x)
+        z = self.stage(y)
+        return OrderedDict(stem=y, stage=z) if self.ordered else ModelOutput(last_hidden_state=z)
+
+
+class WithModelOutputs(nn.Module):
+    """A Hugging Face model's shape: its encoder returns a ModelOutput, read by position."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder(ordered=False)
+
+    def forward(self, x):
+        return ModelOutput(last_hidden_state=self.encoder(x)[0].mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", [WithModelOutputs, lambda: Encoder(ordered=True)], ids=["ModelOutput", "OrderedDict"])
+def test_a_forward_returning_a_dict_subclass_returns_it_after_optimize(model):
+    """torch.fx records a returned dict subclass as a plain dict: a Hugging Face model's encoder then
+    returned a dict, and its caller's `encoder_outputs[0]` raised KeyError (its ResNet, RegNet)."""
+    model = randomize_batchnorm_(model()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    optimized = fastres.optimize(model)
+    assert len(optimized.fastres_report.fused) == 2
+    with torch.no_grad():
+        got, expected = optimized(x), model(x)
+    assert type(got) is type(expected) and list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    restored = _saved_and_loaded(optimized)
+    with torch.no_grad():
+        assert type(restored(x)) is type(expected)
 
 
 class NoBatchNorm(nn.Module):
