@@ -1474,10 +1474,12 @@ def test_torchs_weight_recomputing_pre_hooks_keep_their_conv_eager_and_say_how_t
     that call the conv fuses."""
     torch.manual_seed(0)
     model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())).eval()
-    utils = torch.nn.utils
+    from torch.nn import utils
+    from torch.nn.utils import prune as pruning  # a submodule torch.nn.utils does not import itself
+
     if prune:
-        utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
-        remedy, make_permanent = "prune.remove(module, 'weight')", lambda: utils.prune.remove(model[0], "weight")
+        pruning.l1_unstructured(model[0], "weight", amount=0.5)
+        remedy, make_permanent = "prune.remove(module, 'weight')", lambda: pruning.remove(model[0], "weight")
     else:
         with pytest.warns(FutureWarning):
             utils.weight_norm(model[0])
