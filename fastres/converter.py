@@ -363,7 +363,7 @@ def _modes() -> dict[str, Any]:
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
     fastres's own fused modules, any module with call hooks (they must run as in eager), and
-    instances of `notrace` (with `autowrap_functions`: timm's lists, _timm_notrace). `called`
+    instances of `notrace` (with `autowrap_functions`: timm's lists and others, _notrace_lists). `called`
     names every module the traced forward called, leaves or traced through. In-place operators
     stay in place (_InPlaceProxy). A node recorded while the forward has switched a global mode
     (_modes) ends the trace with UnfaithfulTrace."""
@@ -889,14 +889,22 @@ def _report_as_before(module: nn.Module, prefix: str, report: OptimizeReport) ->
             report.entries[prefix + name] = "eager: left unfused by an earlier fastres.optimize"
 
 
-def _timm_notrace() -> tuple[frozenset[type], tuple[Callable, ...]]:
-    """The modules and functions timm registers as not to be traced into (timm.layers._fx: what
-    timm's own feature extraction hands torch.fx), if timm is loaded; else none."""
+# Hugging Face's helpers that compute TensorFlow's SAME padding from sizes with Python's max(),
+# which fx cannot trace; as calls, the convs after them fuse (MobileNetV1 / V2 with tf_padding).
+_HF_NOTRACE_FUNCTIONS = (("transformers.models.mobilenet_v1.modeling_mobilenet_v1", "apply_tf_padding"),
+                         ("transformers.models.mobilenet_v2.modeling_mobilenet_v2", "apply_tf_padding"))
+
+
+def _notrace_lists() -> tuple[frozenset[type], tuple[Callable, ...]]:
+    """The modules and functions not to trace into: those timm registers (timm.layers._fx: what
+    timm's own feature extraction hands torch.fx) and Hugging Face's padding helpers, of the
+    libraries loaded; else none."""
     registry = sys.modules.get("timm.layers._fx")
-    if registry is None:
-        return frozenset(), ()
-    return (frozenset(registry.get_notrace_modules()),
-            tuple(f for f in registry.get_notrace_functions() if callable(f)))
+    modules = frozenset() if registry is None else frozenset(registry.get_notrace_modules())
+    functions = [] if registry is None else [f for f in registry.get_notrace_functions() if callable(f)]
+    functions += [getattr(sys.modules[m], name) for m, name in _HF_NOTRACE_FUNCTIONS
+                  if hasattr(sys.modules.get(m), name)]
+    return modules, tuple(functions)
 
 
 def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
@@ -909,7 +917,7 @@ def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, 
     functions not to trace into as calls (a dynamically padded Conv2dSame in a MaxViT block): the
     rest of it then fuses, and those modules are rewritten on their own."""
     constants = _constant_defaults(module, given)
-    notrace = _timm_notrace()
+    notrace = _notrace_lists()
     tracers = [_Tracer] + ([functools.partial(_Tracer, *notrace)] if any(notrace) else [])
     tries = [(tracer, traced_with) for tracer in tracers for traced_with in ([constants, {}] if constants else [{}])]
     for tracer, traced_with in tries[:-1]:
@@ -976,6 +984,13 @@ def _traced_as(
         if original in traced_with and node.target != original:
             node.target = original
             node._rename(original)
+    # fx guards an argument traced as None with a wrapped call, which the code of a graph module
+    # names as `wrap("torch.fx._symbolic_trace._assert_is_none")`: run again after torch.load, that
+    # makes every later torch.fx trace in the process fail (pytorch/pytorch#130701). The eager
+    # fallback already takes calls that pass another value (EagerFallback.wanted).
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none and not node.users:
+            graph.erase_node(node)
     return tracer, graph, traced_with
 
 

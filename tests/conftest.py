@@ -5,8 +5,14 @@ tests (`--sweep`)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
+
+# `python -m pytest` puts the checkout's root on sys.path, where kernels/ (installed as
+# fastres.kernels) would shadow the `kernels` package that transformers imports.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

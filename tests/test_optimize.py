@@ -1818,6 +1818,23 @@ def test_arguments_with_constant_defaults_are_traced_as_their_defaults():
     assert len(warned) == 1 and "this call's scale=2.0 is not the None the graph" in warned[0], warned
 
 
+def test_loading_a_model_traced_with_a_none_default_leaves_torch_fx_working():
+    """fx guards an argument traced as None with a wrapped call that a graph module's code names
+    `wrap("torch.fx._symbolic_trace._assert_is_none")`; run again by torch.load, it made every
+    later torch.fx trace in the process fail with a KeyError (pytorch/pytorch#130701), optimize's
+    own included. The loaded model still takes a call with another value to its own forward."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(DefaultArguments()).eval()
+    loaded = _saved_and_loaded(fastres.optimize(model))
+    torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    assert fastres.optimize(model).fastres_report.entries["conv"] == "fused: conv+bn+relu"
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that scale=2.0 runs the model's own forward
+        for kwargs in ({}, {"scale": 2.0}):
+            torch.testing.assert_close(loaded(x, **kwargs), model(x, **kwargs), rtol=1e-5, atol=1e-5)
+
+
 def test_example_inputs_that_pass_an_argument_trace_it_as_a_tensor():
     """A `residual=None` that callers always fill: with example_inputs passing it, the graph takes
     it as a tensor and fuses the add; without, such calls run the model's own forward."""
