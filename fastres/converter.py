@@ -65,12 +65,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_structure
 
 from fastres.backends import check_name
 from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
 from fastres.compilation import precompile
 from fastres.graph_module import EagerFallback, graph_module, is_rewritten
-from fastres.hooks import call_hooks, hook_memo, move_hooks
+from fastres.hooks import call_hooks, hook_memo, hooks_held, move_hooks
 from fastres.ops import autocast_dtype, exporting_to_onnx
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, output_hw
 
@@ -1139,7 +1140,8 @@ def optimize(
     backend: the fused op's backend; dtype: cast the copy (e.g. torch.float16); channels_last:
     store 4-D weights channels_last (the kernels' fast layout). example_inputs: if given, the
     optimized copy is run on them once (its Triton kernels compiled first, all in one parallel
-    pool: fastres.precompile), and should that fail, the unfused copy is returned. Arguments of
+    pool: fastres.precompile), and should that fail, or its output's containers and keys differ
+    from the model's, the unfused copy is returned. Arguments of
     forward with constant defaults (`mask=None`, `flag=False`) are traced as those defaults, and
     calls that pass other values run the model's own forward, unless example_inputs passes them.
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
@@ -1172,7 +1174,13 @@ def optimize(
         try:
             precompile(optimized, *inputs)
             with torch.no_grad():
-                optimized(*inputs)
+                got = optimized(*inputs)
+                with hooks_held(baseline):  # your hooks see one call, the optimized model's
+                    expected = baseline(*inputs)
+            # The same containers and keys as the model's own output (values are verify's to check).
+            if tree_structure(got) != tree_structure(expected):
+                raise RuntimeError(f"it returned a {type(got).__name__} shaped otherwise than the model's "
+                                   f"{type(expected).__name__}")
         except Exception as exc:  # noqa: BLE001 - never hand back a model that breaks
             warnings.warn(f"fastres.optimize: the optimized model failed on example_inputs ({exc}); "
                           "returning the unfused model", RuntimeWarning, stacklevel=2)

@@ -1949,6 +1949,31 @@ def test_example_inputs_that_break_the_fused_model_return_the_unfused_one():
     assert not optimized.fastres_report.fused
 
 
+def test_example_inputs_on_which_the_fused_output_changes_shape_return_the_unfused_model(monkeypatch):
+    """A fused graph whose output is not built as the model's (here: torch.fx's own handling of a
+    returned OrderedDict, a plain dict) is caught on example_inputs: the unfused copy comes back."""
+    from fastres import converter
+
+    monkeypatch.setattr(converter._Tracer, "create_arg", torch.fx.Tracer.create_arg)
+    model = randomize_batchnorm_(Encoder(ordered=True)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="it returned a dict shaped otherwise than the model's OrderedDict"):
+        optimized = fastres.optimize(model, example_inputs=x)
+    assert not optimized.fastres_report.fused
+    with torch.no_grad():
+        assert type(optimized(x)) is OrderedDict
+
+
+def test_checking_example_inputs_runs_your_hooks_once():
+    """optimize runs the optimized copy and the unfused one on example_inputs; the hooks, which both
+    share with your model, see the optimized copy's call only."""
+    model = randomize_batchnorm_(Encoder(ordered=True)).eval()
+    calls = []
+    model.stage.register_forward_hook(lambda module, args, out: calls.append(module))
+    fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "autocast-bf16"])
 def test_precompile_lists_the_calls_on_meta_tensors_and_leaves_the_model_untouched(monkeypatch, autocast):
     """What precompile compiles ahead is read off a meta-tensor run: the same calls, shapes,
