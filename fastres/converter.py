@@ -75,7 +75,7 @@ from fastres.hooks import call_hooks, hook_memo, hooks_held, move_hooks
 from fastres.ops import autocast_dtype, exporting_to_onnx
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, output_hw
 
-__all__ = ["optimize", "OptimizeReport", "FusedConvBN"]
+__all__ = ["optimize", "OptimizeReport", "FusedConvBN", "model_copy"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -1073,19 +1073,20 @@ def _rewrite_children(module: nn.Module, prefix: str, backend: str, report: Opti
     return module
 
 
-def _computed_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
-    """A deepcopy memo entry, a detached copy, for each tensor a module of `model` holds as a plain
-    attribute that autograd computed: torch.nn.utils.prune's `weight` (weight_orig * mask, which its
-    pre-hook recomputes every call) and the old weight_norm's. deepcopy refuses those."""
-    return {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
-            if isinstance(value, torch.Tensor) and not value.is_leaf}
+def model_copy(model: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
+    """copy.deepcopy(model, memo), where each tensor a module holds as a plain attribute that
+    autograd computed is copied detached: torch.nn.utils.prune's `weight` (weight_orig * mask, which
+    its pre-hook recomputes every call) and the old weight_norm's, which deepcopy refuses."""
+    computed = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
+                if isinstance(value, torch.Tensor) and not value.is_leaf}
+    return copy.deepcopy(model, {**(memo or {}), **computed})
 
 
 def _copy(model: nn.Module) -> nn.Module:
     """optimize's deepcopy of `model`, sharing the user's hook callables (fastres.hooks.hook_memo),
     with every module in the mode it had in `model`."""
     try:
-        copied = copy.deepcopy(model, {**hook_memo(model), **_computed_tensors(model)})
+        copied = model_copy(model, hook_memo(model))
     except (RuntimeError, TypeError) as exc:  # a tensor autograd computed, elsewhere; a lock, a file
         why = f"fastres.optimize works on a copy of the model, and copy.deepcopy(model) failed: {exc}"
         raise (TypeError if isinstance(exc, TypeError) else RuntimeError)(why) from exc

@@ -17,13 +17,12 @@ fastres.numerics, exactly as the kernel tests require.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from fastres.converter import FusedConvBN
+from fastres.converter import FusedConvBN, model_copy
 from fastres.nn import conv_bn_fold
 from fastres.numerics import branch_gain, compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
 from fastres.ops import autocast_dtype
@@ -90,7 +89,7 @@ def _as_dtype_of(model: nn.Module, optimized: nn.Module) -> nn.Module:
     dtype = _parameter_dtype(optimized)
     if dtype is None or _parameter_dtype(model) in (None, dtype):
         return model
-    return copy.deepcopy(model).to(dtype)
+    return model_copy(model).to(dtype)
 
 
 def _row(name: str, out: torch.Tensor, ref: torch.Tensor, tol, gain=None, note: str = "") -> Row:
@@ -122,7 +121,7 @@ def verify(
         with torch.no_grad():
             eager_out = _first_tensor(baseline(*inputs))
             fused_out = _first_tensor(optimized(*inputs))
-            reference = copy.deepcopy(model).cpu().double()
+            reference = model_copy(model).cpu().double()
             with torch.autocast("cpu", enabled=False):
                 ref_out = _first_tensor(reference(*_as_float64_cpu(inputs)))
     finally:

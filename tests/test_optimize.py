@@ -1488,6 +1488,8 @@ def test_torchs_weight_recomputing_pre_hooks_keep_their_conv_eager_and_say_how_t
     optimized = fastres.optimize(model)
     assert optimized.fastres_report.entries["0"].startswith("eager: it has a forward pre-hook")
     assert remedy in optimized.fastres_report.entries["0"]
+    as_float64 = fastres.optimize(model, dtype=torch.float64)  # verify copies the model to its dtype
+    assert fastres.verify(model, as_float64, torch.randn(2, 3, 8, 8, dtype=torch.float64), per_layer=True).ok
     _assert_both_follow_a_new_state_dict(model, optimized, ("weight_orig", "weight_v"))
     make_permanent()
     optimized = fastres.optimize(model)
