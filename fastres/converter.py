@@ -1141,8 +1141,10 @@ def optimize(
     backend: the fused op's backend; dtype: cast the copy (e.g. torch.float16); channels_last:
     store 4-D weights channels_last (the kernels' fast layout). example_inputs: if given, the
     optimized copy is run on them once (its Triton kernels compiled first, all in one parallel
-    pool: fastres.precompile), and should that fail, or its output's containers and keys differ
-    from the model's, the unfused copy is returned. Arguments of
+    pool: fastres.precompile), and should that fail, its output's containers and keys differ
+    from the model's, or its answers fail fastres.verify's rule (checked against a float64 copy
+    when they differ from the unfused copy's by more than the dtype's tolerance), the unfused copy
+    is returned. Arguments of
     forward with constant defaults (`mask=None`, `flag=False`) are traced as those defaults, and
     calls that pass other values run the model's own forward, unless example_inputs passes them.
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
@@ -1174,22 +1176,33 @@ def optimize(
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
             precompile(optimized, *inputs)
-            with torch.no_grad():
-                got = optimized(*inputs)
-                with hooks_held(baseline):  # your hooks see one call, the optimized model's
-                    expected = baseline(*inputs)
-            # The same containers and keys as the model's own output (values are verify's to check).
-            if tree_structure(got) != tree_structure(expected):
-                raise RuntimeError(f"it returned a {type(got).__name__} shaped otherwise than the model's "
-                                   f"{type(expected).__name__}")
+            refused = _refused_on(optimized, baseline, inputs)
         except Exception as exc:  # noqa: BLE001 - never hand back a model that breaks
-            warnings.warn(f"fastres.optimize: the optimized model failed on example_inputs ({exc}); "
+            refused = (f"{type(exc).__name__}: {exc}", type(exc).__name__)
+        if refused is not None:
+            warnings.warn(f"fastres.optimize: the optimized model failed on example_inputs ({refused[0]}); "
                           "returning the unfused model", RuntimeWarning, stacklevel=2)
-            report.entries = {n: f"eager: optimized model failed on example_inputs ({type(exc).__name__})"
+            report.entries = {n: f"eager: optimized model failed on example_inputs ({refused[1]})"
                               for n in report.entries}
             optimized = baseline
     optimized.fastres_report = report
     return optimized
+
+
+def _refused_on(optimized: nn.Module, baseline: nn.Module, inputs: tuple) -> tuple[str, str] | None:
+    """Why the optimized copy cannot be handed back, by its output on example_inputs next to the
+    unfused copy's (run with its hooks held: yours see one call), in long and short words; or None.
+    The output must have the model's containers and keys, and answers verify would pass."""
+    from fastres.verification import disagreement, run_from_here  # (it imports this module)
+
+    got = run_from_here(optimized, inputs)
+    with hooks_held(baseline):
+        expected = run_from_here(baseline, inputs)
+    if tree_structure(got) != tree_structure(expected):
+        return (f"it returned a {type(got).__name__} shaped otherwise than the model's {type(expected).__name__}",
+                "output shaped otherwise")
+    why = disagreement(baseline, inputs, got, expected)
+    return None if why is None else (why, "answers off")
 
 
 def _module_order(model: nn.Module, name: str) -> int:

@@ -5,7 +5,8 @@ another dtype than the optimized model, as after optimize(model, dtype=torch.flo
 copy cast to the optimized model's); a float64 copy of the original on the CPU is ground truth.
 Errors grow over fifty layers in any low precision, so the optimized model passes when its error
 is within the per-dtype tolerance or no more than twice the eager model's own error (same dtype,
-same inputs): "no worse than what you had".
+same inputs), with Inf / NaN only where the float64 or the eager output has them: "no worse than
+what you had" (`judge`).
 
 Under torch.autocast (verify called inside the region) "their dtype" is autocast's: tolerances
 are autocast's dtype's, and the float64 reference runs with autocast off.
@@ -13,18 +14,26 @@ are autocast's dtype's, and the float64 reference runs with autocast off.
 Per layer (optional): each fused layer's own inputs are captured during the optimized run and
 the layer is recomputed in float64 from them; it must meet the per-dtype layer tolerance of
 fastres.numerics, exactly as the kernel tests require.
+
+`disagreement` is the same whole-model rule for `fastres.optimize(model, example_inputs=...)`,
+which already holds both models' outputs: it builds a float64 reference only when they differ by
+more than the dtype's tolerance.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from fastres.converter import FusedConvBN, model_copy
+from fastres.hooks import hooks_held
 from fastres.nn import conv_bn_fold
-from fastres.numerics import branch_gain, compare, conv_tf32_enabled, reference_conv_bn_act, tolerance
+from fastres.numerics import (Comparison, Tolerance, branch_gain, compare, conv_tf32_enabled, reference_conv_bn_act,
+                              tolerance)
 from fastres.ops import autocast_dtype
 
 __all__ = ["verify", "VerifyReport", "Row"]
@@ -92,6 +101,85 @@ def _as_dtype_of(model: nn.Module, optimized: nn.Module) -> nn.Module:
     return model_copy(model).to(dtype)
 
 
+def _model_tolerance(x: torch.Tensor) -> tuple[torch.dtype, Tolerance]:
+    """The dtype a model computes in on input x (autocast's, in an autocast region) and its tolerance."""
+    dtype = autocast_dtype(x)
+    return dtype, tolerance(dtype, tf32=dtype == torch.float32 and x.is_cuda and conv_tf32_enabled())
+
+
+@dataclass(frozen=True)
+class Judgement:
+    eager: Comparison
+    fused: Comparison
+    bound: float
+    ok: bool
+
+
+def judge(fused_out: torch.Tensor, eager_out: torch.Tensor, ref_out: torch.Tensor, tol: Tolerance) -> Judgement:
+    """The whole-model rule: the fused output's error against the float64 reference within the
+    tolerance or at most twice the eager model's own, and Inf / NaN where the reference or the
+    eager model has them (an fp16 model that overflows in eager may overflow fused too)."""
+    eager = compare(eager_out, ref_out, tol)
+    fused = compare(fused_out, ref_out, tol)
+    bound = max(tol.rel_norm, 2.0 * eager.rel_norm)
+    finite = torch.isfinite(fused_out).cpu()
+    where_expected = any(bool(finite.eq(torch.isfinite(t).cpu()).all()) for t in (ref_out, eager_out))
+    return Judgement(eager, fused, bound, where_expected and fused.rel_norm <= bound)
+
+
+def run_from_here(model: nn.Module, inputs: tuple) -> Any:
+    """model(*inputs) without grad, from the caller's random state, which it leaves as it was: copies
+    of a model that samples in eval mode (noise, a random crop) draw the same numbers."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        return model(*inputs)
+
+
+def _float_pairs(got: Any, expected: Any) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(index, got, expected) for each floating tensor leaf of two outputs of one structure that
+    has the same shape in both (a detector's boxes may number otherwise: those are left out)."""
+    return [(i, g, e) for i, (g, e) in enumerate(zip(tree_leaves(got), tree_leaves(expected)))
+            if isinstance(g, torch.Tensor) and isinstance(e, torch.Tensor) and g.is_floating_point()
+            and e.is_floating_point() and g.shape == e.shape]
+
+
+def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any) -> str | None:
+    """Why the optimized model's output `got` on `inputs` cannot be trusted next to `expected`, the
+    unfused `model`'s (the same dtype, an output of the same structure), or None. Floating tensors
+    within the dtype's tolerance of each other pass; otherwise a float64 copy of `model` runs on
+    the inputs' device and verify's whole-model rule (`judge`) decides each of them."""
+    x = next((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    pairs = _float_pairs(got, expected)
+    if x is None or not pairs:
+        return None
+    dtype, tol = _model_tolerance(x)
+    differing = [(i, g, e) for i, g, e in pairs if compare(g, e, tol).rel_norm > tol.rel_norm
+                 or not bool(torch.isfinite(g).eq(torch.isfinite(e)).all())]
+    if not differing:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    try:
+        reference = model_copy(model).double()
+        with hooks_held(reference), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            ref = run_from_here(reference, tree_map(
+                lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs))
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64: nothing decides
+        return (f"its output differs from the unfused model's by more than the {name} tolerance, and a float64 "
+                f"copy of the model, which would say which is right, failed ({exc})")
+    refs = {i: r for i, r, _ in _float_pairs(ref, expected)} if tree_structure(ref) == tree_structure(expected) else {}
+    for i, g, e in differing:
+        if i not in refs:
+            return (f"output {i} differs from the unfused model's by more than the {name} tolerance, and a float64 "
+                    "copy of the model returns no such output to say which is right")
+        j = judge(g, e, refs[i], tol)
+        if j.fused.rel_norm > j.bound:
+            return (f"output {i}'s error against float64 is {j.fused.rel_norm:.3g} (relative norm), over its bound "
+                    f"{j.bound:.3g}: the {name} tolerance or twice the unfused model's {j.eager.rel_norm:.3g}")
+        if not j.ok:
+            return f"output {i} has Inf or NaN where neither a float64 copy nor the unfused model has them"
+    return None
+
+
 def _row(name: str, out: torch.Tensor, ref: torch.Tensor, tol, gain=None, note: str = "") -> Row:
     c = compare(out, ref, tol, gain)
     return Row(name, c.max_abs, c.max_rel, c.rel_norm, c.ok, note)
@@ -106,7 +194,7 @@ def verify(
     """Run `model`, `optimized` and a float64 reference on `inputs`; report errors (see module doc)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     x = _first_tensor(inputs)
-    dtype = autocast_dtype(x)
+    dtype, tol = _model_tolerance(x)
     tf32 = dtype == torch.float32 and x.is_cuda and conv_tf32_enabled()
     report = VerifyReport(dtype)
     baseline = _as_dtype_of(model, optimized)
@@ -128,15 +216,12 @@ def verify(
         for hook in hooks:
             hook.remove()
 
-    tol = tolerance(dtype, tf32=tf32)
-    eager = compare(eager_out, ref_out, tol)
-    bound = max(tol.rel_norm, 2.0 * eager.rel_norm)
+    j = judge(fused_out, eager_out, ref_out, tol)
     cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
-    report.model.append(Row(f"eager (original{cast})", eager.max_abs, eager.max_rel, eager.rel_norm, True, "baseline"))
-    fused = compare(fused_out, ref_out, tol)
-    report.model.append(Row("fastres (optimized)", fused.max_abs, fused.max_rel, fused.rel_norm,
-                            bool(torch.isfinite(fused_out).eq(torch.isfinite(ref_out)).all()) and fused.rel_norm <= bound,
-                            f"rel norm bound {bound:.3g}"))
+    report.model.append(Row(f"eager (original{cast})", j.eager.max_abs, j.eager.max_rel, j.eager.rel_norm, True,
+                            "baseline"))
+    report.model.append(Row("fastres (optimized)", j.fused.max_abs, j.fused.max_rel, j.fused.rel_norm, j.ok,
+                            f"rel norm bound {j.bound:.3g}"))
 
     for module, args in captured:
         conv, bn = module._modules_ref

@@ -3,6 +3,7 @@ tables, JSON with the environment, plots, --compare; and the rules behind the nu
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -53,6 +54,22 @@ def test_models_smoke(tmp_path):
     rows = json.loads(next(tmp_path.glob("models-*-smoke.json")).read_text())["rows"]
     assert {r["contender"] for r in rows} == {"eager-nchw", "eager-cl", "compile", "fastres-auto", "fastres-triton"}
     assert all(r["correct"] for r in rows) and all(r["first_call_s"] > 0 for r in rows)
+
+
+def test_a_fast_wrong_model_is_reported_as_a_failure(monkeypatch):
+    """The models suite judges every contender by fastres.verify's rule against float64: a fused
+    model 1% off (a kernel bug) is not correct, eager is."""
+    from fastres.backends import reference
+    from fastres.bench.harness import Settings
+    from fastres.bench.models import named_model, run_setting
+
+    run = reference.run
+    monkeypatch.setattr(reference, "run", lambda *args: run(*args) * 1.01)
+    model = named_model("resnet18")
+    settings = Settings(torch.float32, torch.device("cpu"), ["eager-cl", "fastres-reference"], None)
+    rows = {r.contender: r for r in run_setting("resnet18", model, copy.deepcopy(model).double(), 1, 32, settings)}
+    assert rows["eager-cl"].correct and rows["eager-cl"].rel_error < 1e-5
+    assert not rows["fastres-reference"].correct and rows["fastres-reference"].rel_error > 5e-3
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="--smoke is the CPU path")

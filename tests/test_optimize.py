@@ -1966,6 +1966,90 @@ def test_example_inputs_on_which_the_fused_output_changes_shape_return_the_unfus
         assert type(optimized(x)) is OrderedDict
 
 
+def _off_by(monkeypatch, factor: float) -> None:
+    """Make the CPU backend's fused calls wrong by `factor` (a kernel bug on some GPU)."""
+    from fastres.backends import reference
+
+    run = reference.run
+    monkeypatch.setattr(reference, "run", lambda *args: run(*args) * factor)
+
+
+def test_example_inputs_on_which_the_fused_answers_are_off_return_the_unfused_model(monkeypatch):
+    _off_by(monkeypatch, 1.01)
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match=r"output 0's error against float64 is .* over its bound"):
+        optimized = fastres.optimize(model, example_inputs=x)
+    assert not optimized.fastres_report.fused
+    eager = set(optimized.fastres_report.eager.values())
+    assert eager == {"eager: optimized model failed on example_inputs (answers off)"}
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x))
+
+
+class _NoFloat64(nn.Module):
+    """A model that cannot run in float64 (a kernel of its own for fp16 / fp32 only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        torch._assert(x.dtype != torch.float64, "no float64 kernel")
+        return self.body(x)
+
+
+def test_example_inputs_whose_answers_no_float64_copy_can_judge_return_the_unfused_model(monkeypatch):
+    _off_by(monkeypatch, 1.01)
+    model = randomize_batchnorm_(_NoFloat64()).eval()
+    with pytest.warns(RuntimeWarning, match="a float64 copy of the model, which would say which is right, failed "
+                                            r"\(no float64 kernel\)"):
+        optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert not optimized.fastres_report.fused
+
+
+def test_example_inputs_that_differ_by_more_than_the_tolerance_are_judged_against_float64(monkeypatch):
+    """fp16 answers that differ from the unfused copy's by more than fp16's tolerance (here: made
+    tiny) are not refused for that: a float64 copy runs, and the fused model, as close to it as
+    the unfused one, is kept."""
+    from fastres import verification
+    from fastres.numerics import Tolerance
+
+    monkeypatch.setattr(verification, "tolerance", lambda *args, **kwargs: Tolerance(1e-12, 1e-12, 1e-12))
+    copies = []
+    model_copy = verification.model_copy
+    monkeypatch.setattr(verification, "model_copy", lambda m: copies.append(m) or model_copy(m))
+    model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimized = fastres.optimize(model, dtype=torch.float16, example_inputs=torch.randn(2, 3, 32, 32).half())
+    assert len(optimized.fastres_report.fused) == 20 and len(copies) == 1
+
+
+class _SamplesInEval(nn.Module):
+    """A conv net that adds noise in eval mode too (a generative model's sampling step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x + torch.randn_like(x))
+
+
+def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_it_was():
+    model = randomize_batchnorm_(_SamplesInEval()).eval()
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
+    after = torch.rand(4)
+    torch.manual_seed(1)
+    torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)
+    assert optimized.fastres_report.fused == ["body.0"]
+
+
 def test_checking_example_inputs_runs_your_hooks_once():
     """optimize runs the optimized copy and the unfused one on example_inputs; the hooks, which both
     share with your model, see the optimized copy's call only."""

@@ -11,6 +11,8 @@ import torch
 import fastres
 from fastres.converter import FusedConvBN
 from fastres.bench.models import named_model
+from fastres.numerics import tolerance
+from fastres.verification import judge
 
 
 def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
@@ -101,6 +103,33 @@ def test_verify_catches_a_wrong_final_output():
         optimized.fc.bias.add_(0.5)
     report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32))
     assert not report.ok and not report.model[1].ok
+
+
+_REF = torch.linspace(-4.0, 4.0, 64, dtype=torch.float64).view(1, 4, 4, 4)
+_INF = torch.zeros_like(_REF).index_fill_(3, torch.tensor([1]), float("inf"))  # Inf in one column
+
+
+@pytest.mark.parametrize("fused_err, eager_err, fused_inf, eager_inf, ok", [
+    (1e-3, 1e-3, False, False, True),    # fp16 as eager: within the tolerance
+    (2e-3, 3e-3, False, False, True),    # over the tolerance, but no worse than twice eager's error
+    (7e-3, 3e-3, False, False, False),   # more than twice eager's error
+    (1e-4, 1e-4, True, True, True),      # Inf where the eager model overflows too
+    (1e-4, 1e-4, True, False, False),    # Inf where neither eager nor float64 has one
+], ids=["within-tolerance", "within-twice-eager", "over-twice-eager", "inf-as-eager", "inf-alone"])
+def test_the_whole_model_rule(fused_err, eager_err, fused_inf, eager_inf, ok):
+    def off(err: float, inf: bool) -> torch.Tensor:
+        return (_REF * (1 + err) + (_INF if inf else 0)).half()
+
+    j = judge(off(fused_err, fused_inf), off(eager_err, eager_inf), _REF, tolerance(torch.float16))
+    assert j.ok == ok
+    assert j.bound == pytest.approx(max(1e-3, 2 * j.eager.rel_norm))
+
+
+@pytest.mark.gpu
+def test_gpu_verify_an_fp16_model_on_the_gpu():
+    model = named_model("resnet18").cuda().half()
+    report = fastres.verify(model, fastres.optimize(model), torch.randn(2, 3, 64, 64).cuda().half(), per_layer=True)
+    assert report.ok, str(report)
 
 
 def test_verify_zoo_model_against_torchvision():
