@@ -1,13 +1,10 @@
 """fastres.optimize: rewrite an existing eval-mode model so conv -> BN -> (+ residual) -> act chains
 run as fused fastres ops, and report, conv by conv, what was fused and why not.
 
-How: torch.fx. The model is traced (symbolic_trace); a module that cannot be traced is left as it
-is and its children are tried one by one, so an untraceable top level still gets its blocks
-fused. Two fx habits are corrected: forward's arguments with constant defaults are traced as
-those constants, not as tensors (_trace), and in-place operators stay in place (_InPlaceProxy).
-fx does not record `with` blocks either: a forward that switches grad mode, inference mode or
-autocast around traced code (`with torch.no_grad():`, a `@torch.autocast` forward) is treated
-as untraceable (_Tracer.create_node), since its graph would run without them.
+How: torch.fx, with fastres.tracing's tracer, which traces a module faithfully or not at all
+(arguments with constant defaults, in-place operators, forwards that switch grad mode or
+autocast, returned ModelOutputs). A module that cannot be traced is left as it is and its
+children are tried one by one, so an untraceable top level still gets its blocks fused.
 In each graph a chain is fused when every link has exactly one user:
 
     nn.Conv2d (plain, or timm's Conv2dSame; zero padding) -> BatchNorm (BatchNorm2d and subclasses
@@ -50,16 +47,12 @@ part of a fused chain. Hooks added later to a module the graph bypasses are watc
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import inspect
 import operator
 import sys
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, field, is_dataclass
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -74,6 +67,7 @@ from fastres.graph_module import EagerFallback, graph_module, is_rewritten
 from fastres.hooks import call_hooks, hook_memo, hooks_held, move_hooks
 from fastres.ops import autocast_dtype, exporting_to_onnx
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, output_hw
+from fastres.tracing import Tracer, UnfaithfulTrace, attributes_kept, trace
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN", "model_copy"]
 
@@ -334,85 +328,20 @@ def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
     return None
 
 
-class _InPlaceProxy(fx.Proxy):
-    """fx's Proxy has no __iadd__, so Python traces `a += b` as `a = a + b`: the graph then no
-    longer writes into a, which another name for that tensor, or the model's caller, may read.
-    This one records operator.iadd and kin, which run in place, as eager's code did."""
-
-
-def _in_place(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
-    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
-    return method
-
-
-for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor",
-              "ilshift", "irshift"):
-    setattr(_InPlaceProxy, f"__{_name}__", _in_place(getattr(operator, _name)))
-
-
-class UnfaithfulTrace(RuntimeError):
-    """The forward traced, but its graph would not compute what the forward computes."""
-
-
-def _modes() -> dict[str, Any]:
-    """The global modes a forward may switch with a `with` block, which fx does not record."""
-    return {"grad mode": torch.is_grad_enabled(), "inference mode": torch.is_inference_mode_enabled(),
-            **{f"{d} autocast": (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}}
-
-
-class _Tracer(fx.Tracer):
-    """Leaves: torch.nn modules, BatchNorms of any origin (with or without their own activation),
-    fastres's own fused modules, any module with call hooks (they must run as in eager), and
-    instances of `notrace` (with `autowrap_functions`: timm's lists and others, _notrace_lists). `called`
-    names every module the traced forward called, leaves or traced through. In-place operators
-    stay in place (_InPlaceProxy). A node recorded while the forward has switched a global mode
-    (_modes) ends the trace with UnfaithfulTrace."""
+class _Tracer(Tracer):
+    """fastres.tracing's tracer, whose whole modules are also BatchNorms of any origin (with or
+    without their own activation), fastres's own fused modules and convs that compute as
+    nn.Conv2d; and _channels is a call (fused graphs hold it, and fx traces them again from their
+    code when they are loaded)."""
 
     def __init__(self, notrace: frozenset[type] = frozenset(), autowrap_functions: tuple[Callable, ...] = ()) -> None:
-        # _channels: a call in fused graphs, which fx traces again from their code when they are loaded
-        super().__init__(autowrap_functions=(_channels, *autowrap_functions))
-        self.notrace = notrace
-        self.called: dict[str, None] = {}
-        self._modes_at_start: dict[str, Any] = {}
-
-    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        self._modes_at_start = _modes()
-        return super().trace(root, concrete_args)
-
-    def create_node(self, *args, **kwargs) -> fx.Node:
-        switched = [name for name, mode in _modes().items() if mode != self._modes_at_start[name]]
-        if switched:
-            raise UnfaithfulTrace(f"its forward switches {' and '.join(switched)} inside, which torch.fx "
-                                  "does not record")
-        return super().create_node(*args, **kwargs)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _InPlaceProxy(node, self)
-
-    def create_arg(self, a: Any) -> Any:
-        """fx records any dict as a plain dict: a forward returning a Hugging Face ModelOutput (a
-        dataclass and an OrderedDict, indexed by position and read by attribute: `outputs[0]`,
-        `.last_hidden_state`) or an OrderedDict would return a dict. These are rebuilt."""
-        if isinstance(a, dict) and type(a) is not dict:
-            if is_dataclass(a):  # a ModelOutput holds the fields that are not None
-                return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
-            if isinstance(a, OrderedDict):
-                return self.create_node("call_function", type(a), (super().create_arg(dict(a)),), {})
-        return super().create_arg(a)
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        self.called.setdefault(self.path_of_module(m))
-        return super().call_module(m, forward, args, kwargs)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return call_hooks(m) is not None or type(m) in self.notrace or self.is_whole(m, qualname)
+        super().__init__(notrace, (_channels, *autowrap_functions))
 
     def is_whole(self, m: nn.Module, qualname: str) -> bool:
-        """Whether m is a leaf whatever its hooks (nothing inside it to fuse). A Conv2d subclass with
-        nn.Conv2d's forward (Hugging Face EfficientNet's depthwise conv) is a conv as it is."""
+        """A Conv2d subclass with nn.Conv2d's forward (Hugging Face EfficientNet's depthwise conv) is
+        a conv as it is."""
         return (_is_batchnorm(m) or is_norm_act(m) or _is_fastres(m)
-                or (isinstance(m, nn.Conv2d) and not _own_forward(m)) or super().is_leaf_module(m, qualname))
+                or (isinstance(m, nn.Conv2d) and not _own_forward(m)) or super().is_whole(m, qualname))
 
 
 class _NormOf(nn.Module):
@@ -633,7 +562,7 @@ def _module_activation(module: nn.Module) -> tuple[str, float] | None:
     if next(module.children(), None) is not None:
         return None
     try:
-        with _attributes_kept(module):
+        with attributes_kept(module):
             nodes = list(fx.Tracer().trace(module).nodes)
     except Exception:  # noqa: BLE001 - fx cannot trace it: not one the op can take
         return None
@@ -890,136 +819,6 @@ def _report_as_before(module: nn.Module, prefix: str, report: OptimizeReport) ->
             report.entries[prefix + name] = "eager: left unfused by an earlier fastres.optimize"
 
 
-# Hugging Face's helpers that compute TensorFlow's SAME padding from sizes with Python's max(),
-# which fx cannot trace; as calls, the convs after them fuse (MobileNetV1 / V2 with tf_padding).
-_HF_NOTRACE_FUNCTIONS = (("transformers.models.mobilenet_v1.modeling_mobilenet_v1", "apply_tf_padding"),
-                         ("transformers.models.mobilenet_v2.modeling_mobilenet_v2", "apply_tf_padding"))
-
-
-def _notrace_lists() -> tuple[frozenset[type], tuple[Callable, ...]]:
-    """The modules and functions not to trace into: those timm registers (timm.layers._fx: what
-    timm's own feature extraction hands torch.fx) and Hugging Face's padding helpers, of the
-    libraries loaded; else none."""
-    registry = sys.modules.get("timm.layers._fx")
-    modules = frozenset() if registry is None else frozenset(registry.get_notrace_modules())
-    functions = [] if registry is None else [f for f in registry.get_notrace_functions() if callable(f)]
-    functions += [getattr(sys.modules[m], name) for m, name in _HF_NOTRACE_FUNCTIONS
-                  if hasattr(sys.modules.get(m), name)]
-    return modules, tuple(functions)
-
-
-def _trace(module: nn.Module, given: int) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
-    """module's graph, its tracer, and the arguments it was traced with as constants. fx traces
-    every argument as a tensor, so `if mask is None:` took the other branch and the default call
-    broke: arguments whose defaults are constants (None, a flag, a number, a string) are traced as
-    those constants (the fallback runs calls that pass other values), unless example_inputs gives
-    them (`given` positional ones) or that trace fails (code that needs a tensor there): those
-    are traced as fx would. A module fx cannot trace is traced again with timm's modules and
-    functions not to trace into as calls (a dynamically padded Conv2dSame in a MaxViT block): the
-    rest of it then fuses, and those modules are rewritten on their own."""
-    constants = _constant_defaults(module, given)
-    notrace = _notrace_lists()
-    tracers = [_Tracer] + ([functools.partial(_Tracer, *notrace)] if any(notrace) else [])
-    tries = [(tracer, traced_with) for tracer in tracers for traced_with in ([constants, {}] if constants else [{}])]
-    for tracer, traced_with in tries[:-1]:
-        try:
-            return _traced_as(module, traced_with, tracer())
-        except Exception:  # noqa: BLE001 - code that needs a tensor there, or fx cannot trace it: next try
-            pass
-    tracer, traced_with = tries[-1]
-    return _traced_as(module, traced_with, tracer())
-
-
-def _holds_proxy(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return any(_holds_proxy(v) for v in value)
-    if isinstance(value, dict):
-        return any(_holds_proxy(v) for v in value.values())
-    return isinstance(value, fx.Proxy)
-
-
-def _put_back(now: dict | list, before: dict | list) -> None:
-    """`now` as `before` again, by identity; but keys a dict gained keep their values unless those
-    hold a Proxy (fx adds the root's `_tensor_constant0`, ...)."""
-    if isinstance(now, list):
-        if len(now) != len(before) or any(a is not b for a, b in zip(now, before)):
-            now[:] = before
-        return
-    for key in [k for k, v in now.items() if k not in before and _holds_proxy(v)]:
-        del now[key]
-    for key, value in before.items():
-        if key not in now or now[key] is not value:
-            now[key] = value
-
-
-@contextlib.contextmanager
-def _attributes_kept(module: nn.Module) -> Iterator[None]:
-    """Tracing runs forward's Python, and code that caches into `self` on a first call would keep a
-    Proxy of that trace (torchvision's MultiScaleRoIAlign sets self.scales; timm's EfficientViT
-    fills a dict, attention_bias_cache): the next trace would build on another graph's nodes, an
-    eager call would get a Proxy. Every module's attributes (parameters, buffers and children
-    included) and the dicts and lists they hold are put back as they were."""
-    saved = []
-    for m in module.modules():
-        saved.append((vars(m), dict(vars(m))))
-        saved += [(v, type(v)(v)) for v in vars(m).values() if type(v) in (dict, list, OrderedDict)]
-    try:
-        yield
-    finally:
-        for now, before in saved:
-            _put_back(now, before)
-
-
-def _traced_as(
-    module: nn.Module, traced_with: dict[str, Any], tracer: _Tracer
-) -> tuple[_Tracer, fx.Graph, dict[str, Any]]:
-    with _attributes_kept(module):
-        graph = tracer.trace(module, concrete_args=traced_with or None)
-    if not _output_reads_an_input(graph):
-        # fx followed no data from the inputs to the output: the forward returns what it kept
-        # elsewhere (timm's FeatureHookNet returns what hooks collected), which the trace froze.
-        raise UnfaithfulTrace("its traced output does not depend on its inputs")
-    # fx names a constant's placeholder `name_1`, which would change the forward's keywords.
-    for node in graph.nodes:
-        original = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
-        if original in traced_with and node.target != original:
-            node.target = original
-            node._rename(original)
-    # fx guards an argument traced as None with a wrapped call, which the code of a graph module
-    # names as `wrap("torch.fx._symbolic_trace._assert_is_none")`: run again after torch.load, that
-    # makes every later torch.fx trace in the process fail (pytorch/pytorch#130701). The eager
-    # fallback already takes calls that pass another value (EagerFallback.wanted).
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none and not node.users:
-            graph.erase_node(node)
-    return tracer, graph, traced_with
-
-
-def _output_reads_an_input(graph: fx.Graph) -> bool:
-    output = next(node for node in reversed(graph.nodes) if node.op == "output")
-    seen, stack = set(), list(output.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node.op == "placeholder":
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return False
-
-
-def _constant_defaults(module: nn.Module, given: int) -> dict[str, Any]:
-    """module.forward's arguments whose defaults are constants, with those defaults; but not its
-    first `given` positional arguments (example_inputs gives them)."""
-    try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[1 + given:]
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in parameters
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
-            and (p.default is None or type(p.default) in (bool, int, float, str))}
-
-
 def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeReport, given: int = 1) -> nn.Module:
     """The module with its chains fused: a GraphModule if it traces, else itself with rewritten
     children. `given`: how many positional arguments its calls pass (the model's example_inputs)."""
@@ -1036,7 +835,7 @@ def _rewrite(module: nn.Module, prefix: str, backend: str, report: OptimizeRepor
     if _Tracer().is_whole(module, prefix.rstrip(".")):  # a conv, a BN, an activation: nothing inside to fuse
         return module
     try:
-        tracer, graph, traced_with = _trace(module, given)
+        tracer, graph, traced_with = trace(module, given, _Tracer)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: try the children
         why = str(exc) if isinstance(exc, UnfaithfulTrace) else type(exc).__name__
         for child_name, child in module.named_children():
