@@ -52,7 +52,7 @@ import operator
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -943,7 +943,7 @@ def optimize(
     pool: fastres.precompile), and should that fail, its output's containers and keys differ
     from the model's, or its answers fail fastres.verify's rule (checked against a float64 copy
     when they differ from the unfused copy's by more than the dtype's tolerance), the unfused copy
-    is returned. Arguments of
+    is returned; inputs the model itself fails on raise its error. Arguments of
     forward with constant defaults (`mask=None`, `flag=False`) are traced as those defaults, and
     calls that pass other values run the model's own forward, unless example_inputs passes them.
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
@@ -973,9 +973,10 @@ def optimize(
     report.entries = dict(sorted(report.entries.items(), key=lambda kv: _module_order(optimized, kv[0])))
     if example_inputs is not None:
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        expected = _unfused_output(baseline, inputs)
         try:
             precompile(optimized, *inputs)
-            refused = _refused_on(optimized, baseline, inputs)
+            refused = _refused_on(optimized, baseline, inputs, expected)
         except Exception as exc:  # noqa: BLE001 - never hand back a model that breaks
             refused = (f"{type(exc).__name__}: {exc}", type(exc).__name__)
         if refused is not None:
@@ -988,15 +989,27 @@ def optimize(
     return optimized
 
 
-def _refused_on(optimized: nn.Module, baseline: nn.Module, inputs: tuple) -> tuple[str, str] | None:
+def _unfused_output(baseline: nn.Module, inputs: tuple) -> Any:
+    """The unfused copy's output on example_inputs (its hooks held: yours see one call, the optimized
+    copy's). Inputs the model itself fails on are the caller's error, raised as it is."""
+    from fastres.verification import run_from_here  # (it imports this module)
+
+    try:
+        with hooks_held(baseline):
+            return run_from_here(baseline, inputs)
+    except Exception as exc:
+        exc.add_note("fastres.optimize: the model itself (an unfused copy, with optimize's dtype and layout) fails on "
+                     "example_inputs")
+        raise
+
+
+def _refused_on(optimized: nn.Module, baseline: nn.Module, inputs: tuple, expected: Any) -> tuple[str, str] | None:
     """Why the optimized copy cannot be handed back, by its output on example_inputs next to the
-    unfused copy's (run with its hooks held: yours see one call), in long and short words; or None.
-    The output must have the model's containers and keys, and answers verify would pass."""
+    unfused copy's (`expected`), in long and short words; or None. The output must have the
+    model's containers and keys, and answers verify would pass."""
     from fastres.verification import disagreement, run_from_here  # (it imports this module)
 
     got = run_from_here(optimized, inputs)
-    with hooks_held(baseline):
-        expected = run_from_here(baseline, inputs)
     if tree_structure(got) != tree_structure(expected):
         return (f"it returned a {type(got).__name__} shaped otherwise than the model's {type(expected).__name__}",
                 "output shaped otherwise")

@@ -1966,6 +1966,17 @@ def test_example_inputs_on_which_the_fused_output_changes_shape_return_the_unfus
         assert type(optimized(x)) is OrderedDict
 
 
+@pytest.mark.parametrize("x, dtype", [(torch.randn(1, 1, 32, 32), None), (torch.randn(1, 3, 32, 32), torch.float64)],
+                         ids=["wrong-channels", "wrong-dtype"])
+def test_example_inputs_the_model_itself_fails_on_raise_its_error(x, dtype):
+    """Not a fused copy's failure: the inputs are wrong for the model (or for the dtype optimize
+    casts it to), and the model's own error says so."""
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(RuntimeError) as caught:
+        fastres.optimize(model, dtype=dtype, example_inputs=x)
+    assert "the model itself (an unfused copy, with optimize's dtype and layout) fails" in caught.value.__notes__[0]
+
+
 def _off_by(monkeypatch, factor: float) -> None:
     """Make the CPU backend's fused calls wrong by `factor` (a kernel bug on some GPU)."""
     from fastres.backends import reference
