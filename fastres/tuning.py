@@ -241,6 +241,7 @@ def pick(
     default: Callable[[], T],
     refine: Callable[[T], Sequence[T]] | None = None,
     prepare: Callable[[Sequence[T]], None] | None = None,
+    check: Callable[[T], str | None] | None = None,
 ) -> T:
     """Choose among candidates() for (kind, key): remembered choice, else time them all, else default().
 
@@ -253,8 +254,10 @@ def pick(
     With `refine`, tuning runs in two rounds: the candidates, then refine(c) of the REFINE_TOP
     fastest (variants of one config such as its TMA or split-K versions, which rank with their
     base config); any of those may be the remembered choice. `prepare` gets each round's
-    candidates before they are timed (e.g. to compile them all at once). A candidate that raises
-    while being timed is skipped (e.g. out of shared memory on this GPU); when all of them do,
+    candidates before they are timed (e.g. to compile them all at once). `check(c)` says why a
+    candidate's answers are wrong, or None; it runs before c is timed (fastres.backends.reference.
+    wrong_answer: against float64). A candidate that raises or fails its check is skipped with a
+    warning (out of shared memory on this GPU, a miscompiled config); when all of them are,
     default() is the answer for the rest of the process, and nothing is written to disk.
     """
     cache = _cache_for(device)
@@ -287,9 +290,14 @@ def pick(
         timings = []
         for candidate in batch:
             try:
-                timings.append((time_ms(lambda: run(candidate), device), candidate))
+                wrong = None if check is None else check(candidate)
+                if wrong is None:
+                    timings.append((time_ms(lambda: run(candidate), device), candidate))
             except Exception as exc:  # noqa: BLE001 - a failing candidate is just not chosen
-                _warn_once(f"cand:{kind}:{key}:{encode(candidate)}", f"fastres: {kind} candidate {encode(candidate)} failed: {exc}")
+                wrong = f"failed: {exc}"
+            if wrong is not None:
+                _warn_once(f"cand:{kind}:{key}:{encode(candidate)}",
+                           f"fastres: {kind} candidate {encode(candidate)} for {key} {wrong}; not used")
         return timings
 
     options = candidates()

@@ -107,6 +107,30 @@ def test_auto_times_the_fused_kernel_against_two_calls(candidates, monkeypatch):
     assert backends.choose(problem, CPU, ()) == chosen
 
 
+@needs_interpreter
+def test_auto_never_picks_a_backend_whose_answers_are_wrong(monkeypatch):
+    """auto checks each backend against float64 before timing it: the fastest, if wrong, is
+    skipped with a warning (a CPU stand-in: triton and cudnn in the interpreter)."""
+    from fastres import backends
+    from fastres.backends import cudnn
+
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(backends, "_auto_candidates", lambda device, problem: ["triton", "cudnn"])
+    real, wrong_runs = cudnn.run, []
+    monkeypatch.setattr(cudnn, "run", lambda *args: (wrong_runs.append(1), real(*args).mul_(1.05))[1])
+
+    def time_ms(fn, device):  # cudnn would be the fastest
+        before = len(wrong_runs)
+        fn()
+        return 1.0 if len(wrong_runs) > before else 2.0
+
+    monkeypatch.setattr(tuning, "time_ms", time_ms)
+    case = ODD_CASES[1].replace(residual=True)
+    with pytest.warns(RuntimeWarning, match="auto candidate cudnn for .* differ from float64 by up to"):
+        run_op_case(case, torch.float32, "auto", CPU)
+    assert tuning.lookup(CPU, "auto", make_inputs(case, torch.float32).problem(case).key) == "triton"
+
+
 def test_auto_on_cpu_fuses_the_projection_in_the_reference():
     from fastres import backends
 

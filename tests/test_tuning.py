@@ -76,6 +76,33 @@ def test_triton_autotune_times_each_candidate_once_then_reads_the_cache(monkeypa
 
 
 @needs_interpreter
+@pytest.mark.parametrize("damage", ["wrong-values", "last-image-unwritten"])
+def test_a_triton_config_with_wrong_answers_is_not_chosen_though_fastest(monkeypatch, damage):
+    """Tuning checks each config against float64 before timing it (its first and last images, the
+    output poisoned first): a miscompiled config on some GPU is skipped, with a warning."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(gemm_kernel, "CONFIGS", TINY)
+    monkeypatch.setattr(gemm_kernel, "variants", lambda config, problem, device: [])
+    real, launched = gemm_kernel.launch, []
+
+    def launch(problem, config, x, weight, scale, shift, residual, out, **kwargs):
+        launched.append(config)
+        before = out[-1].clone()
+        real(problem, config, x, weight, scale, shift, residual, out, **kwargs)
+        if config == TINY[1]:  # checked after TINY[0], which leaves right answers in the shared output
+            out[-1].add_(0.25) if damage == "wrong-values" else out[-1].copy_(before)
+        return out
+
+    monkeypatch.setattr(gemm_kernel, "launch", launch)
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: (fn(), 1.0 if launched[-1] == TINY[1] else 2.0)[1])
+    with pytest.warns(RuntimeWarning, match=r"candidate .* differs? from float64 by up to .*; not used"):
+        out, inputs = _run_op()
+    problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
+    assert tuning.lookup(CPU, gemm_kernel.TUNING_KIND, problem.key) == asdict(TINY[0])
+    torch.testing.assert_close(out.double(), inputs.reference(CASE), rtol=1e-3, atol=1e-2)
+
+
+@needs_interpreter
 def test_without_timing_the_heuristic_config_runs(monkeypatch):
     monkeypatch.setenv("FASTRES_AUTOTUNE", "0")
     calls = _spy_launches(monkeypatch)
@@ -278,6 +305,25 @@ def test_a_repeat_call_gets_its_answer_without_listing_candidates(monkeypatch):
     assert pick(("only",)) == "only" and calls == ["candidates", "default"]
 
 
+def test_a_candidate_with_wrong_answers_is_never_chosen_however_fast(monkeypatch):
+    """check() runs before timing: the fastest candidate, if wrong, is skipped with a warning and
+    the fastest right one is remembered."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: {"fast": 1.0, "slow": 2.0, "slower": 3.0}[fn()])
+    checked = []
+
+    def check(name):
+        checked.append(name)
+        return "differs from float64 by up to 0.5" if name == "fast" else None
+
+    with pytest.warns(RuntimeWarning, match="checking candidate fast for key differs from float64 by up to 0.5; "
+                                            "not used"):
+        choice = tuning.pick(CPU, "checking", "key", lambda: ["slower", "fast", "slow"], encode=str, run=lambda n: n,
+                             default=lambda: "slower", check=check)
+    assert choice == "slow" and checked == ["slower", "fast", "slow"]
+    assert tuning.lookup(CPU, "checking", "key") == "slow"
+
+
 def test_when_every_candidate_fails_the_default_is_kept_for_the_process(monkeypatch):
     """Failing candidates are timed once, not on every call; the next process tries them again."""
     monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
@@ -293,11 +339,11 @@ def test_when_every_candidate_fails_the_default_is_kept_for_the_process(monkeypa
     with pytest.warns(RuntimeWarning) as failures:
         assert pick() == "a"
     assert attempts == ["a", "b"] and [str(w.message) for w in failures] == [
-        "fastres: failing candidate a failed: a: out of shared memory",
-        "fastres: failing candidate b failed: b: out of shared memory"]
+        "fastres: failing candidate a for key failed: a: out of shared memory; not used",
+        "fastres: failing candidate b for key failed: b: out of shared memory; not used"]
     assert pick() == "a" and attempts == ["a", "b"]
     assert tuning.lookup(CPU, "failing", "key") is None
     tuning.forget_in_memory()
-    with pytest.warns(RuntimeWarning, match="candidate . failed"):
+    with pytest.warns(RuntimeWarning, match="candidate . for key failed"):
         assert pick() == "a"
     assert attempts == ["a", "b"] * 2

@@ -10,8 +10,9 @@ Every backend module exposes the same five names:
 A call whose residual is projected (problem.projection) runs in one kernel on a backend that fuses
 it, and as two calls (the projection, then the conv with that as its residual) on any other.
 
-"auto" runs the fastest backend that supports the case on the device: measured once per shape
-(fastres.tuning, cached on disk) and never while a CUDA graph is being captured. Until a shape
+"auto" runs the fastest backend that supports the case on the device whose answers pass the
+float64 check (reference.wrong_answer): measured once per shape (fastres.tuning, cached on disk)
+and never while a CUDA graph is being captured. Until a shape
 has been measured it takes the first supported one in AUTO_DEFAULT_ORDER. For a projected residual
 "auto" times the backends that fuse it against SPLIT, the two calls each with "auto"; SPLIT is
 the unmeasured default. On the CPU it is the reference: the Triton interpreter is a correctness
@@ -88,6 +89,7 @@ def choose(problem: ConvProblem, device: torch.device, args: tuple) -> str:
         encode=lambda name: name,
         run=lambda name: run(name, problem, *args),
         default=lambda: candidates()[0],
+        check=lambda name: reference.wrong_answer(problem, lambda: run(name, problem, *args), *args),
     )
     log.debug("fastres auto: %s -> %s", problem.key, choice)
     return choice

@@ -3,14 +3,20 @@ A projected residual is computed in the same precision and never rounded before 
 
 Computes in float32 on the CPU (float64 for float64 inputs) and in float64 on other devices,
 where float32 convolutions may silently use TF32: a reference must not.
+
+Its other job, `wrong_answer`: tuning checks each candidate (a Triton config, a backend for
+"auto") against this chain in float64 before timing it, so a config that computes wrongly on
+some GPU or compiler version is never chosen for being fast.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from fastres.numerics import activate
+from fastres.numerics import activate, branch_gain, compare, conv_tf32_enabled, tolerance
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection
 
 NAME = "reference"
@@ -78,3 +84,44 @@ def run(
               negative_slope=problem.negative_slope, stride=problem.stride, padding=problem.padding,
               dilation=problem.dilation, groups=problem.groups)
     return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def wrong_answer(
+    problem: ConvProblem,
+    launch: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    projection: Projection | None = None,
+) -> str | None:
+    """Why the output of `launch()` (one tuning candidate's run of this call) is wrong, or None.
+
+    Its first and last images are compared with this chain in float64 within the layer's
+    tolerance (fastres.numerics, as the kernel tests compare), the output poisoned with NaN
+    before the checked run, so a candidate that leaves part of it unwritten fails. Where the
+    float64 value overflows the output dtype, Inf is the expected value."""
+    out = launch()
+    out.fill_(float("nan"))  # the kernel backends write into the same output buffer every run
+    out = launch()
+    images = sorted({0, x.shape[0] - 1})
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or t.shape[0] != x.shape[0] else t[images]
+
+    exact = chain(take(x), weight, scale, shift, take(residual), projection, problem.act, torch.float64,
+                  negative_slope=problem.negative_slope, stride=problem.stride, padding=problem.padding,
+                  dilation=problem.dilation, groups=problem.groups)
+    rounded = exact.to(problem.dtype)
+    expected = torch.where(torch.isinf(rounded) & torch.isfinite(exact), rounded.to(exact.dtype), exact)
+    reduction = problem.c_per_group * problem.r * problem.s + (0 if projection is None else projection.weight.shape[1])
+    tf32 = problem.dtype == torch.float32 and x.is_cuda and conv_tf32_enabled()
+    gain = branch_gain(scale, None if projection is None else projection.scale)
+    got = out[images]
+    result = compare(got, expected, tolerance(problem.dtype, reduction, tf32), gain)
+    if result.ok:
+        return None
+    misplaced = int((torch.isfinite(got).cpu() != torch.isfinite(expected).cpu()).sum())
+    return (f"images {images} differ from float64 by up to {result.max_abs:.3g} (relative norm {result.rel_norm:.3g})"
+            + (f", {misplaced} values Inf / NaN where float64's are not, or the other way" if misplaced else ""))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from fastres import tuning
+from fastres.backends import reference
 from fastres.problem import ConvProblem, Projection, empty_output
 
 NAME = "triton"
@@ -104,7 +105,8 @@ def run(
 ) -> torch.Tensor:
     """Depthwise convs (groups == C) take the direct kernel, every other conv the implicit GEMM; each
     kernel module names its tuning rounds (tiles, then variants of the fastest), its heuristic
-    config and its launcher. Each round's configs compile in parallel before they are timed."""
+    config and its launcher. Each round's configs compile in parallel, then each is checked
+    against float64 and timed."""
     from fastres.kernels import compile_ahead
 
     kernel, args, extra = _launch_args(problem, x, weight, scale, shift, residual, projection)
@@ -115,5 +117,7 @@ def run(
         refine=lambda cfg: kernel.variants(cfg, problem, x.device),
         prepare=lambda configs: compile_ahead(
             functools.partial(kernel.launch, problem, cfg, *args, **extra, compile_only=True) for cfg in configs),
+        check=lambda cfg: reference.wrong_answer(problem, lambda: kernel.launch(problem, cfg, *args, **extra),
+                                                 x, weight, scale, shift, residual, projection),
     )
     return kernel.launch(problem, config, *args, **extra)
