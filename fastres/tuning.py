@@ -257,8 +257,10 @@ def pick(
     candidates before they are timed (e.g. to compile them all at once). `check(c)` says why a
     candidate's answers are wrong, or None; it runs before c is timed (fastres.backends.reference.
     wrong_answer: against float64). A candidate that raises or fails its check is skipped with a
-    warning (out of shared memory on this GPU, a miscompiled config); when all of them are,
-    default() is the answer for the rest of the process, and nothing is written to disk.
+    warning (out of shared memory on this GPU, a miscompiled config). When all of them raise,
+    default() is the answer for the rest of the process, and nothing is written to disk; when
+    none passes and some computed wrongly, RuntimeError (auto, timing a backend that raises so,
+    skips it).
     """
     cache = _cache_for(device)
     entry = f"{kind}/{key}"
@@ -283,6 +285,8 @@ def pick(
             found = next((v for c in options for v in refine(c) if encode(v) == remembered), None)
         return remembered, found
 
+    wrong_answers: list[str] = []  # "candidate why" for each that ran and failed its check
+
     def time_each(batch: Sequence[T]) -> list[tuple[float, T]]:
         """(median ms, candidate) for each one that runs, after `prepare`; a warning per failure."""
         if prepare is not None and batch:
@@ -293,6 +297,8 @@ def pick(
                 wrong = None if check is None else check(candidate)
                 if wrong is None:
                     timings.append((time_ms(lambda: run(candidate), device), candidate))
+                else:
+                    wrong_answers.append(f"{encode(candidate)} {wrong}")
             except Exception as exc:  # noqa: BLE001 - a failing candidate is just not chosen
                 wrong = f"failed: {exc}"
             if wrong is not None:
@@ -323,6 +329,9 @@ def pick(
                     seen.add(code)
                     extra.append(variant)
             timed += time_each(extra)
+        if not timed and wrong_answers:  # the default is one of them, or untried: nothing known to be right
+            raise RuntimeError(f"fastres: no {kind} candidate for {key} computes right on this device; e.g. "
+                               f"{wrong_answers[0]}")
         if not timed:  # kept for this process only: a failure may not last (e.g. memory in use)
             return answer(default(), given)
         best = min(timed, key=lambda t: t[0])[1]

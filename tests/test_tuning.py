@@ -324,6 +324,24 @@ def test_a_candidate_with_wrong_answers_is_never_chosen_however_fast(monkeypatch
     assert tuning.lookup(CPU, "checking", "key") == "slow"
 
 
+def test_when_no_candidate_computes_right_tuning_raises_instead_of_running_the_default(monkeypatch):
+    """The default is one of the wrong ones (or untried): an error, not a silent wrong answer. auto,
+    timing a backend whose own tuning raises so, skips that backend."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device: fn())
+
+    def run(name):
+        if name == "raises":
+            raise RuntimeError("out of shared memory")
+        return 1.0
+
+    with pytest.warns(RuntimeWarning, match="not used"), pytest.raises(
+            RuntimeError, match="no checking candidate for key computes right on this device; e.g. wrong off by 1"):
+        tuning.pick(CPU, "checking", "key", lambda: ["raises", "wrong"], encode=str, run=run,
+                    default=lambda: "wrong", check=lambda name: "off by 1" if name == "wrong" else None)
+    assert tuning.lookup(CPU, "checking", "key") is None
+
+
 def test_when_every_candidate_fails_the_default_is_kept_for_the_process(monkeypatch):
     """Failing candidates are timed once, not on every call; the next process tries them again."""
     monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
