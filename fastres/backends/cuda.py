@@ -2,9 +2,10 @@
 
 The extension registers fastres::cutlass_* ops (TORCH_LIBRARY in csrc/fastres.cpp). This module
 asks it which cases it covers and which kernels run on the device (the C++ side owns those rules),
-picks a kernel per shape (timed once among the usable ones, cached by fastres.tuning) and calls it
-with channels_last operands. Kernel names say family, dtype and tile: "sm90_f16_128x128x64" is the
-Hopper wgmma kernel, "sm80_f16_128x128x32" the Ampere mma.sync kernel (also a candidate on Hopper).
+picks a kernel per shape (timed once among the usable ones that pass the float64 check of
+reference.wrong_answer, cached by fastres.tuning) and calls it with channels_last operands.
+Kernel names say family, dtype and tile: "sm90_f16_128x128x64" is the Hopper wgmma kernel,
+"sm80_f16_128x128x32" the Ampere mma.sync kernel (also a candidate on Hopper).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import torch
 
 from fastres import tuning
+from fastres.backends import reference
 from fastres.problem import ConvProblem
 
 NAME = "cuda"
@@ -139,5 +141,7 @@ def run(
         x.device, "cuda.conv_bn_act", problem.key, lambda: usable_configs(problem, arch),
         encode=lambda i: names[i], run=lambda i: torch.ops.fastres.cutlass_conv_bn_act(*args, i),
         default=lambda: heuristic(problem, names, usable_configs(problem, arch)),
+        check=lambda i: reference.wrong_answer(problem, lambda: torch.ops.fastres.cutlass_conv_bn_act(*args, i),
+                                               x, weight, scale, shift, residual),
     )
     return torch.ops.fastres.cutlass_conv_bn_act(*args, config)
