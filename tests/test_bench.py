@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -54,6 +55,20 @@ def test_models_smoke(tmp_path):
     rows = json.loads(next(tmp_path.glob("models-*-smoke.json")).read_text())["rows"]
     assert {r["contender"] for r in rows} == {"eager-nchw", "eager-cl", "compile", "fastres-auto", "fastres-triton"}
     assert all(r["correct"] for r in rows) and all(r["first_call_s"] > 0 for r in rows)
+
+
+def test_benchmarks_keep_tunings_rejected_candidates_in_their_log(monkeypatch):
+    """Contenders run with warnings off (compilers', torch's), but a tuning candidate that failed
+    its float64 check on this GPU still reaches the log."""
+    from fastres import tuning
+    from fastres.bench.harness import quiet
+
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    with pytest.warns(RuntimeWarning) as seen, quiet():
+        warnings.warn("torch: something deprecated", UserWarning)
+        tuning.pick(torch.device("cpu"), "kernel", "layer", lambda: ["a", "b"], encode=str, run=lambda name: name,
+                    default=lambda: "b", check=lambda name: "differs from float64" if name == "a" else None)
+    assert [str(w.message) for w in seen] == ["fastres: kernel candidate a for layer differs from float64; not used"]
 
 
 def test_a_fast_wrong_model_is_reported_as_a_failure(monkeypatch):

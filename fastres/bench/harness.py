@@ -2,6 +2,7 @@
 
 - `time_fn`: triton.testing.do_bench on CUDA (CUDA events, warm-up excluded, median and the
   20th/80th percentiles); on the CPU (smoke runs only) perf_counter medians, labelled as such.
+- `quiet`: warnings off while contenders build and run, but for tuning's rejected candidates.
 - `seconds_since`: wall time of a contender's setup and first call (torch.compile's compile,
   fastres's tuning and kernel compiles): what a user waits for the first answer.
 - `Rotation`: several copies of the inputs, cycled call by call, so a benchmark does not just
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -26,9 +28,10 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -60,6 +63,20 @@ def time_fn(
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     return Timing(statistics.median(samples), samples[0], samples[-1])
+
+
+# fastres.tuning's warning for a candidate that failed its float64 check or raised
+REJECTED_CANDIDATE = r"fastres: .* candidate .*; not used"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Warnings off while contenders are built and run (compilers' and torch's), but for tuning's
+    rejected candidates: a config that computes wrongly on this GPU must reach the log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", message=REJECTED_CANDIDATE)
+        yield
 
 
 def failure_note(exc: Exception) -> tuple[str, bool | None]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -24,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastres
-from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_exceed_l2, measure, seconds_since,
-                                   time_fn)
+from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_exceed_l2, measure, quiet,
+                                   seconds_since, time_fn)
 from fastres.bench.report import Row, add_speedups
 from fastres.nn import eager_conv_bn
 from fastres.numerics import compare, conv_tf32_enabled, tolerance
@@ -149,8 +148,7 @@ def run_case(case: ConvCase, settings: Settings, faults: dict[str, str] | None =
         def attempt(row: Row) -> Timing:
             started = time.perf_counter()
             fn = runner(contender, case, inputs, rotation)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet():
                 out = fn()
             row.first_call_s = seconds_since(started, device)
             result = compare(out, conv_ref if contender == "conv-only" else ref,

@@ -15,15 +15,14 @@ from __future__ import annotations
 import copy
 import functools
 import time
-import warnings
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 import fastres
-from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_exceed_l2, measure, seconds_since,
-                                   time_fn)
+from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_exceed_l2, measure, quiet,
+                                   seconds_since, time_fn)
 from fastres.bench.layers import floor_ms
 from fastres.bench.report import Row, add_speedups
 from fastres.numerics import tolerance
@@ -141,8 +140,7 @@ def run_setting(arch: str, model: nn.Module, reference: nn.Module, batch: int, i
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 3, image, image, generator=gen).to(device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), quiet():
         ref = reference(x[:CHECKED_IMAGES].cpu().double())
         eager = build("eager-cl", model, dtype, x)(x)[:CHECKED_IMAGES]
     rotation = Rotation([x], copies_to_exceed_l2(x.numel() * x.element_size(), device))
@@ -153,8 +151,7 @@ def run_setting(arch: str, model: nn.Module, reference: nn.Module, batch: int, i
         def attempt(row: Row) -> Timing:
             if contender.endswith("+graph") and device.type != "cuda":
                 raise NotImplementedError("CUDA graphs need a CUDA device")
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
+            with quiet(), torch.no_grad():
                 started = time.perf_counter()
                 fn = build(contender, model, dtype, x)
                 out = fn(x)[:CHECKED_IMAGES]

@@ -18,7 +18,6 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.bench.harness import Rotation, ceilings, environment, failure_note
+from fastres.bench.harness import Rotation, ceilings, environment, failure_note, quiet
 from fastres.bench.layers import floor_ms, layer_cases, pick, runner, smoke_cases
 from fastres.bench.report import fmt
 from fastres.cli import DTYPES
@@ -149,8 +148,7 @@ def run_regions(args: argparse.Namespace, device: torch.device, limits: dict[str
             region = Region(case.name, contender, floor_ms(case, inputs.x.element_size(), limits))
             try:
                 fn = runner(contender, case, inputs, rotation)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with quiet():
                     fn()
             except (NotImplementedError, RuntimeError) as exc:
                 print(f"{case.name} {contender}: not profiled: {failure_note(exc)[0]}")
