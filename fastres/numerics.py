@@ -77,6 +77,12 @@ def conv_tf32_enabled() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def tf32_in_use(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a conv of `dtype` on `device` computes in TF32 right now (torch's and our kernels):
+    its results are then held to the TF32 tolerance."""
+    return dtype == torch.float32 and device.type == "cuda" and conv_tf32_enabled()
+
+
 @contextlib.contextmanager
 def conv_tf32(enabled: bool) -> Iterator[None]:
     """Set torch's conv TF32 flag (the new fp32_precision API where it exists) and restore it after."""

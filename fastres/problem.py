@@ -245,6 +245,11 @@ class ConvProblem:
         return self.groups > 1 and self.c_per_group == 1
 
     @property
+    def accumulated(self) -> int:
+        """Products summed into each output: C/groups * R * S, plus the projection's channels."""
+        return self.c_per_group * self.r * self.s + (0 if self.projection is None else self.projection.c)
+
+    @property
     def flops(self) -> int:
         """2 * MACs of the convolution and its projection (the epilogue's few ops per output are not counted)."""
         own = 2 * self.n * self.p * self.q * self.k * self.c_per_group * self.r * self.s

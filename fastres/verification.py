@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 from fastres.converter import FusedConvBN, model_copy
 from fastres.hooks import hooks_held
 from fastres.nn import conv_bn_fold
-from fastres.numerics import (Comparison, Tolerance, branch_gain, compare, conv_tf32_enabled, reference_conv_bn_act,
+from fastres.numerics import (Comparison, Tolerance, branch_gain, compare, reference_conv_bn_act, tf32_in_use,
                               tolerance)
 from fastres.ops import autocast_dtype
 
@@ -101,12 +101,6 @@ def _as_dtype_of(model: nn.Module, optimized: nn.Module) -> nn.Module:
     return model_copy(model).to(dtype)
 
 
-def _model_tolerance(x: torch.Tensor) -> tuple[torch.dtype, Tolerance]:
-    """The dtype a model computes in on input x (autocast's, in an autocast region) and its tolerance."""
-    dtype = autocast_dtype(x)
-    return dtype, tolerance(dtype, tf32=dtype == torch.float32 and x.is_cuda and conv_tf32_enabled())
-
-
 @dataclass(frozen=True)
 class Judgement:
     eager: Comparison
@@ -152,7 +146,8 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any) -> st
     pairs = _float_pairs(got, expected)
     if x is None or not pairs:
         return None
-    dtype, tol = _model_tolerance(x)
+    dtype = autocast_dtype(x)  # autocast's, in an autocast region
+    tol = tolerance(dtype, tf32=tf32_in_use(dtype, x.device))
     differing = [(i, g, e) for i, g, e in pairs if compare(g, e, tol).rel_norm > tol.rel_norm
                  or not bool(torch.isfinite(g).eq(torch.isfinite(e)).all())]
     if not differing:
@@ -194,8 +189,9 @@ def verify(
     """Run `model`, `optimized` and a float64 reference on `inputs`; report errors (see module doc)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     x = _first_tensor(inputs)
-    dtype, tol = _model_tolerance(x)
-    tf32 = dtype == torch.float32 and x.is_cuda and conv_tf32_enabled()
+    dtype = autocast_dtype(x)
+    tf32 = tf32_in_use(dtype, x.device)
+    tol = tolerance(dtype, tf32=tf32)
     report = VerifyReport(dtype)
     baseline = _as_dtype_of(model, optimized)
     captured: list[tuple[FusedConvBN, tuple]] = []

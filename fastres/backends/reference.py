@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastres.numerics import activate, branch_gain, compare, conv_tf32_enabled, tolerance
+from fastres.numerics import activate, branch_gain, compare, tf32_in_use, tolerance
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, ConvProblem, Projection
 
 NAME = "reference"
@@ -115,11 +115,10 @@ def wrong_answer(
                   dilation=problem.dilation, groups=problem.groups)
     rounded = exact.to(problem.dtype)
     expected = torch.where(torch.isinf(rounded) & torch.isfinite(exact), rounded.to(exact.dtype), exact)
-    reduction = problem.c_per_group * problem.r * problem.s + (0 if projection is None else projection.weight.shape[1])
-    tf32 = problem.dtype == torch.float32 and x.is_cuda and conv_tf32_enabled()
     gain = branch_gain(scale, None if projection is None else projection.scale)
     got = out[images]
-    result = compare(got, expected, tolerance(problem.dtype, reduction, tf32), gain)
+    result = compare(got, expected, tolerance(problem.dtype, problem.accumulated, tf32_in_use(problem.dtype, x.device)),
+                     gain)
     if result.ok:
         return None
     misplaced = int((torch.isfinite(got).cpu() != torch.isfinite(expected).cpu()).sum())

@@ -27,7 +27,7 @@ from fastres.bench.harness import (Rotation, Settings, Timing, Unit, copies_to_e
                                    seconds_since, time_fn)
 from fastres.bench.report import Row, add_speedups
 from fastres.nn import eager_conv_bn
-from fastres.numerics import compare, conv_tf32_enabled, tolerance
+from fastres.numerics import compare, tf32_in_use, tolerance
 from fastres.shapes import ODD_CASES, PROJECTION_ODD_CASES, ConvCase, make_inputs, model_cases, model_projection_cases
 
 BASELINES = ["eager-nchw", "eager-cl", "conv-only", "compile"]
@@ -135,7 +135,7 @@ def run_case(case: ConvCase, settings: Settings, faults: dict[str, str] | None =
     dtype, device, contenders = settings.dtype, settings.device, settings.contenders
     faults = faults or {}
     rows = []
-    tf32 = dtype == torch.float32 and device.type == "cuda" and conv_tf32_enabled()
+    tf32 = tf32_in_use(dtype, device)
     inputs = make_inputs(case, dtype, device)
     bytes_per_set = sum(t.numel() * t.element_size() for t in (inputs.x, inputs.residual) if t is not None)
     rotation = Rotation([inputs.x, inputs.residual], copies_to_exceed_l2(bytes_per_set, device))
