@@ -4,6 +4,7 @@ tables, JSON with the environment, plots, --compare; and the rules behind the nu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import fastres
 
 from fastres.bench.harness import DeviceLost, Timing, Unit, environment, measure, run_units
 from fastres.bench.report import Results, Row, add_speedups
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, INTERPRETER
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -59,16 +60,52 @@ def test_models_smoke(tmp_path):
 
 def test_benchmarks_keep_tunings_rejected_candidates_in_their_log(monkeypatch):
     """Contenders run with warnings off (compilers', torch's), but a tuning candidate that failed
-    its float64 check on this GPU still reaches the log."""
+    its float64 check on this GPU still reaches the log, and is collected for the results file."""
     from fastres import tuning
     from fastres.bench.harness import quiet
 
     monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
-    with pytest.warns(RuntimeWarning) as seen, quiet():
+    message = "fastres: kernel candidate a for layer differs from float64; not used"
+    with pytest.warns(RuntimeWarning) as seen, quiet() as rejected:
         warnings.warn("torch: something deprecated", UserWarning)
         tuning.pick(torch.device("cpu"), "kernel", "layer", lambda: ["a", "b"], encode=str, run=lambda name: name,
                     default=lambda: "b", check=lambda name: "differs from float64" if name == "a" else None)
-    assert [str(w.message) for w in seen] == ["fastres: kernel candidate a for layer differs from float64; not used"]
+    assert [str(w.message) for w in seen] == [message]
+    assert rejected == [message]
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+def test_a_layer_row_records_the_tuning_candidates_its_first_call_rejected(monkeypatch, tmp_path):
+    """A Triton config computing wrongly on this GPU is named in the row's JSON and counted in the
+    table's note; the row itself, run with a config that computes right, is correct."""
+    from rich.console import Console
+
+    from fastres.bench.harness import Settings
+    from fastres.bench.layers import run_case, smoke_cases
+    from fastres.bench.report import print_table
+    from fastres.kernels import conv_bn_act as gemm_kernel
+
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    configs = (gemm_kernel.Config(32, 32, 32, 4, 4, 2), gemm_kernel.Config(16, 32, 32, 4, 4, 2))
+    monkeypatch.setattr(gemm_kernel, "CONFIGS", configs)
+    monkeypatch.setattr(gemm_kernel, "variants", lambda config, problem, device: [])
+    real = gemm_kernel.launch
+
+    def launch(problem, config, x, weight, scale, shift, residual, out, **kwargs):
+        real(problem, config, x, weight, scale, shift, residual, out, **kwargs)
+        return out.add_(0.25) if config == configs[1] else out
+
+    monkeypatch.setattr(gemm_kernel, "launch", launch)
+    case = smoke_cases()[0]
+    [row] = run_case(case, Settings(torch.float32, torch.device("cpu"), ["fastres-triton"], None))
+    assert row.correct and len(row.rejected) == 1
+    assert f"candidate {dataclasses.asdict(configs[1])} for " in row.rejected[0]
+    assert "from float64" in row.rejected[0] and row.rejected[0].endswith("; not used")
+    results = Results(environment(torch.device("cpu")), None, {}, [row])
+    assert Results.load(results.save(tmp_path / "layers.json")).rows[0].rejected == row.rejected
+    console = Console(record=True, width=400)
+    print_table([row], [], results.env, console)
+    assert "1 tuning candidate rejected" in console.export_text()
 
 
 def test_a_fast_wrong_model_is_reported_as_a_failure(monkeypatch):

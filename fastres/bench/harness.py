@@ -2,7 +2,8 @@
 
 - `time_fn`: triton.testing.do_bench on CUDA (CUDA events, warm-up excluded, median and the
   20th/80th percentiles); on the CPU (smoke runs only) perf_counter medians, labelled as such.
-- `quiet`: warnings off while contenders build and run, but for tuning's rejected candidates.
+- `quiet`: warnings off while contenders build and run, but for tuning's rejected candidates,
+  which are shown and collected for the row's JSON.
 - `seconds_since`: wall time of a contender's setup and first call (torch.compile's compile,
   fastres's tuning and kernel compiles): what a user waits for the first answer.
 - `Rotation`: several copies of the inputs, cycled call by call, so a benchmark does not just
@@ -70,13 +71,22 @@ REJECTED_CANDIDATE = r"fastres: .* candidate .*; not used"
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
+def quiet() -> Iterator[list[str]]:
     """Warnings off while contenders are built and run (compilers' and torch's), but for tuning's
-    rejected candidates: a config that computes wrongly on this GPU must reach the log."""
+    rejected candidates: a config that computes wrongly on this GPU must reach the log. Their
+    messages are also collected in the list given, for the benchmark's results file."""
+    rejected: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.filterwarnings("always", message=REJECTED_CANDIDATE)
-        yield
+        show = warnings.showwarning
+
+        def collect(message, category, filename, lineno, file=None, line=None) -> None:
+            rejected.append(str(message))
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = collect  # only the warnings the filters let through reach it
+        yield rejected
 
 
 def failure_note(exc: Exception) -> tuple[str, bool | None]:

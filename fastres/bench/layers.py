@@ -148,7 +148,7 @@ def run_case(case: ConvCase, settings: Settings, faults: dict[str, str] | None =
         def attempt(row: Row) -> Timing:
             started = time.perf_counter()
             fn = runner(contender, case, inputs, rotation)
-            with quiet():
+            with quiet() as row.rejected:
                 out = fn()
             row.first_call_s = seconds_since(started, device)
             result = compare(out, conv_ref if contender == "conv-only" else ref,

@@ -151,7 +151,7 @@ def run_setting(arch: str, model: nn.Module, reference: nn.Module, batch: int, i
         def attempt(row: Row) -> Timing:
             if contender.endswith("+graph") and device.type != "cuda":
                 raise NotImplementedError("CUDA graphs need a CUDA device")
-            with quiet(), torch.no_grad():
+            with quiet() as row.rejected, torch.no_grad():
                 started = time.perf_counter()
                 fn = build(contender, model, dtype, x)
                 out = fn(x)[:CHECKED_IMAGES]

@@ -34,6 +34,7 @@ class Row:
     first_call_s: float | None = None  # setup + first call: compiling, tuning (wall seconds)
     note: str = ""
     speedup: dict[str, float] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)  # tuning candidates that failed their float64 check or raised
 
     @property
     def key(self) -> tuple:
@@ -72,9 +73,17 @@ def print_table(rows: list[Row], baselines: list[str], env: dict[str, str], cons
             "-" if row.p20_ms is None else f"{row.p20_ms:.3g}-{row.p80_ms:.3g}",
             fmt(row.images_per_s, ".4g"), fmt(row.tflops, ".3g"), fmt(row.pct_of_floor, ".0f"),
             {True: "yes", False: "WRONG", None: "-"}[row.correct],
-            *[fmt(row.speedup.get(b), ".2f") for b in baselines], fmt(row.first_call_s, ".3g"), row.note,
+            *[fmt(row.speedup.get(b), ".2f") for b in baselines], fmt(row.first_call_s, ".3g"), table_note(row),
         )
     console.print(table)
+
+
+def table_note(row: Row) -> str:
+    """The row's note, and how many tuning candidates it rejected (the results file lists them)."""
+    if not row.rejected:
+        return row.note
+    rejected = f"{len(row.rejected)} tuning candidate{'s' if len(row.rejected) > 1 else ''} rejected"
+    return f"{row.note}; {rejected}" if row.note else rejected
 
 
 def slug(text: str) -> str:
