@@ -3,6 +3,7 @@
 //
 // Ops (namespace fastres; the public op fastres::conv_bn_act is defined in Python and calls them):
 //   cutlass_conv_bn_act(...)          the fused conv, CUDA tensors, channels_last operands
+//   cutlass_conv_bn_act.out(..., out) the same into a given output (tuning's check poisons it)
 //   cutlass_unsupported_reason(...)   "" if some kernel covers a case, else why not (no tensors:
 //                                     answers on any machine, which is how CI checks the rules)
 //   cutlass_usable_configs(...)       the config ids whose kernel covers the case
@@ -210,10 +211,9 @@ void check_vector(const std::optional<at::Tensor>& v, const char* name, const at
               " must start on a 16-byte boundary; got a view at storage offset ", v->storage_offset());
 }
 
-at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                               const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual,
-                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                               c10::string_view act, int64_t config) {
+// The checks of x, weight and the conv's arguments both forms share; the problem they describe.
+ConvArgs checked_problem(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view act) {
   TORCH_CHECK(x.is_cuda(), "cutlass_conv_bn_act: expected CUDA tensors, got x on ", x.device());
   check_operand(x, "input", x);
   check_operand(weight, "weight", x);
@@ -222,14 +222,18 @@ at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, co
   TORCH_CHECK(x.size(1) == weight.size(1) * groups, "Given groups=", groups, ", weight of size ", weight.sizes(),
               ", expected input", x.sizes(), " to have ", weight.size(1) * groups, " channels, but got ", x.size(1),
               " channels instead");
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t arch = device_arch(x.get_device());
   const std::string reason =
       static_reason(x.sizes(), weight.sizes(), stride, padding, dilation, groups, x.scalar_type(), act, arch);
   TORCH_CHECK(reason.empty(), "cutlass_conv_bn_act: ", reason);
+  return make_args(x.sizes(), weight.sizes(), stride, padding, dilation, act);
+}
 
-  ConvArgs args = make_args(x.sizes(), weight.sizes(), stride, padding, dilation, act);
-  at::Tensor out = at::empty({args.n, args.k, args.p, args.q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+// Kernel `config` on `args` into `out` (channels_last, the output's size: as the caller allocated or
+// checked it), on x's current stream.
+at::Tensor& launch(ConvArgs args, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, int64_t config,
+                   at::Tensor& out) {
   check_vector(scale, "scale", x, args.k);
   check_vector(shift, "shift", x, args.k);
   if (residual) {
@@ -239,7 +243,7 @@ at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, co
   }
   if (out.numel() == 0) return out;
 
-  const std::vector<ConvKernel>& kernels = kernels_for(x.scalar_type(), arch);
+  const std::vector<ConvKernel>& kernels = kernels_for(x.scalar_type(), device_arch(x.get_device()));
   TORCH_CHECK(config >= 0 && config < static_cast<int64_t>(kernels.size()), "cutlass_conv_bn_act: config ", config,
               " out of range [0, ", kernels.size(), ")");
   const ConvKernel& kernel = kernels[config];
@@ -260,6 +264,32 @@ at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, co
   return out;
 }
 
+at::Tensor cutlass_conv_bn_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               c10::string_view act, int64_t config) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const ConvArgs args = checked_problem(x, weight, stride, padding, dilation, groups, act);
+  at::Tensor out = at::empty({args.n, args.k, args.p, args.q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return launch(args, x, weight, scale, shift, residual, config, out);
+}
+
+// Into a given output: tuning's float64 check poisons it first, so a kernel that leaves part of it
+// unwritten fails there (a fresh output would hold whatever the allocator's block held).
+at::Tensor& cutlass_conv_bn_act_out(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                    const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                    c10::string_view act, int64_t config, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const ConvArgs args = checked_problem(x, weight, stride, padding, dilation, groups, act);
+  check_operand(out, "out", x);
+  const std::vector<int64_t> size = {args.n, args.k, args.p, args.q};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(size), "Expected out of size ", at::IntArrayRef(size),
+              " (the conv's output size), but got out of size ", out.sizes());
+  return launch(args, x, weight, scale, shift, residual, config, out);
+}
+
 }  // namespace
 
 // FRAGMENT, not TORCH_LIBRARY: the Python side defines fastres::conv_bn_act in the same namespace.
@@ -267,6 +297,10 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
   m.def(
       "cutlass_conv_bn_act(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, str act, int config) -> Tensor");
+  m.def(
+      "cutlass_conv_bn_act.out(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, str act, int config, *, Tensor(a!) out) "
+      "-> Tensor(a!)");
   m.def(
       "cutlass_unsupported_reason(int[] x_size, int[] w_size, int[] stride, int[] padding, int[] dilation, int groups, "
       "ScalarType dtype, str act, int arch) -> str",
@@ -279,6 +313,9 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
   m.def("cutlass_archs() -> int[]", &cutlass_archs);
 }
 
-TORCH_LIBRARY_IMPL(fastres, CUDA, m) { m.impl("cutlass_conv_bn_act", &cutlass_conv_bn_act); }
+TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+  m.impl("cutlass_conv_bn_act", &cutlass_conv_bn_act);
+  m.impl("cutlass_conv_bn_act.out", &cutlass_conv_bn_act_out);
+}
 
 }  // namespace fastres

@@ -255,6 +255,32 @@ def test_gpu_every_cutlass_kernel(config, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_cutlass_out_form_writes_every_element_of_the_output_given(dtype):
+    """Tuning's float64 check runs each CUTLASS kernel into one output it has poisoned with NaN
+    (the op's `out` form): every kernel fills all of it with the right values, and an output of
+    another size is refused."""
+    from fastres.backends import cuda
+
+    case = CUTLASS_KERNEL_CASES[0]
+    inputs = make_inputs(case, dtype, GPU)
+    args = (inputs.x, inputs.weight, inputs.scale, inputs.shift, inputs.residual, list(case.stride),
+            list(case.padding), list(case.dilation), case.groups, case.act)
+    p, q = case.output_hw
+    configs = cuda.usable_configs(inputs.problem(case), cuda._arch(GPU))
+    assert configs
+    for config in configs:
+        out = torch.full((case.n, case.k, p, q), float("nan"), dtype=dtype, device=GPU)
+        out = out.contiguous(memory_format=torch.channels_last)
+        returned = torch.ops.fastres.cutlass_conv_bn_act.out(*args, config, out=out)
+        assert returned.data_ptr() == out.data_ptr()
+        assert_matches(out, reference_for(case, inputs, inputs.residual), case, dtype, inputs.scale)
+    too_tall = torch.empty((case.n, case.k, p + 1, q), dtype=dtype, device=GPU, memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="Expected out of size"):
+        torch.ops.fastres.cutlass_conv_bn_act.out(*args, configs[0], out=too_tall)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("residual_layout", ["nchw", "broadcast"])
 @pytest.mark.parametrize("backend", ["cuda", "triton", "cudnn"])
 def test_gpu_non_default_stream_and_layouts(backend, residual_layout):

@@ -29,6 +29,9 @@ def test_extension_was_built_and_loads():
 def test_ops_are_registered_with_their_schemas():
     schema = str(torch.ops.fastres.cutlass_conv_bn_act.default._schema)
     assert "Tensor? residual" in schema and "int config" in schema
+    out_form = str(torch.ops.fastres.cutlass_conv_bn_act.out._schema)  # tuning's check writes into a poisoned output
+    assert out_form.startswith(schema.split(") ->")[0].replace("cutlass_conv_bn_act", "cutlass_conv_bn_act.out"))
+    assert out_form.endswith("*, Tensor(a!) out) -> Tensor(a!)")
     assert "int[]" in str(torch.ops.fastres.cutlass_usable_configs.default._schema)
 
 

@@ -18,6 +18,7 @@ import torch
 
 import fastres
 from fastres import tuning
+from fastres.backends import cuda, reference
 from fastres.kernels import conv_bn_act as gemm_kernel
 from fastres.problem import ConvProblem
 from fastres.shapes import ConvCase, make_inputs
@@ -100,6 +101,42 @@ def test_a_triton_config_with_wrong_answers_is_not_chosen_though_fastest(monkeyp
     problem = ConvProblem.from_tensors(*inputs.op_args(), (1, 1), (1, 1), (1, 1), 1, "relu")
     assert tuning.lookup(CPU, gemm_kernel.TUNING_KIND, problem.key) == asdict(TINY[0])
     torch.testing.assert_close(out.double(), inputs.reference(CASE), rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.skipif(cuda.load_error() is not None, reason="needs the CUDA extension's op schemas (built, not run)")
+def test_a_cutlass_kernel_leaving_an_image_unwritten_is_not_chosen_though_fastest(monkeypatch):
+    """The CUTLASS tile tuning checks each kernel writing into one output it poisoned first (the
+    op's `out` form). A fresh output may hold what the allocator's block held, e.g. the right
+    values the kernel before it left, which would hide an unwritten tile. The kernels are stood in
+    on the CPU here: the CUDA backend's Python side, tuning included, runs as on a GPU."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    names = ("sm90_f16_128x128x64", "sm90_f16_64x64x64")  # the second leaves the last image unwritten
+    monkeypatch.setattr(cuda, "_arch", lambda device: 90)
+    monkeypatch.setattr(cuda, "configs", lambda dtype, arch: names)
+    monkeypatch.setattr(cuda, "usable_configs", lambda problem, arch: (0, 1))
+    inputs = make_inputs(CASE, torch.float32)
+    problem = inputs.problem(CASE)
+    right = reference.run(problem, *inputs.op_args()).contiguous(memory_format=torch.channels_last)
+
+    launched = []
+
+    def kernel(*args, out):
+        launched.append(args[-1])
+        written = out[:-1] if args[-1] == 1 else out
+        written.copy_(right[: written.shape[0]])
+        return out
+
+    stand_in = torch.library.Library("fastres", "IMPL")
+    try:
+        stand_in.impl("cutlass_conv_bn_act", lambda *args: kernel(*args, out=right.clone()), "CPU")
+        stand_in.impl("cutlass_conv_bn_act.out", kernel, "CPU")
+        monkeypatch.setattr(tuning, "time_ms", lambda fn, device: (fn(), 1.0 if launched[-1] == 1 else 2.0)[1])
+        with pytest.warns(RuntimeWarning, match=f"candidate {names[1]} for .* differs? from float64 .*; not used"):
+            out = cuda.run(problem, *inputs.op_args())
+    finally:
+        stand_in._destroy()
+    assert tuning.lookup(CPU, "cuda.conv_bn_act", problem.key) == names[0]
+    torch.testing.assert_close(out, right)
 
 
 @needs_interpreter

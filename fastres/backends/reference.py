@@ -99,11 +99,13 @@ def wrong_answer(
     """Why the output of `launch()` (one tuning candidate's run of this call) is wrong, or None.
 
     Its first and last images are compared with this chain in float64 within the layer's
-    tolerance (fastres.numerics, as the kernel tests compare), the output poisoned with NaN
-    before the checked run, so a candidate that leaves part of it unwritten fails. Where the
-    float64 value overflows the output dtype, Inf is the expected value."""
-    out = launch()
-    out.fill_(float("nan"))  # the kernel backends write into the same output buffer every run
+    tolerance (fastres.numerics, as the kernel tests compare). The output of a first run is
+    poisoned with NaN before the checked run, so a kernel that writes into one output buffer
+    every run (the Triton launches, the CUTLASS op's `out` form) and leaves part of it unwritten
+    fails. Whole backends, as auto times them, allocate a fresh output each run: their kernels
+    were checked so when they tuned. Where the float64 value overflows the output dtype, Inf is
+    the expected value."""
+    launch().fill_(float("nan"))
     out = launch()
     images = sorted({0, x.shape[0] - 1})
 
