@@ -16,7 +16,7 @@ import torch
 
 from fastres import tuning
 from fastres.backends import reference
-from fastres.problem import ConvProblem
+from fastres.problem import ConvProblem, empty_output
 
 NAME = "cuda"
 
@@ -140,8 +140,7 @@ def run(
 
     def wrong_answer(config: int) -> str | None:
         """The float64 check, the kernel writing into one output it poisons (the op's `out` form)."""
-        out = torch.empty((problem.n, problem.k, problem.p, problem.q), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
+        out = empty_output(x, problem.output_shape)
         into = torch.ops.fastres.cutlass_conv_bn_act.out
         return reference.wrong_answer(problem, lambda: into(*args, config, out=out), x, weight, scale, shift, residual)
 
