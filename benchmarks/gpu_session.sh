@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh setup test            # build + every gpu test (or: test-triton,
 #                                                        #   then test-others, if it needs two calls)
-#   bash benchmarks/gpu_session.sh setup test-first      # a 146-test first look (short budgets)
+#   bash benchmarks/gpu_session.sh setup test-first      # a 150-test first look (short budgets)
 #   bash benchmarks/gpu_session.sh setup sanitize        # compute-sanitizer memcheck
 #   bash benchmarks/gpu_session.sh setup test-onnx       # torch.onnx.export of GPU models (tests/test_onnx.py)
 #   bash benchmarks/gpu_session.sh setup layers          # ResNet-50 layers + block tails, fp16
@@ -106,13 +106,13 @@ gpu_tests() {  # gpu_tests NAME [pytest args]: the gpu-marked tests, log in $OUT
     return $rc
 }
 
-# A first look within a short device budget (146 tests, fp16): the backend matrix on ResNet-50's
+# A first look within a short device budget (150 tests, fp16): the backend matrix on ResNet-50's
 # layers (CUTLASS, cuDNN + epilogue), every CUTLASS kernel, the Triton kernel on ResNet-50's layers,
 # odd shapes and projected residuals, every epilogue activation compiled, and the CUDA-graph paths.
 FIRST_TESTS="(backend_matrix and torch.float16 and resnet50 and not auto) or every_cutlass_kernel
     or (model_layers_full_size and torch.float16 and resnet50) or (odd_cases and torch.float16)
     or (projected_residual and torch.float16 and not every_candidate) or cuda_graph or capture
-    or reduce_overhead or (every_activation_compiled and torch.float16)"
+    or reduce_overhead or (every_activation_compiled and torch.float16) or (cutlass_out_form and torch.float16)"
 stage_test-first() { gpu_tests test-gpu-first -k "$(echo $FIRST_TESTS)"; }
 stage_test() { gpu_tests test-gpu; }
 # The same tests in two halves, for when `test` does not fit one 10-minute call.
