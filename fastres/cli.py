@@ -119,6 +119,20 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def bench_refusal(args: argparse.Namespace) -> str | None:
+    """Why a `fastres bench` command is refused before anything runs (a model or baseline name it
+    does not know: a typo would be timed under its own name, as what it fell back to), or None."""
+    from fastres.bench import layers, models
+
+    problems = [problem for name in args.model or [] if (problem := models.model_name_problem(name)) is not None]
+    known = models.BASELINES if args.suite == "models" else layers.BASELINES  # profile times the layers suite's
+    unknown = [b for b in args.baselines or [] if b not in known]
+    if unknown:
+        problems.append(f"no baseline named {', '.join(unknown)} in the {args.suite} suite "
+                        f"(it has {', '.join(known)})")
+    return "; ".join(problems) or None
+
+
 def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -131,9 +145,8 @@ def _bench(args: argparse.Namespace) -> int:
         console.print("[red]fastres bench: no CUDA device here. CPU timings say nothing about GPU speed; "
                       "use --smoke to check the harness end to end.[/red]")
         return 2
-    unknown = [problem for name in args.model or [] if (problem := models.model_name_problem(name)) is not None]
-    if unknown:
-        console.print(f"[red]fastres bench: {'; '.join(unknown)}[/red]")
+    if (refusal := bench_refusal(args)) is not None:
+        console.print(f"[red]fastres bench: {refusal}[/red]")
         return 2
     if args.suite == "profile":
         from fastres.bench import profile

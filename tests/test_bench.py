@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +227,89 @@ def test_unknown_model_names_are_refused_before_anything_runs(name, why):
     assert run.returncode == 2 and why in run.stdout
     verify = subprocess.run([sys.executable, "-m", "fastres", "verify", name], capture_output=True, text=True)
     assert verify.returncode == 2 and why in verify.stderr
+
+
+@pytest.mark.parametrize("suite,baseline", [("models", "eager-cll"), ("layers", "eager-cl+graph")])
+def test_unknown_baselines_are_refused_before_anything_runs(suite, baseline):
+    """A misspelt baseline was timed under its own name as what it fell back to (eager channels_last)."""
+    run = _bench(suite, "--smoke", "--baselines", "eager-cl", baseline)
+    assert run.returncode == 2 and f"no baseline named {baseline} in the {suite} suite" in run.stdout
+
+
+GPU_SESSION_STAGES = ["test-first", "test", "test-triton", "test-others", "sanitize", "test-onnx", "layers",
+                      "layers-others", "models-256", "models-1", "models-bf16", "models-autotune", "models-timm",
+                      "host", "profile"]
+
+# Counts, for each -k expression given, the collected tests it selects, as pytest's -k would.
+SELECTED_BY = """
+import json, sys
+import pytest
+from _pytest.mark import KeywordMatcher
+from _pytest.mark.expression import Expression
+
+class Items:
+    def pytest_collection_finish(self, session):
+        self.items = session.items
+
+items = Items()
+pytest.main(["--collect-only", "-qq", "-p", "no:cacheprovider", *sys.argv[2:]], plugins=[items])
+matchers = [KeywordMatcher.from_item(item) for item in items.items]
+print(json.dumps([sum(Expression.compile(e).evaluate(m) for m in matchers) for e in json.loads(sys.argv[1])]))
+"""
+
+
+def _alternatives_and_names(selection: str) -> list[str]:
+    """The top-level `or` terms of a -k expression, then each name in it (each must select tests)."""
+    terms, depth, start = [], 0, 0
+    words = selection.split()
+    for i, word in enumerate(words):
+        depth += word.count("(") - word.count(")")
+        if word == "or" and depth == 0:
+            terms.append(" ".join(words[start:i]))
+            start = i + 1
+    names = {w for w in selection.replace("(", " ").replace(")", " ").split() if w not in ("and", "or", "not")}
+    return terms + [" ".join(words[start:])] + sorted(names)
+
+
+def test_every_gpu_session_stage_asks_for_things_that_exist(tmp_path):
+    """benchmarks/gpu_session.sh, each stage but setup run with a Python that only records its
+    arguments: every `fastres bench` command parses and names known models and baselines, every
+    test path exists, and each alternative and each name of every -k selection picks some tests
+    (a `not`'s too: misspelt, it would deselect nothing). A typo there costs minutes of a lent
+    GPU, and is found only on it."""
+    from fastres.cli import _parser, bench_refusal
+
+    repo = Path(__file__).resolve().parent.parent
+    calls, fake_bin = tmp_path / "calls", tmp_path / "bin"
+    calls.mkdir()
+    fake_bin.mkdir()
+    recorder = fake_bin / "python"
+    recorder.write_text(f'#!/bin/bash\nprintf "%s\\0" "$@" > "$(mktemp {calls}/call.XXXXXX)"\n')
+    sanitizer = fake_bin / "compute-sanitizer"  # runs what follows its own options
+    sanitizer.write_text('#!/bin/bash\nwhile [ $# -gt 0 ] && [ "$1" != "$PY" ]; do shift; done\nexec "$@"\n')
+    for tool in (recorder, sanitizer):
+        tool.chmod(0o755)
+    env = {**os.environ, "PY": str(recorder), "OUT": str(tmp_path / "out"), "CALL_LIMIT": "100000",
+           "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), *GPU_SESSION_STAGES], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    argvs = [path.read_text().split("\0")[:-1] for path in calls.iterdir()]
+    benches = [argv[2:] for argv in argvs if argv[:3] == ["-m", "fastres", "bench"]]
+    tests = [argv[2:] for argv in argvs if argv[:2] == ["-m", "pytest"]]
+    assert len(benches) == 8 and len(tests) == 7
+    for argv in benches:
+        assert bench_refusal(_parser().parse_args(argv)) is None, argv
+    for argv in tests:
+        paths = [a for a in argv if a.startswith(("tests/", "benchmarks/"))]
+        assert all((repo / path).exists() for path in paths), argv
+        if "-k" in argv:
+            terms = _alternatives_and_names(argv[argv.index("-k") + 1])
+            counted = subprocess.run([sys.executable, "-c", SELECTED_BY, json.dumps(terms), *paths], cwd=repo,
+                                     capture_output=True, text=True, timeout=300)
+            assert counted.returncode == 0, counted.stdout[-2000:] + counted.stderr[-2000:]
+            counts = dict(zip(terms, json.loads(counted.stdout.splitlines()[-1])))
+            assert len(counts) > 1 and all(counts.values()), counts
 
 
 def test_a_wrong_answer_gets_no_speedup():
