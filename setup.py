@@ -9,9 +9,12 @@ runs on every 8.x GPU) and the CUTLASS 3 kernels for Hopper (which need the "a" 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -49,6 +52,23 @@ def _cutlass_include_dirs() -> list[str] | None:
     source = Path(spec.origin).parent / "source"
     dirs = [source / "include", source / "tools" / "util" / "include"]
     return [str(d) for d in dirs] if all(d.is_dir() for d in dirs) else None
+
+
+def build_digest(cuda_home: str) -> str:
+    """sha256 (12 hex digits) of what the extension is built from: csrc's files, the CUTLASS
+    headers' version, the target architectures and nvcc's version. The built library cannot name
+    its code itself: nvcc names its temporary files after process ids, so no two builds match."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "csrc").iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    try:
+        cutlass = importlib.metadata.version("nvidia-cutlass")
+    except importlib.metadata.PackageNotFoundError:
+        cutlass = "unknown"
+    nvcc = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True)
+    for fact in (cutlass, os.environ["TORCH_CUDA_ARCH_LIST"], nvcc.stdout):
+        digest.update(fact.encode() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _skip(reason: str) -> tuple[list, dict]:
@@ -93,7 +113,7 @@ def cuda_extension() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[str(ROOT / "csrc"), *includes],
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": ["-O3", f"-DFASTRES_BUILD_DIGEST={build_digest(CUDA_HOME)}"],
             # -DNDEBUG: without it ptxas serializes wgmma (C7510); CUTLASS wants relaxed constexpr.
             "nvcc": ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo"],
         },

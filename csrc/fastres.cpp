@@ -9,6 +9,8 @@
 //   cutlass_usable_configs(...)       the config ids whose kernel covers the case
 //   cutlass_configs(dtype, arch)      ";"-joined names of the kernels that run on an SM version
 //   cutlass_archs()                   SM versions this build has device code for, e.g. [80, 90]
+//   cutlass_build_digest()            what this library was built from (setup.py's build_digest),
+//                                     which names its kernels' code: no two builds are byte-equal
 #include <Python.h>
 
 #include <algorithm>
@@ -25,6 +27,12 @@
 #include <torch/library.h>
 
 #include "conv_kernels.h"
+
+#ifndef FASTRES_BUILD_DIGEST
+#define FASTRES_BUILD_DIGEST unknown
+#endif
+#define FASTRES_STRINGIFY(x) FASTRES_STRINGIFY_(x)
+#define FASTRES_STRINGIFY_(x) #x
 
 // `import fastres._C` loads this library; its static initialisers register the ops below.
 extern "C" PyObject* PyInit__C(void) {
@@ -311,6 +319,7 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
       &cutlass_usable_configs);
   m.def("cutlass_configs(ScalarType dtype, int arch) -> str", &cutlass_configs);
   m.def("cutlass_archs() -> int[]", &cutlass_archs);
+  m.def("cutlass_build_digest() -> str", []() { return std::string(FASTRES_STRINGIFY(FASTRES_BUILD_DIGEST)); });
 }
 
 TORCH_LIBRARY_IMPL(fastres, CUDA, m) {

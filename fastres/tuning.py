@@ -4,8 +4,11 @@ A decision (the Triton config for a shape, the CUTLASS tile for a shape, the bac
 for a shape) is measured once per device + software stack and remembered:
 
 - in memory, for the life of the process, and
-- on disk, one JSON file per (device name, fastres, torch, triton, CUDA versions) under
-  $FASTRES_CACHE_DIR, else $XDG_CACHE_HOME/fastres, else ~/.cache/fastres.
+- on disk, one JSON file per (device name, fastres, torch, triton, CUDA versions, a digest of
+  the kernels' code) under $FASTRES_CACHE_DIR, else $XDG_CACHE_HOME/fastres, else
+  ~/.cache/fastres. The digest keeps an update of the kernels within one version (a git
+  checkout) from reusing choices, checked against float64 once, that were measured on other
+  code; a rebuild of the same sources keeps them.
 
 Writes take a file lock, merge with what is on disk and land by atomic rename, so concurrent
 processes never corrupt the file. A corrupt, unreadable or stale file is ignored with one warning
@@ -19,7 +22,9 @@ and never while a CUDA graph is being captured.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import statistics
@@ -28,7 +33,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -65,6 +70,31 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}-triton-interpreter" if device.type == "cpu" else device.type
 
 
+def code_digest(files: Iterable[Path], *facts: str | None) -> str:
+    """sha256 (12 hex digits) of these files' names and contents, in sorted order, and of `facts`."""
+    digest = hashlib.sha256()
+    for path in sorted(set(files)):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for fact in facts:
+        digest.update(str(fact).encode() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def kernel_files() -> list[Path]:
+    """The Triton kernels with their configs and launchers (fastres.kernels)."""
+    spec = importlib.util.find_spec("fastres.kernels")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+    return [p for root in roots for p in root.rglob("*.py")]
+
+
+@functools.cache
+def kernels_digest() -> str:
+    """The code tuning measures: the Triton kernels and what the CUDA extension was built from."""
+    from fastres.backends import cuda
+
+    return code_digest(kernel_files(), cuda.build_digest())
+
+
 def stack_identity(device: torch.device) -> dict[str, str]:
     """Everything a measured decision depends on besides the problem itself."""
     from fastres import __version__
@@ -81,6 +111,7 @@ def stack_identity(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": str(torch.version.cuda),
+        "kernels": kernels_digest(),
     }
 
 

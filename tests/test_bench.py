@@ -332,6 +332,19 @@ def test_resume_needs_the_same_code_device_and_options():
     assert "cases" in results.resumable_by(env, dict(config, cases=["a"]))
 
 
+def test_a_rebuild_of_the_same_extension_sources_resumes(monkeypatch):
+    """Each device call of a GPU session rebuilds the extension, and no two builds are byte-equal
+    (nvcc names its temporary files after process ids): the code is named by what it was built
+    from, so the next call's --resume goes on; other sources do not."""
+    from fastres.backends import cuda
+
+    sources = []
+    for build in ("0123456789ab", "0123456789ab", "ba9876543210"):
+        monkeypatch.setattr(cuda, "build_digest", lambda: build)
+        sources.append(environment(torch.device("cpu"))["source"])
+    assert sources[0] == sources[1] != sources[2]
+
+
 def _unit(key: str, crashes: set[tuple[str, str]], calls: list) -> Unit:
     """A case of three contenders on a (pretend) CUDA device; those in `crashes` raise a CUDA error."""
 

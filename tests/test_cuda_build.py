@@ -5,6 +5,7 @@ a GPU. Kernel numerics are in test_backends.py (gpu)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -23,6 +24,12 @@ built = pytest.mark.skipif(cuda.load_error() is not None, reason=f"extension not
 def test_extension_was_built_and_loads():
     assert cuda.load_error() is None
     assert cuda.compiled_archs() == (80, 90)  # setup.py's default TORCH_CUDA_ARCH_LIST
+
+
+@built
+def test_the_extension_names_the_sources_it_was_built_from():
+    """setup.py's build_digest, compiled in: the library's own bytes differ from build to build."""
+    assert re.fullmatch(r"[0-9a-f]{12}", cuda.build_digest())
 
 
 @built

@@ -36,8 +36,39 @@ def test_remember_lookup_roundtrip_through_disk(isolated_tuning_cache):
     assert tuning.lookup(CPU, "kind", "key") == {"a": 1}
     data = json.loads(tuning.cache_file(CPU).read_text())
     assert data["identity"]["device"] == "cpu-triton-interpreter"
-    assert set(data["identity"]) == {"device", "fastres", "torch", "triton", "cuda"}
+    assert set(data["identity"]) == {"device", "fastres", "torch", "triton", "cuda", "kernels"}
     assert tuning.cache_file(CPU).parent == isolated_tuning_cache
+
+
+def test_choices_measured_on_other_kernel_code_are_not_used(monkeypatch, tmp_path, request):
+    """One fastres version spans many commits: a change to the kernels' code (or a rebuilt
+    extension) starts a new cache file, so no choice measured and checked on other code is used."""
+    kernel = tmp_path / "conv_bn_act.py"
+    kernel.write_text("BLOCK_M = 64\n")
+    monkeypatch.setattr(tuning, "kernel_files", lambda: [kernel])
+    request.addfinalizer(tuning.kernels_digest.cache_clear)
+    tuning.kernels_digest.cache_clear()
+    tuning.remember(CPU, "kind", "key", "64x64")
+    tuning.forget_in_memory()
+    assert tuning.lookup(CPU, "kind", "key") == "64x64"  # a new process, the same code
+    kernel.write_text("BLOCK_M = 128\n")
+    tuning.kernels_digest.cache_clear()  # a new process after the update
+    tuning.forget_in_memory()
+    assert tuning.lookup(CPU, "kind", "key") is None
+
+
+def test_the_kernels_code_is_the_triton_kernels_and_what_the_extension_was_built_from(monkeypatch, request):
+    """A rebuild of the same sources keeps the tuning file (each device call of a GPU session
+    rebuilds), other sources start a new one."""
+    assert {"conv_bn_act.py", "depthwise.py", "epilogue.py"} <= {path.name for path in tuning.kernel_files()}
+    request.addfinalizer(tuning.kernels_digest.cache_clear)
+    digests = []
+    for build in ("0123456789ab", "0123456789ab", "ba9876543210"):
+        monkeypatch.setattr(cuda, "build_digest", lambda: build)
+        tuning.kernels_digest.cache_clear()
+        tuning.forget_in_memory()
+        digests.append(tuning.stack_identity(CPU)["kernels"])
+    assert digests[0] == digests[1] != digests[2]
 
 
 def _spy_launches(monkeypatch) -> list:

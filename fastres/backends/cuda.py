@@ -32,6 +32,15 @@ def load_error() -> str | None:
 
 
 @functools.cache
+def build_digest() -> str | None:
+    """What the loaded extension was built from (its sources, CUTLASS version, targets and nvcc,
+    digested by setup.py), or None without it. The library's bytes differ from build to build."""
+    if load_error() is not None:
+        return None
+    return str(torch.ops.fastres.cutlass_build_digest())
+
+
+@functools.cache
 def compiled_archs() -> tuple[int, ...]:
     """SM versions this build has device code for, e.g. (80, 90)."""
     if load_error() is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ import torch
 
 import fastres
 from fastres.bench.report import Results, Row
+from fastres.tuning import code_digest, kernel_files
 
 
 @dataclass(frozen=True)
@@ -181,16 +181,12 @@ def _driver_version() -> str:
 
 
 def source_digest() -> str:
-    """sha256 (12 hex digits) of the code being measured: fastres's and its kernels' Python files and
-    the built extension. Names the code exactly where the commit cannot (no git, a dirty tree)."""
-    import fastres.kernels
+    """sha256 (12 hex digits) of the code being measured: fastres's and its Triton kernels' Python
+    files and what the CUDA extension was built from (not its bytes: no two builds are equal, and
+    a resumed run rebuilds). Names the code exactly where the commit cannot (no git, a dirty tree)."""
+    from fastres.backends import cuda
 
-    files = [p for package in (fastres, fastres.kernels) for p in Path(package.__file__).parent.rglob("*.py")]
-    files += list(Path(fastres.__file__).parent.glob("_C*.so"))
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    return code_digest([*Path(fastres.__file__).parent.rglob("*.py"), *kernel_files()], cuda.build_digest())
 
 
 def environment(device: torch.device) -> dict[str, str]:
