@@ -59,7 +59,7 @@ def build_digest(cuda_home: str) -> str:
     headers' version, the target architectures and nvcc's version. The built library cannot name
     its code itself: nvcc names its temporary files after process ids, so no two builds match."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "csrc").iterdir()):
+    for path in sorted(p for p in (ROOT / "csrc").iterdir() if p.is_file()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     try:
         cutlass = importlib.metadata.version("nvidia-cutlass")
