@@ -52,7 +52,7 @@ import operator
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.fx as fx
@@ -68,6 +68,9 @@ from fastres.hooks import call_hooks, hook_memo, hooks_held, move_hooks
 from fastres.ops import autocast_dtype, exporting_to_onnx
 from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, output_hw
 from fastres.tracing import Tracer, UnfaithfulTrace, attributes_kept, trace
+
+if TYPE_CHECKING:
+    from fastres.verification import Run  # (it imports this module)
 
 __all__ = ["optimize", "OptimizeReport", "FusedConvBN", "model_copy"]
 
@@ -989,8 +992,8 @@ def optimize(
     return optimized
 
 
-def _unfused_output(baseline: nn.Module, inputs: tuple) -> Any:
-    """The unfused copy's output on example_inputs (its hooks held: yours see one call, the optimized
+def _unfused_output(baseline: nn.Module, inputs: tuple) -> Run:
+    """The unfused copy's run on example_inputs (its hooks held: yours see one call, the optimized
     copy's). Inputs the model itself fails on are the caller's error, raised as it is."""
     from fastres.verification import run_from_here  # (it imports this module)
 
@@ -1003,17 +1006,17 @@ def _unfused_output(baseline: nn.Module, inputs: tuple) -> Any:
         raise
 
 
-def _refused_on(optimized: nn.Module, baseline: nn.Module, inputs: tuple, expected: Any) -> tuple[str, str] | None:
+def _refused_on(optimized: nn.Module, baseline: nn.Module, inputs: tuple, expected: Run) -> tuple[str, str] | None:
     """Why the optimized copy cannot be handed back, by its output on example_inputs next to the
-    unfused copy's (`expected`), in long and short words; or None. The output must have the
+    unfused copy's run (`expected`), in long and short words; or None. The output must have the
     model's containers and keys, and answers verify would pass."""
     from fastres.verification import disagreement, run_from_here  # (it imports this module)
 
-    got = run_from_here(optimized, inputs)
-    if tree_structure(got) != tree_structure(expected):
-        return (f"it returned a {type(got).__name__} shaped otherwise than the model's {type(expected).__name__}",
-                "output shaped otherwise")
-    why = disagreement(baseline, inputs, got, expected)
+    got = run_from_here(optimized, inputs).output
+    if tree_structure(got) != tree_structure(expected.output):
+        return (f"it returned a {type(got).__name__} shaped otherwise than the model's "
+                f"{type(expected.output).__name__}", "output shaped otherwise")
+    why = disagreement(baseline, inputs, got, expected.output, expected.sampled)
     return None if why is None else (why, "answers off")
 
 

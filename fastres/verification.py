@@ -8,6 +8,11 @@ is within the per-dtype tolerance or no more than twice the eager model's own er
 same inputs), with Inf / NaN only where the float64 or the eager output has them: "no worse than
 what you had" (`judge`).
 
+A model that draws random numbers in eval (noise, a random crop) has no float64 ground truth: a
+float64 copy draws other numbers. The eager and the optimized model run from the caller's random
+state (which is left as it was), so both draw the same numbers, and the optimized model must then
+agree with the eager one within the dtype's tolerance.
+
 Under torch.autocast (verify called inside the region) "their dtype" is autocast's: tolerances
 are autocast's dtype's, and the float64 reference runs with autocast off.
 
@@ -54,6 +59,7 @@ class VerifyReport:
     dtype: torch.dtype
     model: list[Row] = field(default_factory=list)
     layers: list[Row] = field(default_factory=list)
+    reference: str = "a float64 reference"  # what the final output was judged against
 
     @property
     def ok(self) -> bool:
@@ -68,7 +74,7 @@ class VerifyReport:
             return out
 
         lines = [f"fastres.verify ({str(self.dtype).removeprefix('torch.')}): {'PASS' if self.ok else 'FAIL'}",
-                 "final output against a float64 reference:"] + table(self.model)
+                 f"final output against {self.reference}:"] + table(self.model)
         if self.layers:
             lines += [f"fused layers against float64 on their own inputs ({sum(r.ok for r in self.layers)}"
                       f"/{len(self.layers)} ok):"] + table(self.layers)
@@ -121,12 +127,26 @@ def judge(fused_out: torch.Tensor, eager_out: torch.Tensor, ref_out: torch.Tenso
     return Judgement(eager, fused, bound, where_expected and fused.rel_norm <= bound)
 
 
-def run_from_here(model: nn.Module, inputs: tuple) -> Any:
+@dataclass(frozen=True)
+class Run:
+    output: Any
+    sampled: bool  # it drew random numbers, which a float64 copy would draw otherwise
+
+
+def _generator_states(devices: list[int]) -> list[torch.Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def run_from_here(model: nn.Module, inputs: tuple) -> Run:
     """model(*inputs) without grad, from the caller's random state, which it leaves as it was: copies
-    of a model that samples in eval mode (noise, a random crop) draw the same numbers."""
+    of a model that samples in eval mode (noise, a random crop) draw the same numbers. Whether it
+    drew any is read off the generators (CPU and each CUDA device) it moved."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        return model(*inputs)
+        before = _generator_states(devices)
+        output = model(*inputs)
+        after = _generator_states(devices)
+    return Run(output, any(not torch.equal(b, a) for b, a in zip(before, after)))
 
 
 def _float_pairs(got: Any, expected: Any) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -137,11 +157,12 @@ def _float_pairs(got: Any, expected: Any) -> list[tuple[int, torch.Tensor, torch
             and e.is_floating_point() and g.shape == e.shape]
 
 
-def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any) -> str | None:
+def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampled: bool = False) -> str | None:
     """Why the optimized model's output `got` on `inputs` cannot be trusted next to `expected`, the
-    unfused `model`'s (the same dtype, an output of the same structure), or None. Floating tensors
-    within the dtype's tolerance of each other pass; otherwise a float64 copy of `model` runs on
-    the inputs' device and verify's whole-model rule (`judge`) decides each of them."""
+    unfused `model`'s (the same dtype, an output of the same structure, the same random draws), or
+    None. Floating tensors within the dtype's tolerance of each other pass; otherwise a float64 copy
+    of `model` runs on the inputs' device and verify's whole-model rule (`judge`) decides each of
+    them, unless the model `sampled` random numbers, which that copy would draw otherwise."""
     x = next((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
     pairs = _float_pairs(got, expected)
     if x is None or not pairs:
@@ -153,11 +174,14 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any) -> st
     if not differing:
         return None
     name = str(dtype).removeprefix("torch.")
+    if sampled:
+        return (f"output {differing[0][0]} differs from the unfused model's, on the same random draws, by more than "
+                f"the {name} tolerance (the model draws random numbers, so no float64 copy can say which is right)")
     try:
         reference = model_copy(model).double()
         with hooks_held(reference), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             ref = run_from_here(reference, tree_map(
-                lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs))
+                lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)).output
     except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64: nothing decides
         return (f"its output differs from the unfused model's by more than the {name} tolerance, and a float64 "
                 f"copy of the model, which would say which is right, failed ({exc})")
@@ -202,11 +226,16 @@ def verify(
                 hooks.append(module.register_forward_hook(
                     lambda m, args, out: captured.append((m, tuple(a.detach() for a in args) + (out.detach(),)))))
     try:
-        with torch.no_grad():
-            eager_out = _first_tensor(baseline(*inputs))
-            fused_out = _first_tensor(optimized(*inputs))
+        eager = run_from_here(baseline, inputs)
+        eager_out = _first_tensor(eager.output)
+        fused_out = _first_tensor(run_from_here(optimized, inputs).output)
+        if eager.sampled:
+            report.reference = ("the eager model's, on the same random draws (the model draws random numbers, "
+                                "which a float64 copy would draw otherwise)")
+            ref_out = eager_out
+        else:
             reference = model_copy(model).cpu().double()
-            with torch.autocast("cpu", enabled=False):
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
                 ref_out = _first_tensor(reference(*_as_float64_cpu(inputs)))
     finally:
         for hook in hooks:
@@ -215,7 +244,7 @@ def verify(
     j = judge(fused_out, eager_out, ref_out, tol)
     cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
     report.model.append(Row(f"eager (original{cast})", j.eager.max_abs, j.eager.max_rel, j.eager.rel_norm, True,
-                            "baseline"))
+                            "the reference" if eager.sampled else "baseline"))
     report.model.append(Row("fastres (optimized)", j.fused.max_abs, j.fused.max_rel, j.fused.rel_norm, j.ok,
                             f"rel norm bound {j.bound:.3g}"))
 

@@ -139,3 +139,15 @@ def assert_hooks_saw_the_same(got: list, want: list) -> None:
     assert [n for n, _ in got] == [n for n, _ in want] and got
     for (name, seen), (_, expected) in zip(got, want):
         torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+class SamplesInEval(torch.nn.Module):
+    """A conv net that adds noise in eval mode too (a generative model's sampling step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x + torch.randn_like(x))

@@ -23,7 +23,7 @@ import fastres
 from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
-from helpers import INTERPRETER, HookLog, assert_hooks_saw_the_same, hooked_run, register_hook
+from helpers import INTERPRETER, HookLog, SamplesInEval, assert_hooks_saw_the_same, hooked_run, register_hook
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int | None, total: int | None = None, **kwargs) -> nn.Module:
@@ -2037,19 +2037,8 @@ def test_example_inputs_that_differ_by_more_than_the_tolerance_are_judged_agains
     assert len(optimized.fastres_report.fused) == 20 and len(copies) == 1
 
 
-class _SamplesInEval(nn.Module):
-    """A conv net that adds noise in eval mode too (a generative model's sampling step)."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-
-    def forward(self, x):
-        return self.body(x + torch.randn_like(x))
-
-
 def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_it_was():
-    model = randomize_batchnorm_(_SamplesInEval()).eval()
+    model = randomize_batchnorm_(SamplesInEval()).eval()
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -2059,6 +2048,16 @@ def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_i
     torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)
     assert optimized.fastres_report.fused == ["body.0"]
+
+
+def test_example_inputs_judge_a_model_that_draws_random_numbers_against_its_unfused_copy(monkeypatch):
+    """A float64 copy of a model that samples draws other numbers, so it cannot judge: answers off
+    on the same draws are refused, not passed against twice the unfused copy's (large) error."""
+    _off_by(monkeypatch, 1.01)
+    model = randomize_batchnorm_(SamplesInEval()).eval()
+    with pytest.warns(RuntimeWarning, match="on the same random draws, by more than the float32 tolerance"):
+        optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert not optimized.fastres_report.fused
 
 
 def test_checking_example_inputs_runs_your_hooks_once():

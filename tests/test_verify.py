@@ -12,7 +12,9 @@ import fastres
 from fastres.converter import FusedConvBN
 from fastres.bench.models import named_model
 from fastres.numerics import tolerance
+from fastres.shapes import randomize_batchnorm_
 from fastres.verification import judge
+from helpers import SamplesInEval
 
 
 def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
@@ -105,6 +107,26 @@ def test_verify_catches_a_wrong_final_output():
     assert not report.ok and not report.model[1].ok
 
 
+def test_verify_judges_a_model_that_draws_random_numbers_against_eager_on_the_same_draws():
+    """A model that samples in eval has no float64 ground truth (a float64 copy draws other numbers,
+    and the optimized model would pass at any error under twice the eager one's against it): eager
+    and optimized draw the same numbers, from the caller's random state, left as it was, and must
+    agree within the tolerance. Each fused layer is still checked against float64 on its inputs."""
+    model = randomize_batchnorm_(SamplesInEval()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(3)
+    report = fastres.verify(model, optimized, x, per_layer=True)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)
+    assert report.ok and "on the same random draws" in str(report), str(report)
+    assert report.model[1].rel_norm <= tolerance(torch.float32).rel_norm and len(report.layers) == 1
+    _fused(optimized, "body.0").register_forward_hook(lambda m, args, out: out * 1.01)
+    report = fastres.verify(model, optimized, x)
+    assert not report.ok and not report.model[1].ok
+
+
 _REF = torch.linspace(-4.0, 4.0, 64, dtype=torch.float64).view(1, 4, 4, 4)
 _INF = torch.zeros_like(_REF).index_fill_(3, torch.tensor([1]), float("inf"))  # Inf in one column
 
@@ -130,6 +152,14 @@ def test_gpu_verify_an_fp16_model_on_the_gpu():
     model = named_model("resnet18").cuda().half()
     report = fastres.verify(model, fastres.optimize(model), torch.randn(2, 3, 64, 64).cuda().half(), per_layer=True)
     assert report.ok, str(report)
+
+
+@pytest.mark.gpu
+def test_gpu_verify_a_model_that_draws_random_numbers_on_the_gpu():
+    """Its draws come from the CUDA generator, which verify forks and watches as it does the CPU's."""
+    model = randomize_batchnorm_(SamplesInEval()).cuda().half().eval()
+    report = fastres.verify(model, fastres.optimize(model), torch.randn(2, 3, 16, 16).cuda().half())
+    assert report.ok and "on the same random draws" in str(report), str(report)
 
 
 def test_verify_zoo_model_against_torchvision():
