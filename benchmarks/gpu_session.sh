@@ -45,10 +45,11 @@ export FASTRES_CACHE_DIR=$(cd "$OUT/cache" && pwd)
 PY=${PY:-python3}
 
 stage_wheels() {
-    # Runs HERE, not on the GPU machine: the wheels the GPU machine lacks, for its Python 3.12.
+    # Runs HERE, not on the GPU machine: the wheels the GPU machine lacks, for its Python 3.12, and
+    # CI's setuptools (the image's version is unread; one older than 77 refuses pyproject's license).
     $PY -m pip download -q --dest .whl --only-binary=:all: --no-deps --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-        -c constraints.txt nvidia-cutlass expecttest && ls .whl
+        -c constraints.txt nvidia-cutlass expecttest setuptools && ls .whl
     # ONNX and its runtime with their compiled dependencies: ~36 MB, only for test-onnx
     $PY -m pip download -q --dest .whl/onnx --only-binary=:all: --no-deps --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
@@ -62,7 +63,7 @@ stage_setup() {
     fi
     {
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-        $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+        $PY -c "import torch, triton, setuptools, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version(), 'setuptools', setuptools.__version__)"
         nvcc --version | tail -1
         echo "commit ${FASTRES_COMMIT:-unknown}"
     } > "$OUT/env.txt" 2>&1
