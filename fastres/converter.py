@@ -945,8 +945,9 @@ def optimize(
     optimized copy is run on them once (its Triton kernels compiled first, all in one parallel
     pool: fastres.precompile), and should that fail, its output's containers and keys differ
     from the model's, or its answers fail fastres.verify's rule (checked against a float64 copy
-    when they differ from the unfused copy's by more than the dtype's tolerance), the unfused copy
-    is returned; inputs the model itself fails on raise its error. Arguments of
+    when they differ from the unfused copy's by more than the dtype's tolerance; for a model that
+    draws random numbers, a failure then), the unfused copy is returned; inputs the model itself
+    fails on raise its error. Arguments of
     forward with constant defaults (`mask=None`, `flag=False`) are traced as those defaults, and
     calls that pass other values run the model's own forward, unless example_inputs passes them.
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
