@@ -271,6 +271,42 @@ def _alternatives_and_names(selection: str) -> list[str]:
     return terms + [" ".join(words[start:])] + sorted(names)
 
 
+@dataclasses.dataclass
+class StandInCall:
+    pythonpath: str
+    build_cuda: str  # FASTRES_BUILD_CUDA as the call saw it
+    argv: list[str]
+
+
+def _gpu_session(tmp_path: Path, stages: list[str], root: Path,
+                 **env: str) -> tuple[subprocess.CompletedProcess, list[StandInCall]]:
+    """`gpu_session.sh STAGES` (the copy under `root`) with stand-ins for the GPU image's tools: a
+    Python that records each call in order (failing `pip install -e .` when BUILD_FAILS is set),
+    nvidia-smi, nvcc, and a compute-sanitizer that runs what follows its own options."""
+    calls, fake_bin = tmp_path / "calls", tmp_path / "bin"
+    calls.mkdir()
+    fake_bin.mkdir()
+    tools = {
+        "python": f'''#!/bin/bash
+printf "%s\\0" "${{PYTHONPATH:-}}" "${{FASTRES_BUILD_CUDA:-}}" "$@" > {calls}/$(printf %04d $(ls {calls} | wc -l))
+if [ -n "${{BUILD_FAILS:-}}" ] && [[ " $* " == *" -e . "* ]]; then echo "error: command nvcc failed"; exit 1; fi
+''',
+        "nvidia-smi": '#!/bin/bash\necho "name, driver_version"\necho "NVIDIA H100 80GB HBM3, 580.159.04"\n',
+        "nvcc": '#!/bin/bash\necho "Build cuda_13.0.r13.0/compiler.36424714_0"\n',
+        "compute-sanitizer": '#!/bin/bash\nwhile [ $# -gt 0 ] && [ "$1" != "$PY" ]; do shift; done\nexec "$@"\n',
+    }
+    for name, text in tools.items():
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    env = {**os.environ, "PY": str(fake_bin / "python"), "OUT": str(tmp_path / "out"), "CALL_LIMIT": "100000",
+           "PATH": f"{fake_bin}:{os.environ['PATH']}", **env}
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), *stages], env=env,
+                         capture_output=True, text=True, timeout=120)
+    recorded = [path.read_text().split("\0")[:-1] for path in sorted(calls.iterdir())]
+    return run, [StandInCall(r[0], r[1], r[2:]) for r in recorded]
+
+
 def test_every_gpu_session_stage_asks_for_things_that_exist(tmp_path):
     """benchmarks/gpu_session.sh, each stage but setup run with a Python that only records its
     arguments: every `fastres bench` command parses and names known models and baselines, every
@@ -280,21 +316,9 @@ def test_every_gpu_session_stage_asks_for_things_that_exist(tmp_path):
     from fastres.cli import _parser, bench_refusal
 
     repo = Path(__file__).resolve().parent.parent
-    calls, fake_bin = tmp_path / "calls", tmp_path / "bin"
-    calls.mkdir()
-    fake_bin.mkdir()
-    recorder = fake_bin / "python"
-    recorder.write_text(f'#!/bin/bash\nprintf "%s\\0" "$@" > "$(mktemp {calls}/call.XXXXXX)"\n')
-    sanitizer = fake_bin / "compute-sanitizer"  # runs what follows its own options
-    sanitizer.write_text('#!/bin/bash\nwhile [ $# -gt 0 ] && [ "$1" != "$PY" ]; do shift; done\nexec "$@"\n')
-    for tool in (recorder, sanitizer):
-        tool.chmod(0o755)
-    env = {**os.environ, "PY": str(recorder), "OUT": str(tmp_path / "out"), "CALL_LIMIT": "100000",
-           "PATH": f"{fake_bin}:{os.environ['PATH']}"}
-    run = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), *GPU_SESSION_STAGES], env=env,
-                         capture_output=True, text=True, timeout=120)
+    run, calls = _gpu_session(tmp_path, GPU_SESSION_STAGES, repo)
     assert run.returncode == 0, run.stdout + run.stderr
-    argvs = [path.read_text().split("\0")[:-1] for path in calls.iterdir()]
+    argvs = [call.argv for call in calls]
     benches = [argv[2:] for argv in argvs if argv[:3] == ["-m", "fastres", "bench"]]
     tests = [argv[2:] for argv in argvs if argv[:2] == ["-m", "pytest"]]
     assert len(benches) == 8 and len(tests) == 7
@@ -310,6 +334,41 @@ def test_every_gpu_session_stage_asks_for_things_that_exist(tmp_path):
             assert counted.returncode == 0, counted.stdout[-2000:] + counted.stderr[-2000:]
             counts = dict(zip(terms, json.loads(counted.stdout.splitlines()[-1])))
             assert len(counts) > 1 and all(counts.values()), counts
+
+
+@pytest.mark.parametrize("build_fails", [False, True], ids=["built", "build-fails"])
+def test_the_gpu_session_setup_builds_with_the_carried_wheels_and_stops_the_call_if_it_fails(tmp_path, build_fails):
+    """`setup` starts every device call: the carried wheels (CUTLASS's headers, setuptools) are
+    installed apart and are on PYTHONPATH for the build and every later command, the build makes
+    the CUDA extension or fails, and env.txt names the machine, nvcc and the commit. A failed build
+    shows its log's end and ends the call: no stage after it spends the GPU's minutes."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh", root / "benchmarks")
+    (root / ".whl").mkdir()
+    wheels = ["nvidia_cutlass-4.2.0.0-py3-none-any.whl", "setuptools-84.2.1-py3-none-any.whl"]
+    for wheel in wheels:
+        (root / ".whl" / wheel).touch()
+    env = {"FASTRES_COMMIT": "0123abc"} | ({"BUILD_FAILS": "1"} if build_fails else {})
+    run, calls = _gpu_session(tmp_path, ["setup", "host"], root, **env)
+    install, versions, build, *after = calls
+    assert install.argv[:3] == ["-m", "pip", "install"] and "--no-index" in install.argv
+    assert versions.argv[0] == "-c" and "setuptools.__version__" in versions.argv[1]
+    site = install.argv[install.argv.index("--target") + 1]
+    assert sorted(Path(a).name for a in install.argv if a.endswith(".whl")) == wheels
+    assert build.argv[:3] == ["-m", "pip", "install"] and build.argv[-2:] == ["-e", "."]
+    assert "--no-build-isolation" in build.argv and build.build_cuda == "1"
+    assert all(site in call.pythonpath.split(":") for call in (versions, build, *after))
+    machine = (tmp_path / "out" / "env.txt").read_text()
+    assert "NVIDIA H100" in machine and "cuda_13.0" in machine and "commit 0123abc" in machine
+    if build_fails:
+        assert run.returncode == 1 and not after
+        assert "error: command nvcc failed" in run.stdout and "stage setup failed" in run.stdout
+    else:
+        assert run.returncode == 0, run.stdout + run.stderr
+        check, host = after
+        assert check.argv[0] == "-c" and "backend_status" in check.argv[1]
+        assert host.argv[:3] == ["-m", "pytest", "-q"] and "benchmarks/bench_host.py" in host.argv
 
 
 def test_a_wrong_answer_gets_no_speedup():
