@@ -127,6 +127,19 @@ def test_verify_judges_a_model_that_draws_random_numbers_against_eager_on_the_sa
     assert not report.ok and not report.model[1].ok
 
 
+@pytest.mark.parametrize("fallback_random", [False, True], ids=["inductor-random", "eager-random"])
+def test_verify_says_why_a_compiled_model_that_draws_random_numbers_fails(fallback_random):
+    """torch.compile's generated random ops draw other numbers than eager's from the same state: the
+    failure names the switch that draws eager's, with which the model verifies."""
+    import torch._inductor.config
+
+    model = randomize_batchnorm_(SamplesInEval()).eval()
+    with torch._inductor.config.patch(fallback_random=fallback_random):
+        report = fastres.verify(model, torch.compile(fastres.optimize(model)), torch.randn(2, 3, 8, 8))
+    assert report.ok == fallback_random, str(report)
+    assert ("fallback_random = True" in report.model[1].note) != fallback_random
+
+
 _REF = torch.linspace(-4.0, 4.0, 64, dtype=torch.float64).view(1, 4, 4, 4)
 _INF = torch.zeros_like(_REF).index_fill_(3, torch.tensor([1]), float("inf"))  # Inf in one column
 
