@@ -10,8 +10,9 @@ what you had" (`judge`).
 
 A model that draws random numbers in eval (noise, a random crop) has no float64 ground truth: a
 float64 copy draws other numbers. The eager and the optimized model run from the caller's random
-state (which is left as it was), so both draw the same numbers, and the optimized model must then
-agree with the eager one within the dtype's tolerance.
+state (torch's generators and those the eager model holds as attributes, which the optimized
+model's of the same names start from; all are left as they were), so both draw the same numbers,
+and the optimized model must then agree with the eager one within the dtype's tolerance.
 
 Under torch.autocast (verify called inside the region) "their dtype" is autocast's: tolerances
 are autocast's dtype's, and the float64 reference runs with autocast off.
@@ -133,19 +134,38 @@ class Run:
     sampled: bool  # it drew random numbers, which a float64 copy would draw otherwise
 
 
-def _generator_states(devices: list[int]) -> list[torch.Tensor]:
-    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+def held_generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """Each torch.Generator a module of `model` holds as an attribute, by qualified name (one
+    generator may be held under several names: fx keeps one of its own for a graph's use)."""
+    return {f"{path}.{attr}".removeprefix("."): value for path, module in model.named_modules()
+            for attr, value in vars(module).items() if isinstance(value, torch.Generator)}
 
 
-def run_from_here(model: nn.Module, inputs: tuple) -> Run:
+def _generator_states(devices: list[int], held: list[torch.Generator]) -> list[torch.Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices] + [g.get_state() for g in held]
+
+
+def run_from_here(model: nn.Module, inputs: tuple, like: nn.Module | None = None) -> Run:
     """model(*inputs) without grad, from the caller's random state, which it leaves as it was: copies
-    of a model that samples in eval mode (noise, a random crop) draw the same numbers. Whether it
-    drew any is read off the generators (CPU and each CUDA device) it moved."""
+    of a model that samples in eval mode (noise, a random crop) draw the same numbers. That state is
+    torch's generators (the CPU's, each CUDA device's) and those `model` holds (`held_generators`),
+    each started, if `like` (another copy of the model) holds one of its device under its name, from
+    that one's state. Whether the model drew any numbers is read off the generators it moved."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        before = _generator_states(devices)
-        output = model(*inputs)
-        after = _generator_states(devices)
+    names = held_generators(model)
+    held = list({id(g): g for g in names.values()}.values())
+    saved = [g.get_state() for g in held]
+    try:
+        for name, theirs in (held_generators(like) if like is not None else {}).items():
+            if name in names and names[name].device == theirs.device:
+                names[name].set_state(theirs.get_state())
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            before = _generator_states(devices, held)
+            output = model(*inputs)
+            after = _generator_states(devices, held)
+    finally:
+        for generator, state in zip(held, saved):
+            generator.set_state(state)
     return Run(output, any(not torch.equal(b, a) for b, a in zip(before, after)))
 
 
@@ -236,7 +256,7 @@ def verify(
     try:
         eager = run_from_here(baseline, inputs)
         eager_out = _first_tensor(eager.output)
-        fused_out = _first_tensor(run_from_here(optimized, inputs).output)
+        fused_out = _first_tensor(run_from_here(optimized, inputs, like=baseline).output)
         if eager.sampled:
             report.reference = ("the eager model's, on the same random draws (the model draws random numbers, "
                                 "which a float64 copy would draw otherwise)")

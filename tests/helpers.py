@@ -142,12 +142,18 @@ def assert_hooks_saw_the_same(got: list, want: list) -> None:
 
 
 class SamplesInEval(torch.nn.Module):
-    """A conv net that adds noise in eval mode too (a generative model's sampling step)."""
+    """A conv net that adds noise in eval mode too (a generative model's sampling step), drawn from
+    torch's generator or, with `own_generator`, from a torch.Generator it holds."""
 
-    def __init__(self):
+    def __init__(self, own_generator: bool = False):
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
                                         torch.nn.ReLU())
+        self.generator = torch.Generator().manual_seed(0) if own_generator else None
 
     def forward(self, x):
-        return self.body(x + torch.randn_like(x))
+        return self.body(x + torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device))
+
+    def random_state(self) -> torch.Tensor:
+        """The state of the generator its noise comes from."""
+        return torch.get_rng_state() if self.generator is None else self.generator.get_state()

@@ -2037,24 +2037,29 @@ def test_example_inputs_that_differ_by_more_than_the_tolerance_are_judged_agains
     assert len(optimized.fastres_report.fused) == 20 and len(copies) == 1
 
 
-def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_it_was():
-    model = randomize_batchnorm_(SamplesInEval()).eval()
-    torch.manual_seed(1)
+@pytest.mark.parametrize("own_generator", [False, True], ids=["torch-generator", "own-generator"])
+def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_it_was(own_generator):
+    """Your random state (torch's generator, or one your model holds) is where it was, and the copy
+    handed back draws next what your model would."""
+    model = randomize_batchnorm_(SamplesInEval(own_generator)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model.random_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
-    after = torch.rand(4)
-    torch.manual_seed(1)
-    torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)
+        optimized = fastres.optimize(model, example_inputs=x)
+    assert torch.equal(model.random_state(), before)
     assert optimized.fastres_report.fused == ["body.0"]
+    with torch.random.fork_rng():
+        expected = model(x)
+    torch.testing.assert_close(optimized(x), expected)
 
 
-def test_example_inputs_judge_a_model_that_draws_random_numbers_against_its_unfused_copy(monkeypatch):
+@pytest.mark.parametrize("own_generator", [False, True], ids=["torch-generator", "own-generator"])
+def test_example_inputs_judge_a_model_that_draws_random_numbers_against_its_unfused_copy(monkeypatch, own_generator):
     """A float64 copy of a model that samples draws other numbers, so it cannot judge: answers off
     on the same draws are refused, not passed against twice the unfused copy's (large) error."""
     _off_by(monkeypatch, 1.01)
-    model = randomize_batchnorm_(SamplesInEval()).eval()
+    model = randomize_batchnorm_(SamplesInEval(own_generator)).eval()
     with pytest.warns(RuntimeWarning, match="on the same random draws, by more than the float32 tolerance"):
         optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
     assert not optimized.fastres_report.fused
