@@ -12,7 +12,10 @@ A model that draws random numbers in eval (noise, a random crop) has no float64 
 float64 copy draws other numbers. The eager and the optimized model run from the caller's random
 state (torch's generators and those the eager model holds as attributes, which the optimized
 model's of the same names start from; all are left as they were), so both draw the same numbers,
-and the optimized model must then agree with the eager one within the dtype's tolerance.
+and the optimized model must then agree with the eager one within the dtype's tolerance. Python's
+and numpy's random states are forked too. A model drawing from a generator no fork reaches (a
+global torch.Generator object) is caught where it would pass: an optimized model within twice the
+eager model's error fails if the eager model, run again from the same state, answers otherwise.
 
 Under torch.autocast (verify called inside the region) "their dtype" is autocast's: tolerances
 are autocast's dtype's, and the float64 reference runs with autocast off.
@@ -28,8 +31,12 @@ more than the dtype's tolerance.
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+import random
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -141,32 +148,69 @@ def held_generators(model: nn.Module) -> dict[str, torch.Generator]:
             for attr, value in vars(module).items() if isinstance(value, torch.Generator)}
 
 
-def _generator_states(devices: list[int], held: list[torch.Generator]) -> list[torch.Tensor]:
-    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices] + [g.get_state() for g in held]
-
-
-def run_from_here(model: nn.Module, inputs: tuple, like: nn.Module | None = None) -> Run:
-    """model(*inputs) without grad, from the caller's random state, which it leaves as it was: copies
-    of a model that samples in eval mode (noise, a random crop) draw the same numbers. That state is
-    torch's generators (the CPU's, each CUDA device's) and those `model` holds (`held_generators`),
-    each started, if `like` (another copy of the model) holds one of its device under its name, from
-    that one's state. Whether the model drew any numbers is read off the generators it moved."""
+@contextlib.contextmanager
+def _random_state_forked(model: nn.Module, like: nn.Module | None) -> Iterator[Callable[[], bool]]:
+    """Every random state `model` can draw from that can be found, restored on exit: torch's
+    generators (the CPU's, each initialized CUDA device's), those it holds (`held_generators`, each
+    started, if `like` holds one of its device under its name, from that one's state), Python's
+    and, once imported, numpy's. Yields a test of whether any of them has moved."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     names = held_generators(model)
     held = list({id(g): g for g in names.values()}.values())
-    saved = [g.get_state() for g in held]
+    numpy = sys.modules.get("numpy")  # a model can draw from numpy's generator only once it is imported
+    saved_held, saved_python = [g.get_state() for g in held], random.getstate()
+    saved_numpy = numpy.random.get_state() if numpy else None
+
+    def state() -> list:
+        tensors = [torch.get_rng_state(), *map(torch.cuda.get_rng_state, devices), *(g.get_state() for g in held)]
+        host = [random.getstate(), pickle.dumps(numpy.random.get_state()) if numpy else None]
+        return [t.tolist() for t in tensors] + host
+
     try:
         for name, theirs in (held_generators(like) if like is not None else {}).items():
             if name in names and names[name].device == theirs.device:
                 names[name].set_state(theirs.get_state())
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            before = _generator_states(devices, held)
-            output = model(*inputs)
-            after = _generator_states(devices, held)
+        with torch.random.fork_rng(devices=devices):
+            before = state()
+            yield lambda: state() != before
     finally:
-        for generator, state in zip(held, saved):
-            generator.set_state(state)
-    return Run(output, any(not torch.equal(b, a) for b, a in zip(before, after)))
+        for generator, generator_state in zip(held, saved_held):
+            generator.set_state(generator_state)
+        random.setstate(saved_python)
+        if numpy:
+            numpy.random.set_state(saved_numpy)
+
+
+def run_from_here(model: nn.Module, inputs: tuple, like: nn.Module | None = None) -> Run:
+    """model(*inputs) without grad, from the caller's random state, which it leaves as it was: copies
+    of a model that samples in eval mode (noise, a random crop) draw the same numbers. A generator
+    `model` holds starts from the state of the one `like` (another copy) holds under its name; see
+    `_random_state_forked`. Whether the model drew any numbers is read off the generators it moved."""
+    with _random_state_forked(model, like) as moved, torch.no_grad():
+        output = model(*inputs)
+        return Run(output, moved())
+
+
+def _within(got: torch.Tensor, expected: torch.Tensor, tol: Tolerance, rel_norm: float | None = None) -> bool:
+    """Within `rel_norm` (the dtype's tolerance unless given) of each other, with Inf / NaN in the
+    same places."""
+    return (compare(got, expected, tol).rel_norm <= (tol.rel_norm if rel_norm is None else rel_norm)
+            and bool(torch.isfinite(got).eq(torch.isfinite(expected)).all()))
+
+
+def _repeat_limit(tol: Tolerance, eager_error: float) -> float:
+    """How far a second eager run from the same random state may be from the first where an
+    optimized output passed only within twice the eager output's error against float64. That bound
+    means something only if the error is the eager model's numerics; a model that answers otherwise
+    by half that error or more draws from a generator no fork reaches (a global torch.Generator
+    object, one kept in a list) or keeps state across calls. (Half, not the tolerance: a kernel
+    that reduces in a nondeterministic order moves an output by rounding only.)"""
+    return max(tol.rel_norm, eager_error / 2)
+
+
+_UNREPEATABLE = ("answers otherwise when run again from the same random state (it draws from a generator no fork "
+                 "reaches, such as a global torch.Generator, or keeps state across calls), so its error against "
+                 "float64 bounds nothing")
 
 
 def _float_pairs(got: Any, expected: Any) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -182,15 +226,16 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
     unfused `model`'s (the same dtype, an output of the same structure, the same random draws), or
     None. Floating tensors within the dtype's tolerance of each other pass; otherwise a float64 copy
     of `model` runs on the inputs' device and verify's whole-model rule (`judge`) decides each of
-    them, unless the model `sampled` random numbers, which that copy would draw otherwise."""
+    them, unless the model `sampled` random numbers, which that copy would draw otherwise. One that
+    passes only within twice the unfused model's own error also needs that model to answer the
+    same when run again (`_repeat_limit`)."""
     x = next((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
     pairs = _float_pairs(got, expected)
     if x is None or not pairs:
         return None
     dtype = autocast_dtype(x)  # autocast's, in an autocast region
     tol = tolerance(dtype, tf32=tf32_in_use(dtype, x.device))
-    differing = [(i, g, e) for i, g, e in pairs if compare(g, e, tol).rel_norm > tol.rel_norm
-                 or not bool(torch.isfinite(g).eq(torch.isfinite(e)).all())]
+    differing = [(i, g, e) for i, g, e in pairs if not _within(g, e, tol)]
     if not differing:
         return None
     name = str(dtype).removeprefix("torch.")
@@ -206,6 +251,7 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
         return (f"its output differs from the unfused model's by more than the {name} tolerance, and a float64 "
                 f"copy of the model, which would say which is right, failed ({exc})")
     refs = {i: r for i, r, _ in _float_pairs(ref, expected)} if tree_structure(ref) == tree_structure(expected) else {}
+    loosened = {}  # outputs that passed only within twice the unfused model's own error
     for i, g, e in differing:
         if i not in refs:
             return (f"output {i} differs from the unfused model's by more than the {name} tolerance, and a float64 "
@@ -216,6 +262,13 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
                     f"{j.bound:.3g}: the {name} tolerance or twice the unfused model's {j.eager.rel_norm:.3g}")
         if not j.ok:
             return f"output {i} has Inf or NaN where neither a float64 copy nor the unfused model has them"
+        if j.bound > tol.rel_norm:
+            loosened[i] = _repeat_limit(tol, j.eager.rel_norm)
+    if loosened:
+        with hooks_held(model):
+            again = _float_pairs(run_from_here(model, inputs).output, expected)
+        if any(i in loosened and not _within(a, e, tol, loosened[i]) for i, a, e in again):
+            return f"its output differs from the unfused model's, and the unfused model {_UNREPEATABLE}"
     return None
 
 
@@ -273,11 +326,15 @@ def verify(
     cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
     report.model.append(Row(f"eager (original{cast})", j.eager.max_abs, j.eager.max_rel, j.eager.rel_norm, True,
                             "the reference" if eager.sampled else "baseline"))
-    note = f"rel norm bound {j.bound:.3g}"
-    if eager.sampled and not j.ok and _compiled(optimized):
+    note, ok = f"rel norm bound {j.bound:.3g}", j.ok
+    if eager.sampled and not ok and _compiled(optimized):
         note += ("; torch.compile's random ops draw other numbers than eager's from the same state "
                  "(torch._inductor.config.fallback_random = True draws eager's)")
-    report.model.append(Row("fastres (optimized)", j.fused.max_abs, j.fused.max_rel, j.fused.rel_norm, j.ok, note))
+    if ok and j.bound > tol.rel_norm:
+        again = _first_tensor(run_from_here(baseline, inputs).output)
+        if not _within(again, eager_out, tol, _repeat_limit(tol, j.eager.rel_norm)):
+            note, ok = f"{note}; the eager model {_UNREPEATABLE}", False
+    report.model.append(Row("fastres (optimized)", j.fused.max_abs, j.fused.max_rel, j.fused.rel_norm, ok, note))
 
     for module, args in captured:
         conv, bn = module._modules_ref

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import random
 import warnings
 
+import numpy
 import torch
 
 from fastres.numerics import compare, tolerance
@@ -141,19 +144,34 @@ def assert_hooks_saw_the_same(got: list, want: list) -> None:
         torch.testing.assert_close(seen, expected, rtol=1e-4, atol=1e-4, msg=name)
 
 
+_GLOBAL_GENERATOR = torch.Generator().manual_seed(0)
+
+
 class SamplesInEval(torch.nn.Module):
     """A conv net that adds noise in eval mode too (a generative model's sampling step), drawn from
-    torch's generator or, with `own_generator`, from a torch.Generator it holds."""
+    `source`: torch's generator, a torch.Generator it holds ("own"), Python's, numpy's, or a global
+    torch.Generator object, which only its user knows of."""
 
-    def __init__(self, own_generator: bool = False):
+    def __init__(self, source: str = "torch"):
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
                                         torch.nn.ReLU())
-        self.generator = torch.Generator().manual_seed(0) if own_generator else None
+        self.source = source
+        self.generator = torch.Generator().manual_seed(0) if source == "own" else None
 
     def forward(self, x):
-        return self.body(x + torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device))
+        if self.source == "python":
+            noise = torch.tensor([random.gauss(0.0, 1.0) for _ in range(x.numel())]).view_as(x).to(x)
+        elif self.source == "numpy":
+            noise = torch.from_numpy(numpy.random.standard_normal(tuple(x.shape))).to(x)
+        else:
+            generator = _GLOBAL_GENERATOR if self.source == "global" else self.generator
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return self.body(x + noise)
 
-    def random_state(self) -> torch.Tensor:
-        """The state of the generator its noise comes from."""
-        return torch.get_rng_state() if self.generator is None else self.generator.get_state()
+    def random_state(self) -> object:
+        """The state of the generator its noise comes from, comparable with ==."""
+        if self.source in ("python", "numpy"):
+            return random.getstate() if self.source == "python" else pickle.dumps(numpy.random.get_state())
+        generator = {"torch": torch.default_generator, "own": self.generator, "global": _GLOBAL_GENERATOR}[self.source]
+        return generator.get_state().tolist()

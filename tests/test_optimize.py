@@ -7,12 +7,14 @@ import copy
 import dataclasses
 import importlib
 import io
+import random
 import re
 import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 import torch.nn as nn
@@ -2037,30 +2039,42 @@ def test_example_inputs_that_differ_by_more_than_the_tolerance_are_judged_agains
     assert len(optimized.fastres_report.fused) == 20 and len(copies) == 1
 
 
-@pytest.mark.parametrize("own_generator", [False, True], ids=["torch-generator", "own-generator"])
-def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_it_was(own_generator):
-    """Your random state (torch's generator, or one your model holds) is where it was, and the copy
-    handed back draws next what your model would."""
-    model = randomize_batchnorm_(SamplesInEval(own_generator)).eval()
+@pytest.mark.parametrize("source", ["torch", "own", "python", "numpy"])
+def test_example_inputs_run_both_copies_on_one_random_state_and_leave_yours_as_it_was(source):
+    """Your random state (torch's generator, one your model holds, Python's, numpy's) is where it
+    was, and the copy handed back draws next what your model would."""
+    model = randomize_batchnorm_(SamplesInEval(source)).eval()
     x = torch.randn(2, 3, 8, 8)
     before = model.random_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimized = fastres.optimize(model, example_inputs=x)
-    assert torch.equal(model.random_state(), before)
+    assert model.random_state() == before
     assert optimized.fastres_report.fused == ["body.0"]
     with torch.random.fork_rng():
+        host_states = random.getstate(), numpy.random.get_state()
         expected = model(x)
+        random.setstate(host_states[0])
+        numpy.random.set_state(host_states[1])
     torch.testing.assert_close(optimized(x), expected)
 
 
-@pytest.mark.parametrize("own_generator", [False, True], ids=["torch-generator", "own-generator"])
-def test_example_inputs_judge_a_model_that_draws_random_numbers_against_its_unfused_copy(monkeypatch, own_generator):
+@pytest.mark.parametrize("source", ["torch", "own", "python", "numpy"])
+def test_example_inputs_judge_a_model_that_draws_random_numbers_against_its_unfused_copy(monkeypatch, source):
     """A float64 copy of a model that samples draws other numbers, so it cannot judge: answers off
     on the same draws are refused, not passed against twice the unfused copy's (large) error."""
     _off_by(monkeypatch, 1.01)
-    model = randomize_batchnorm_(SamplesInEval(own_generator)).eval()
+    model = randomize_batchnorm_(SamplesInEval(source)).eval()
     with pytest.warns(RuntimeWarning, match="on the same random draws, by more than the float32 tolerance"):
+        optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert not optimized.fastres_report.fused
+
+
+def test_example_inputs_refuse_answers_of_a_model_whose_draws_cannot_be_repeated():
+    """Noise from a global torch.Generator object: the copies draw different numbers, and the
+    unfused model run again answers otherwise, so no float64 copy can judge: the unfused copy."""
+    model = randomize_batchnorm_(SamplesInEval("global")).eval()
+    with pytest.warns(RuntimeWarning, match="the unfused model answers otherwise when run again"):
         optimized = fastres.optimize(model, example_inputs=torch.randn(2, 3, 8, 8))
     assert not optimized.fastres_report.fused
 
