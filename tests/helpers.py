@@ -171,7 +171,9 @@ class SamplesInEval(torch.nn.Module):
 
     def random_state(self) -> object:
         """The state of the generator its noise comes from, comparable with ==."""
-        if self.source in ("python", "numpy"):
-            return random.getstate() if self.source == "python" else pickle.dumps(numpy.random.get_state())
+        if self.source == "python":
+            return random.getstate()
+        if self.source == "numpy":
+            return pickle.dumps(numpy.random.get_state())
         generator = {"torch": torch.default_generator, "own": self.generator, "global": _GLOBAL_GENERATOR}[self.source]
         return generator.get_state().tolist()
