@@ -122,7 +122,10 @@ def _lookup_or_compute(owner: nn.Module, key: tuple, tensors: tuple[torch.Tensor
         if cached[2] and torch.cuda.is_current_stream_capturing():
             _keep_for_graphs(owner, cached[1])
         return cached[1]
-    with torch.no_grad():
+    # Never an inference tensor, even when the first call is inside torch.inference_mode: a later call
+    # that wants gradients (saliency, fine-tuning) would otherwise fail saving it for backward.
+    # inference_mode(False) turns grad mode on, so no_grad goes inside it.
+    with torch.inference_mode(False), torch.no_grad():
         value = compute(*tensors)
     device = _cuda_device(tensors)
     if device is not None:

@@ -365,6 +365,33 @@ def test_models_made_under_inference_mode_cache_their_folds(made, monkeypatch):
         torch.testing.assert_close(first, eager(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("made", ["zoo", "optimized"])
+def test_folds_cached_under_inference_mode_serve_a_later_call_that_wants_gradients(made, monkeypatch):
+    """Evaluated under torch.inference_mode, then differentiated (a saliency map, fine-tuning): the
+    folds cached by the first call are ordinary tensors without an autograd graph, so autograd can
+    save them, and the input's and parameters' gradients are eager's."""
+    torch.manual_seed(0)
+    eager = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval()
+    model = (fastres.models.resnet18(weights=eager.state_dict(), num_classes=10).eval() if made == "zoo"
+             else fastres.optimize(eager, channels_last=False))
+    x = torch.randn(2, 3, 32, 32)
+    folds = []
+    monkeypatch.setattr(fastres.nn, "fold_bn", lambda *args: folds.append(args) or fold_bn(*args))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        cached = [t for bn in bns for t in bn_scale_shift(bn)]
+    assert len(folds) == len(bns) and not any(t.is_inference() or t.requires_grad for t in cached)
+
+    def gradients(forward: nn.Module) -> tuple[torch.Tensor, ...]:
+        leaf = x.clone().requires_grad_()
+        return torch.autograd.grad(forward(leaf).square().sum(), (leaf, *forward.parameters()))
+
+    for got, want in zip(gradients(model), gradients(eager), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("optimized", [False, True], ids=["zoo", "optimized"])
 def test_set_backend_reaches_every_fused_module(optimized):
     model = fastres.optimize(torchvision.models.resnet18().eval()) if optimized else fastres.models.resnet18().eval()
