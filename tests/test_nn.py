@@ -326,6 +326,32 @@ def test_a_conv_without_batchnorm_folds_to_its_bias_alone(dtype):
     assert conv_bn_fold(nn.Conv2d(4, 8, 3, bias=False), None) == (None, None)
 
 
+class _OnOneBlock(nn.Module):
+    """A parametrization whose output is a new tensor each call on one block of memory, at the same
+    version: what the CUDA caching allocator gives when it hands the last output's freed block to the next."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.block = torch.empty(numel).untyped_storage()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.empty(0).set_(self.block, 0, weight.shape).copy_(weight)
+
+
+def test_a_bn_tensor_made_anew_at_the_address_and_version_of_the_last_one_is_folded_afresh():
+    """The cache asks whether the fold read these very tensors, not only their address and version: a
+    parametrized BN weight is a new tensor each call, and the old code served its first fold forever."""
+    conv, bn = _conv_bn()
+    torch.nn.utils.parametrize.register_parametrization(bn, "weight", _OnOneBlock(bn.num_features))
+    module = ConvBNAct(conv, bn).eval()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        for _ in range(2):
+            assert bn.weight.data_ptr() == bn.weight.data_ptr() and bn.weight._version == bn.weight._version
+            torch.testing.assert_close(module(x), eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
+            bn.parametrizations.weight.original.mul_(-2.0)
+
+
 def test_inference_mode_tensors_fold_afresh_and_say_so(monkeypatch):
     """Inference tensors have no version counter, so their fold is computed on every call (an in-place
     change inside inference mode reaches the output), and one warning says so and what to do."""
