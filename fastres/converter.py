@@ -58,7 +58,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._pytree import tree_structure
 
 from fastres.backends import check_name
 from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
@@ -1011,10 +1010,10 @@ def _refused_on(optimized: nn.Module, baseline: nn.Module, inputs: tuple, expect
     """Why the optimized copy cannot be handed back, by its output on example_inputs next to the
     unfused copy's run (`expected`), in long and short words; or None. The output must have the
     model's containers and keys, and answers verify would pass."""
-    from fastres.verification import disagreement, run_from_here  # (it imports this module)
+    from fastres.verification import disagreement, placed_otherwise, run_from_here  # (it imports this module)
 
     got = run_from_here(optimized, inputs).output
-    if tree_structure(got) != tree_structure(expected.output):
+    if placed_otherwise(got, expected.output):
         return (f"it returned a {type(got).__name__} shaped otherwise than the model's "
                 f"{type(expected.output).__name__}", "output shaped otherwise")
     why = disagreement(baseline, inputs, got, expected.output, expected.sampled)

@@ -8,7 +8,8 @@ fx's habits that would change what a model computes are corrected or refused her
 - a forward that switches grad mode, inference mode or autocast around traced code (`with
   torch.no_grad():`, a `@torch.autocast` forward), which fx does not record, is untraceable
   (UnfaithfulTrace), as is one whose output does not depend on its inputs (hooks collected it);
-- a returned dataclass dict (Hugging Face's ModelOutput) or OrderedDict is rebuilt, not a dict;
+- a returned dataclass dict (Hugging Face's ModelOutput), OrderedDict or other dict subclass is
+  rebuilt, not a dict (one it cannot rebuild is untraceable);
 - what the forward caches into `self` while traced is put back (attributes_kept);
 - fx's `_assert_is_none` guards are dropped (pytorch/pytorch#130701).
 A module fx cannot trace is traced once more with timm's and Hugging Face's modules and functions
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.immutable_collections import immutable_dict
 
 from fastres.hooks import call_hooks
 
@@ -94,12 +96,14 @@ class Tracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         """fx records any dict as a plain dict: a forward returning a Hugging Face ModelOutput (a
         dataclass and an OrderedDict, indexed by position and read by attribute: `outputs[0]`,
-        `.last_hidden_state`) or an OrderedDict would return a dict. These are rebuilt."""
-        if isinstance(a, dict) and type(a) is not dict:
+        `.last_hidden_state`), an OrderedDict or another dict subclass would return a dict. These are
+        rebuilt; one whose constructor may not take a dict (a defaultdict) makes the trace unfaithful."""
+        if isinstance(a, dict) and type(a) not in (dict, immutable_dict):  # (fx's own, for its nodes' kwargs)
             if is_dataclass(a):  # a ModelOutput holds the fields that are not None
                 return self.create_node("call_function", type(a), (), {k: self.create_arg(v) for k, v in a.items()})
-            if isinstance(a, OrderedDict):
+            if type(a).__init__ in (dict.__init__, OrderedDict.__init__):
                 return self.create_node("call_function", type(a), (super().create_arg(dict(a)),), {})
+            raise UnfaithfulTrace(f"it returns a {type(a).__name__}, which torch.fx would record as a plain dict")
         return super().create_arg(a)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

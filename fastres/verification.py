@@ -6,7 +6,9 @@ copy cast to the optimized model's); a float64 copy of the original on the CPU i
 Errors grow over fifty layers in any low precision, so the optimized model passes when its error
 is within the per-dtype tolerance or no more than twice the eager model's own error (same dtype,
 same inputs), with Inf / NaN only where the float64 or the eager output has them: "no worse than
-what you had" (`judge`).
+what you had" (`judge`). Every floating output is judged so (each leaf of a tuple, list, dict or
+dataclass output: a feature extractor's maps, a detector's heads); the optimized model must return
+them in the same places.
 
 A model that draws random numbers in eval (noise, a random crop) has no float64 ground truth: a
 float64 copy draws other numbers. The eager and the optimized model run from the caller's random
@@ -32,9 +34,12 @@ more than the dtype's tolerance.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import pickle
 import random
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -68,6 +73,7 @@ class VerifyReport:
     model: list[Row] = field(default_factory=list)
     layers: list[Row] = field(default_factory=list)
     reference: str = "a float64 reference"  # what the final output was judged against
+    unchecked: list[str] = field(default_factory=list)  # output tensors not judged, and why
 
     @property
     def ok(self) -> bool:
@@ -83,10 +89,36 @@ class VerifyReport:
 
         lines = [f"fastres.verify ({str(self.dtype).removeprefix('torch.')}): {'PASS' if self.ok else 'FAIL'}",
                  f"final output against {self.reference}:"] + table(self.model)
+        if self.unchecked:
+            lines.append(f"outputs not compared: {', '.join(self.unchecked)}")
         if self.layers:
             lines += [f"fused layers against float64 on their own inputs ({sum(r.ok for r in self.layers)}"
                       f"/{len(self.layers)} ok):"] + table(self.layers)
         return "\n".join(lines)
+
+
+def output_leaves(value: Any, where: str = "") -> list[tuple[str, Any]]:
+    """A model output's leaves, each with where it sits (`['out']`, `[0]`, `.logits`; "" for a
+    lone tensor), looking also into the containers torch's pytree takes for leaves (a dict subclass,
+    a dataclass), so that no tensor in them goes unchecked."""
+    if isinstance(value, Mapping):
+        return [leaf for key, v in value.items() for leaf in output_leaves(v, f"{where}[{key!r}]")]
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, v in enumerate(value) for leaf in output_leaves(v, f"{where}[{i}]")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [leaf for f in dataclasses.fields(value) for leaf in output_leaves(getattr(value, f.name),
+                                                                                   f"{where}.{f.name}")]
+    return [(where, value)]
+
+
+def placed_otherwise(got: Any, expected: Any) -> bool:
+    """Whether `got` holds its tensors in other places or containers than `expected` (pytree's
+    structure, and `output_leaves` for the containers pytree does not look into)."""
+    def places(value: Any) -> list:
+        return [(where, isinstance(leaf, torch.Tensor)) for where, leaf in output_leaves(value)]
+
+    return (type(got) is not type(expected) or tree_structure(got) != tree_structure(expected)
+            or places(got) != places(expected))
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -208,11 +240,12 @@ def _repeat_limit(tol: Tolerance, eager_error: float) -> float:
     return max(tol.rel_norm, eager_error / 2)
 
 
-def _answers_again(model: nn.Module, inputs: tuple, first: Any, tol: Tolerance, limits: dict[int, float]) -> bool:
-    """Whether `model`, run again from the same random state, gives each floating output `i` of
-    `limits` within relative norm limits[i] of its `first` output's (see `_repeat_limit`)."""
+def _answers_again(model: nn.Module, inputs: tuple, first: Any, tol: Tolerance, limits: dict[str, float]) -> bool:
+    """Whether `model`, run again from the same random state, gives each floating output of
+    `limits` (by where it sits) within its relative norm limit of its `first` output's (see
+    `_repeat_limit`)."""
     again = _float_pairs(run_from_here(model, inputs).output, first)
-    return all(_within(a, f, tol, limits[i]) for i, a, f in again if i in limits)
+    return all(_within(a, f, tol, limits[where]) for where, a, f in again if where in limits)
 
 
 _UNREPEATABLE = ("answers otherwise when run again from the same random state (it draws from a generator no fork "
@@ -220,12 +253,16 @@ _UNREPEATABLE = ("answers otherwise when run again from the same random state (i
                  "float64 bounds nothing")
 
 
-def _float_pairs(got: Any, expected: Any) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(index, got, expected) for each floating tensor leaf of two outputs of one structure that
-    has the same shape in both (a detector's boxes may number otherwise: those are left out)."""
-    return [(i, g, e) for i, (g, e) in enumerate(zip(tree_leaves(got), tree_leaves(expected)))
-            if isinstance(g, torch.Tensor) and isinstance(e, torch.Tensor) and g.is_floating_point()
-            and e.is_floating_point() and g.shape == e.shape]
+def _float_pairs(got: Any, expected: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(where, got, expected) for each floating tensor leaf (`output_leaves`) in the same place of
+    two outputs, with the same shape in both (a detector's boxes may number otherwise: left out)."""
+    return [(where, g, e) for (where, g), (there, e) in zip(output_leaves(got), output_leaves(expected))
+            if where == there and isinstance(g, torch.Tensor) and isinstance(e, torch.Tensor)
+            and g.is_floating_point() and e.is_floating_point() and g.shape == e.shape]
+
+
+def _output(where: str) -> str:
+    return "the output" if where == "" else f"output {where}"
 
 
 def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampled: bool = False) -> str | None:
@@ -242,13 +279,14 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
         return None
     dtype = autocast_dtype(x)  # autocast's, in an autocast region
     tol = tolerance(dtype, tf32=tf32_in_use(dtype, x.device))
-    differing = [(i, g, e) for i, g, e in pairs if not _within(g, e, tol)]
+    differing = [(where, g, e) for where, g, e in pairs if not _within(g, e, tol)]
     if not differing:
         return None
     name = str(dtype).removeprefix("torch.")
     if sampled:
-        return (f"output {differing[0][0]} differs from the unfused model's, on the same random draws, by more than "
-                f"the {name} tolerance (the model draws random numbers, so no float64 copy can say which is right)")
+        return (f"{_output(differing[0][0])} differs from the unfused model's, on the same random draws, by more "
+                f"than the {name} tolerance (the model draws random numbers, so no float64 copy can say which is "
+                "right)")
     try:
         reference = model_copy(model).double()
         with hooks_held(reference), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
@@ -257,20 +295,20 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
     except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64: nothing decides
         return (f"its output differs from the unfused model's by more than the {name} tolerance, and a float64 "
                 f"copy of the model, which would say which is right, failed ({exc})")
-    refs = {i: r for i, r, _ in _float_pairs(ref, expected)} if tree_structure(ref) == tree_structure(expected) else {}
+    refs = {where: r for where, r, _ in _float_pairs(ref, expected)}
     loosened = {}  # outputs that passed only within twice the unfused model's own error
-    for i, g, e in differing:
-        if i not in refs:
-            return (f"output {i} differs from the unfused model's by more than the {name} tolerance, and a float64 "
-                    "copy of the model returns no such output to say which is right")
-        j = judge(g, e, refs[i], tol)
+    for where, g, e in differing:
+        if where not in refs:
+            return (f"{_output(where)} differs from the unfused model's by more than the {name} tolerance, and a "
+                    "float64 copy of the model returns no such output to say which is right")
+        j = judge(g, e, refs[where], tol)
         if j.fused.rel_norm > j.bound:
-            return (f"output {i}'s error against float64 is {j.fused.rel_norm:.3g} (relative norm), over its bound "
-                    f"{j.bound:.3g}: the {name} tolerance or twice the unfused model's {j.eager.rel_norm:.3g}")
+            return (f"{_output(where)}'s error against float64 is {j.fused.rel_norm:.3g} (relative norm), over its "
+                    f"bound {j.bound:.3g}: the {name} tolerance or twice the unfused model's {j.eager.rel_norm:.3g}")
         if not j.ok:
-            return f"output {i} has Inf or NaN where neither a float64 copy nor the unfused model has them"
+            return f"{_output(where)} has Inf or NaN where neither a float64 copy nor the unfused model has them"
         if j.bound > tol.rel_norm:
-            loosened[i] = _repeat_limit(tol, j.eager.rel_norm)
+            loosened[where] = _repeat_limit(tol, j.eager.rel_norm)
     if loosened:
         with hooks_held(model):
             if not _answers_again(model, inputs, expected, tol, loosened):
@@ -289,6 +327,43 @@ def _compiled(model: nn.Module) -> bool:
 def _row(name: str, out: torch.Tensor, ref: torch.Tensor, tol, gain=None, note: str = "") -> Row:
     c = compare(out, ref, tol, gain)
     return Row(name, c.max_abs, c.max_rel, c.rel_norm, c.ok, note)
+
+
+def _judge_outputs(report: VerifyReport, fused: Any, eager: Run, ref: Any, tol: Tolerance, cast: str,
+                   compiled: bool, baseline: nn.Module, inputs: tuple) -> None:
+    """Two rows per floating output (eager's and the optimized model's error against `ref`), by the
+    whole-model rule; the output tensors that cannot be judged go to `report.unchecked`."""
+    pairs = _float_pairs(fused, eager.output)
+    refs = {where: r for where, r, _ in _float_pairs(ref, eager.output)}
+    judged = [(where, f, e) for where, f, e in pairs if where in refs]
+    for where, leaf in output_leaves(eager.output):
+        if isinstance(leaf, torch.Tensor) and all(where != w for w, _, _ in judged):
+            why = ("not floating point" if not leaf.is_floating_point() else
+                   "its shape differs between the runs" if where in refs else "no like output in the float64 run")
+            report.unchecked.append(f"{where or 'the output'} ({why})")
+    if not judged:
+        report.model.append(Row("fastres (optimized)", math.nan, math.nan, math.nan, False,
+                                "no floating-point output to judge"))
+        return
+    loosened: dict[str, float] = {}
+    rows: dict[str, Row] = {}
+    for where, fused_out, eager_out in judged:
+        j = judge(fused_out, eager_out, refs[where], tol)
+        suffix = f" {where}" if where else ""
+        report.model.append(Row(f"eager (original{cast}){suffix}", j.eager.max_abs, j.eager.max_rel,
+                                j.eager.rel_norm, True, "the reference" if eager.sampled else "baseline"))
+        note = f"rel norm bound {j.bound:.3g}"
+        if eager.sampled and not j.ok and compiled:
+            note += ("; torch.compile's random ops draw other numbers than eager's from the same state "
+                     "(torch._inductor.config.fallback_random = True draws eager's)")
+        rows[where] = Row(f"fastres (optimized){suffix}", j.fused.max_abs, j.fused.max_rel, j.fused.rel_norm,
+                          j.ok, note)
+        report.model.append(rows[where])
+        if j.ok and j.bound > tol.rel_norm:
+            loosened[where] = _repeat_limit(tol, j.eager.rel_norm)
+    if loosened and not _answers_again(baseline, inputs, eager.output, tol, loosened):
+        for where in loosened:
+            rows[where].ok, rows[where].note = False, f"{rows[where].note}; the eager model {_UNREPEATABLE}"
 
 
 def verify(
@@ -314,33 +389,26 @@ def verify(
                     lambda m, args, out: captured.append((m, tuple(a.detach() for a in args) + (out.detach(),)))))
     try:
         eager = run_from_here(baseline, inputs)
-        eager_out = _first_tensor(eager.output)
-        fused_out = _first_tensor(run_from_here(optimized, inputs, like=baseline).output)
+        fused = run_from_here(optimized, inputs, like=baseline).output
         if eager.sampled:
             report.reference = ("the eager model's, on the same random draws (the model draws random numbers, "
                                 "which a float64 copy would draw otherwise)")
-            ref_out = eager_out
+            ref = eager.output
         else:
             reference = model_copy(model).cpu().double()
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                ref_out = _first_tensor(reference(*_as_float64_cpu(inputs)))
+                ref = reference(*_as_float64_cpu(inputs))
     finally:
         for hook in hooks:
             hook.remove()
 
-    j = judge(fused_out, eager_out, ref_out, tol)
     cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
-    report.model.append(Row(f"eager (original{cast})", j.eager.max_abs, j.eager.max_rel, j.eager.rel_norm, True,
-                            "the reference" if eager.sampled else "baseline"))
-    note, ok = f"rel norm bound {j.bound:.3g}", j.ok
-    if eager.sampled and not ok and _compiled(optimized):
-        note += ("; torch.compile's random ops draw other numbers than eager's from the same state "
-                 "(torch._inductor.config.fallback_random = True draws eager's)")
-    # the final output judged is the first tensor, the first of the output's leaves
-    if ok and j.bound > tol.rel_norm and not _answers_again(baseline, inputs, eager.output, tol,
-                                                             {0: _repeat_limit(tol, j.eager.rel_norm)}):
-        note, ok = f"{note}; the eager model {_UNREPEATABLE}", False
-    report.model.append(Row("fastres (optimized)", j.fused.max_abs, j.fused.max_rel, j.fused.rel_norm, ok, note))
+    if placed_otherwise(fused, eager.output):
+        report.model.append(Row("fastres (optimized)", math.nan, math.nan, math.nan, False,
+                                f"returns a {type(fused).__name__} holding its tensors otherwise than the eager "
+                                f"model's {type(eager.output).__name__}"))
+    else:
+        _judge_outputs(report, fused, eager, ref, tol, cast, _compiled(optimized), baseline, inputs)
 
     for module, args in captured:
         conv, bn = module._modules_ref

@@ -10,9 +10,10 @@ import warnings
 
 import numpy
 import torch
+import torchvision
 
 from fastres.numerics import compare, tolerance
-from fastres.shapes import ConvCallRecorder, ConvCase, ConvInputs, make_inputs
+from fastres.shapes import ConvCallRecorder, ConvCase, ConvInputs, make_inputs, randomize_batchnorm_
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -177,3 +178,37 @@ class SamplesInEval(torch.nn.Module):
             return pickle.dumps(numpy.random.get_state())
         generator = {"torch": torch.default_generator, "own": self.generator, "global": _GLOBAL_GENERATOR}[self.source]
         return generator.get_state().tolist()
+
+
+@dataclasses.dataclass
+class FeatureMaps:
+    shallow: torch.Tensor
+    deep: torch.Tensor
+    label: torch.Tensor
+
+
+class MapsDict(dict):
+    """A dict subclass, which torch's pytree takes for a leaf."""
+
+
+class Features(torch.nn.Module):
+    """A resnet18's first and last stage's maps and its predicted class (shallow, deep, label: an
+    integer tensor), returned in one of CONTAINERS: a detection or segmentation backbone's outputs."""
+
+    CONTAINERS = ("tuple", "dict", "dict subclass", "dataclass")
+
+    def __init__(self, container: str):
+        super().__init__()
+        self.container = container
+        self.net = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10))
+
+    def forward(self, x: torch.Tensor):
+        net = self.net
+        shallow = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))
+        deep = net.layer4(net.layer3(net.layer2(shallow)))
+        label = net.fc(torch.flatten(net.avgpool(deep), 1)).argmax(1)
+        if self.container == "tuple":
+            return shallow, deep, label
+        if self.container == "dataclass":
+            return FeatureMaps(shallow, deep, label)
+        return (dict if self.container == "dict" else MapsDict)(shallow=shallow, deep=deep, label=label)

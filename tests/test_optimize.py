@@ -11,7 +11,7 @@ import random
 import re
 import threading
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy
@@ -25,7 +25,8 @@ import fastres
 from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
-from helpers import INTERPRETER, HookLog, SamplesInEval, assert_hooks_saw_the_same, hooked_run, register_hook
+from fastres.verification import output_leaves, placed_otherwise
+from helpers import INTERPRETER, Features, HookLog, SamplesInEval, assert_hooks_saw_the_same, hooked_run, register_hook
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int | None, total: int | None = None, **kwargs) -> nn.Module:
@@ -802,6 +803,47 @@ def test_a_forward_returning_a_dict_subclass_returns_it_after_optimize(model):
     restored = _saved_and_loaded(optimized)
     with torch.no_grad():
         assert type(restored(x)) is type(expected)
+
+
+@pytest.mark.parametrize("container", Features.CONTAINERS)
+def test_an_optimized_backbone_returns_its_outputs_in_the_models_container(container):
+    """A dict subclass fx would record as a plain dict, and a dataclass fx cannot return, come back
+    as the model returns them, every map fused."""
+    model = Features(container).eval()
+    optimized = fastres.optimize(model)
+    assert len(optimized.fastres_report.fused) == 20, str(optimized.fastres_report)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got, expected = optimized(x), model(x)
+    assert type(got) is type(expected) and not placed_otherwise(got, expected)
+    for (where, g), (_, e) in zip(output_leaves(got), output_leaves(expected)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=where)
+
+
+class ReturnsADefaultdict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return defaultdict(list, out=self.head(self.body(x)))
+
+
+def test_a_returned_dict_subclass_that_cannot_be_rebuilt_keeps_its_forward_eager_and_says_why():
+    """A defaultdict's constructor takes its factory first: not rebuilt from a dict, the forward
+    stays the model's own (its children fused), rather than returning a plain dict."""
+    model = randomize_batchnorm_(ReturnsADefaultdict()).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        got = optimized(x)
+        assert type(got) is defaultdict and got.default_factory is list
+        torch.testing.assert_close(got["out"], model(x)["out"], rtol=1e-5, atol=1e-5)
+    assert optimized.fastres_report.entries["body.0"] == "fused: conv+bn+relu"
+    assert optimized.fastres_report.entries["head"] == (
+        "eager: the model, which calls it, is not traceable with torch.fx (it returns a defaultdict, which torch.fx "
+        "would record as a plain dict)")
 
 
 class NoBatchNorm(nn.Module):
@@ -1991,13 +2033,23 @@ def test_example_inputs_on_which_the_fused_answers_are_off_return_the_unfused_mo
     _off_by(monkeypatch, 1.01)
     model = randomize_batchnorm_(torchvision.models.resnet18()).eval()
     x = torch.randn(1, 3, 32, 32)
-    with pytest.warns(RuntimeWarning, match=r"output 0's error against float64 is .* over its bound"):
+    with pytest.warns(RuntimeWarning, match=r"the output's error against float64 is .* over its bound"):
         optimized = fastres.optimize(model, example_inputs=x)
     assert not optimized.fastres_report.fused
     eager = set(optimized.fastres_report.eager.values())
     assert eager == {"eager: optimized model failed on example_inputs (answers off)"}
     with torch.no_grad():
         torch.testing.assert_close(optimized(x), model(x))
+
+
+@pytest.mark.parametrize("container", Features.CONTAINERS)
+def test_example_inputs_judge_every_output_in_any_container(container, monkeypatch):
+    """Off answers are refused in a dict subclass or a dataclass too, which torch's pytree takes for
+    a leaf holding no tensors; the warning names the output."""
+    _off_by(monkeypatch, 1.01)
+    with pytest.warns(RuntimeWarning, match=r"output (\[0\]|\['shallow'\]|\.shallow)'s error against float64"):
+        optimized = fastres.optimize(Features(container).eval(), example_inputs=torch.randn(1, 3, 32, 32))
+    assert not optimized.fastres_report.fused
 
 
 class _NoFloat64(nn.Module):

@@ -14,7 +14,7 @@ from fastres.bench.models import named_model
 from fastres.numerics import tolerance
 from fastres.shapes import randomize_batchnorm_
 from fastres.verification import judge
-from helpers import SamplesInEval
+from helpers import Features, SamplesInEval
 
 
 def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
@@ -211,3 +211,33 @@ def test_verify_command_line_refuses_autocast_at_full_precision():
     out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", "--dtype", "fp32", "--autocast"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--autocast runs at fp16 or bf16, not fp32" in out.stderr
+
+
+@pytest.mark.parametrize("container", Features.CONTAINERS)
+def test_verify_judges_every_floating_output_and_names_what_it_cannot(container):
+    """A backbone's maps, in any container (pytree's own, or a dict subclass or dataclass it takes
+    for a leaf): each floating output gets its rows, the integer label is named as not compared, and
+    a wrong last stage fails at its own output while the first stage's still passes."""
+    model = Features(container).eval()
+    optimized = fastres.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    report = fastres.verify(model, optimized, x)
+    assert report.ok, str(report)
+    shallow, deep, label = {"tuple": ("[0]", "[1]", "[2]"),
+                            "dataclass": (".shallow", ".deep", ".label")}.get(container, ("['shallow']", "['deep']",
+                                                                                       "['label']"))
+    assert [r.name for r in report.model] == [f"{who} {where}" for where in (shallow, deep)
+                                              for who in ("eager (original)", "fastres (optimized)")]
+    assert report.unchecked == [f"{label} (not floating point)"] and f"not compared: {label}" in str(report)
+    next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name.endswith("layer4.1.conv2")
+         ).register_forward_hook(lambda m, args, out: out * 1.01)
+    report = fastres.verify(model, optimized, x)
+    assert not report.ok and [r.name for r in report.model if not r.ok] == [f"fastres (optimized) {deep}"], str(report)
+
+
+def test_verify_fails_an_optimized_model_that_returns_its_outputs_otherwise():
+    model = Features("dict").eval()
+    optimized = fastres.optimize(model)
+    optimized.forward = lambda x: tuple(model(x).values())
+    report = fastres.verify(model, optimized, torch.randn(1, 3, 32, 32))
+    assert not report.ok and "returns a tuple holding its tensors otherwise than the eager model's dict" in str(report)
