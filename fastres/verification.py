@@ -121,18 +121,22 @@ def placed_otherwise(got: Any, expected: Any) -> bool:
             or places(got) != places(expected))
 
 
-def _first_tensor(value) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return _first_tensor(value[0])
-    if isinstance(value, dict):
-        return _first_tensor(next(iter(value.values())))
-    raise TypeError(f"cannot find an output tensor in {type(value).__name__}")
+def _first_floating(inputs: tuple) -> torch.Tensor | None:
+    """The first floating-point tensor in `inputs` (in lists and dicts too): its dtype is the one
+    checked at. An integer argument (a size, an index) may come first."""
+    return next((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
-def _as_float64_cpu(inputs: tuple) -> tuple:
-    return tuple(t.detach().cpu().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+def _as_float64(inputs: tuple, device: torch.device | None = None) -> tuple:
+    """`inputs` with each floating-point tensor in them (in lists and dicts too) as float64, and each
+    tensor on `device` if given."""
+    def cast(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach() if device is None else t.detach().to(device)
+        return t.double() if t.is_floating_point() else t
+
+    return tree_map(cast, inputs)
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
@@ -273,7 +277,7 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
     them, unless the model `sampled` random numbers, which that copy would draw otherwise. One that
     passes only within twice the unfused model's own error also needs that model to answer the
     same when run again (`_repeat_limit`)."""
-    x = next((t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+    x = _first_floating(inputs)
     pairs = _float_pairs(got, expected)
     if x is None or not pairs:
         return None
@@ -290,8 +294,7 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
     try:
         reference = model_copy(model).double()
         with hooks_held(reference), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            ref = run_from_here(reference, tree_map(
-                lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)).output
+            ref = run_from_here(reference, _as_float64(inputs)).output
     except Exception as exc:  # noqa: BLE001 - a model that cannot run in float64: nothing decides
         return (f"its output differs from the unfused model's by more than the {name} tolerance, and a float64 "
                 f"copy of the model, which would say which is right, failed ({exc})")
@@ -374,7 +377,10 @@ def verify(
 ) -> VerifyReport:
     """Run `model`, `optimized` and a float64 reference on `inputs`; report errors (see module doc)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    x = _first_tensor(inputs)
+    x = _first_floating(inputs)
+    if x is None:
+        raise TypeError("fastres.verify: expected inputs to hold a floating-point tensor (its dtype sets the "
+                        "tolerance), but found none")
     dtype = autocast_dtype(x)
     tf32 = tf32_in_use(dtype, x.device)
     tol = tolerance(dtype, tf32=tf32)
@@ -397,7 +403,7 @@ def verify(
         else:
             reference = model_copy(model).cpu().double()
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                ref = reference(*_as_float64_cpu(inputs))
+                ref = reference(*_as_float64(inputs, torch.device("cpu")))
     finally:
         for hook in hooks:
             hook.remove()

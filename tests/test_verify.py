@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fastres
 from fastres.converter import FusedConvBN
@@ -241,3 +242,30 @@ def test_verify_fails_an_optimized_model_that_returns_its_outputs_otherwise():
     optimized.forward = lambda x: tuple(model(x).values())
     report = fastres.verify(model, optimized, torch.randn(1, 3, 32, 32))
     assert not report.ok and "returns a tuple holding its tensors otherwise than the eager model's dict" in str(report)
+
+
+class CropsEachImage(nn.Module):
+    """A detector's calling convention: a list of images of different sizes, after an integer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, channels: torch.Tensor, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.body(image)[:, :channels] for image in images]
+
+
+def test_verify_takes_inputs_in_lists_after_an_integer_argument():
+    """The dtype checked at is the first floating input's, and the float64 reference gets every
+    floating input in float64, inside the list too; each image's output is judged."""
+    model = randomize_batchnorm_(CropsEachImage()).eval()
+    optimized = fastres.optimize(model)
+    inputs = (torch.tensor(6), [torch.randn(1, 3, 8, 8), torch.randn(2, 3, 5, 7)])
+    report = fastres.verify(model, optimized, inputs)
+    assert report.ok and report.dtype == torch.float32, str(report)
+    assert [r.name for r in report.model] == ["eager (original) [0]", "fastres (optimized) [0]",
+                                              "eager (original) [1]", "fastres (optimized) [1]"]
+    _fused(optimized, "body.0").register_forward_hook(lambda m, args, out: out * 1.01)
+    assert not fastres.verify(model, optimized, inputs).ok
+    with pytest.raises(TypeError, match="expected inputs to hold a floating-point tensor"):
+        fastres.verify(model, optimized, (torch.tensor(6), []))
