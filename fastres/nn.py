@@ -43,8 +43,11 @@ from fastres.problem import DEFAULT_NEGATIVE_SLOPE, act_text, check_activation
 __all__ = ["ConvBNAct", "BasicBlock", "Bottleneck", "fused_conv_bn", "set_backend", "bn_scale_shift"]
 
 _T = TypeVar("_T")
-# Per module (a BN, or a conv without one): the version key of the tensors a fold read, the fold, whether
-# it lives on a CUDA device, and weak references to those tensors.
+# Per module (a BN, or a conv without one): the key of the tensors a fold read, the fold, whether it lives
+# on a CUDA device, and those tensors. Held (per-channel vectors: small), their ids in the key name them
+# alone: an address and a version are not enough, since a tensor freed after the fold (a parametrization's
+# output, a replaced buffer) leaves its block to the next, which the CUDA caching allocator hands out at
+# once, at the same version.
 _fold_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any, bool, tuple]]" = weakref.WeakKeyDictionary()
 # Per module: the folds CUDA graphs were captured reading. A graph holds their addresses, not references,
 # so they stay alive after a refold replaces them in the cache: a replay reads capture time's values.
@@ -92,7 +95,7 @@ def _cached(owner: nn.Module, tensors: tuple[torch.Tensor | None, ...], extra: t
             _warn_uncacheable()
             return compute(*tensors)
         wants_grad = wants_grad or (grad and t.requires_grad)
-        key.append((t._version, t.data_ptr(), t.device, t.dtype, t.shape))
+        key.append((id(t), t._version, t.data_ptr(), t.device, t.dtype, t.shape))
     value = _lookup_or_compute(owner, tuple(key), tensors, compute)
     return _WithGradient.apply(compute, value, *tensors) if wants_grad else value
 
@@ -117,7 +120,7 @@ def _lookup_or_compute(owner: nn.Module, key: tuple, tensors: tuple[torch.Tensor
             return compute(*tensors)
     with _fold_lock:
         cached = _fold_cache.get(owner)
-    if cached is not None and cached[0] == key and _read_from(cached[3], tensors):
+    if cached is not None and cached[0] == key:
         # Also inside a CUDA graph capture after a warm-up: the graph reads the cached fold, no fold kernels.
         if cached[2] and torch.cuda.is_current_stream_capturing():
             _keep_for_graphs(owner, cached[1])
@@ -136,19 +139,8 @@ def _lookup_or_compute(owner: nn.Module, key: tuple, tensors: tuple[torch.Tensor
         # Another thread may read the cached value at once on its own stream: it must be written by then.
         torch.cuda.current_stream(device).synchronize()
     with _fold_lock:
-        _fold_cache[owner] = (key, value, device is not None, _weak(tensors))
+        _fold_cache[owner] = (key, value, device is not None, tensors)
     return value
-
-
-def _weak(tensors: tuple[torch.Tensor | None, ...]) -> tuple[weakref.ref | None, ...]:
-    return tuple(None if t is None else weakref.ref(t) for t in tensors)
-
-
-def _read_from(refs: tuple[weakref.ref | None, ...], tensors: tuple[torch.Tensor | None, ...]) -> bool:
-    """Whether `tensors` are the very tensors a fold read. An address and a version are not enough: a
-    tensor freed after the fold (a parametrization's output, a replaced buffer) leaves its block to the
-    next one, which the CUDA caching allocator hands out at once, at the same version."""
-    return all(t is None if ref is None else ref() is t for ref, t in zip(refs, tensors))
 
 
 class _WithGradient(torch.autograd.Function):

@@ -328,27 +328,35 @@ def test_a_conv_without_batchnorm_folds_to_its_bias_alone(dtype):
 
 class _OnOneBlock(nn.Module):
     """A parametrization whose output is a new tensor each call on one block of memory, at the same
-    version: what the CUDA caching allocator gives when it hands the last output's freed block to the next."""
+    version: what the CUDA caching allocator gives when it hands the last output's freed block to the next.
+    `made` holds weak references to its outputs."""
 
     def __init__(self, numel: int):
         super().__init__()
         self.block = torch.empty(numel).untyped_storage()
+        self.made: list[weakref.ref] = []
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.empty(0).set_(self.block, 0, weight.shape).copy_(weight)
+        out = torch.empty(0).set_(self.block, 0, weight.shape).copy_(weight)
+        self.made.append(weakref.ref(out))
+        return out
 
 
 def test_a_bn_tensor_made_anew_at_the_address_and_version_of_the_last_one_is_folded_afresh():
     """The cache asks whether the fold read these very tensors, not only their address and version: a
-    parametrized BN weight is a new tensor each call, and the old code served its first fold forever."""
+    parametrized BN weight is a new tensor each call, and the old code served its first fold forever.
+    The cache keeps the tensor it read alive, so no later one can take its id either."""
     conv, bn = _conv_bn()
-    torch.nn.utils.parametrize.register_parametrization(bn, "weight", _OnOneBlock(bn.num_features))
+    parametrization = _OnOneBlock(bn.num_features)
+    torch.nn.utils.parametrize.register_parametrization(bn, "weight", parametrization)
     module = ConvBNAct(conv, bn).eval()
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         for _ in range(2):
             assert bn.weight.data_ptr() == bn.weight.data_ptr() and bn.weight._version == bn.weight._version
-            torch.testing.assert_close(module(x), eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
+            out = module(x)
+            assert parametrization.made[-1]() is not None  # the one the fold read
+            torch.testing.assert_close(out, eager_conv_bn(conv, bn, x), rtol=1e-5, atol=1e-5)
             bn.parametrizations.weight.original.mul_(-2.0)
 
 
