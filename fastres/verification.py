@@ -332,21 +332,29 @@ def _row(name: str, out: torch.Tensor, ref: torch.Tensor, tol, gain=None, note: 
     return Row(name, c.max_abs, c.max_rel, c.rel_norm, c.ok, note)
 
 
+def _unjudged(why: str) -> Row:
+    return Row("fastres (optimized)", math.nan, math.nan, math.nan, False, why)
+
+
 def _judge_outputs(report: VerifyReport, fused: Any, eager: Run, ref: Any, tol: Tolerance, cast: str,
                    compiled: bool, baseline: nn.Module, inputs: tuple) -> None:
     """Two rows per floating output (eager's and the optimized model's error against `ref`), by the
-    whole-model rule; the output tensors that cannot be judged go to `report.unchecked`."""
-    pairs = _float_pairs(fused, eager.output)
+    whole-model rule; the output tensors that cannot be judged go to `report.unchecked`. Outputs
+    held otherwise than eager's, or none to judge, are one failed row."""
+    if placed_otherwise(fused, eager.output):
+        report.model.append(_unjudged(f"returns a {type(fused).__name__} holding its tensors otherwise than the "
+                                      f"eager model's {type(eager.output).__name__}"))
+        return
     refs = {where: r for where, r, _ in _float_pairs(ref, eager.output)}
-    judged = [(where, f, e) for where, f, e in pairs if where in refs]
+    judged = [(where, f, e) for where, f, e in _float_pairs(fused, eager.output) if where in refs]
+    judged_at = {where for where, _, _ in judged}
     for where, leaf in output_leaves(eager.output):
-        if isinstance(leaf, torch.Tensor) and all(where != w for w, _, _ in judged):
+        if isinstance(leaf, torch.Tensor) and where not in judged_at:
             why = ("not floating point" if not leaf.is_floating_point() else
                    "its shape differs between the runs" if where in refs else "no like output in the float64 run")
             report.unchecked.append(f"{where or 'the output'} ({why})")
     if not judged:
-        report.model.append(Row("fastres (optimized)", math.nan, math.nan, math.nan, False,
-                                "no floating-point output to judge"))
+        report.model.append(_unjudged("no floating-point output to judge"))
         return
     loosened: dict[str, float] = {}
     rows: dict[str, Row] = {}
@@ -409,12 +417,7 @@ def verify(
             hook.remove()
 
     cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
-    if placed_otherwise(fused, eager.output):
-        report.model.append(Row("fastres (optimized)", math.nan, math.nan, math.nan, False,
-                                f"returns a {type(fused).__name__} holding its tensors otherwise than the eager "
-                                f"model's {type(eager.output).__name__}"))
-    else:
-        _judge_outputs(report, fused, eager, ref, tol, cast, _compiled(optimized), baseline, inputs)
+    _judge_outputs(report, fused, eager, ref, tol, cast, _compiled(optimized), baseline, inputs)
 
     for module, args in captured:
         conv, bn = module._modules_ref

@@ -230,8 +230,7 @@ def test_verify_judges_every_floating_output_and_names_what_it_cannot(container)
     assert [r.name for r in report.model] == [f"{who} {where}" for where in (shallow, deep)
                                               for who in ("eager (original)", "fastres (optimized)")]
     assert report.unchecked == [f"{label} (not floating point)"] and f"not compared: {label}" in str(report)
-    next(m for m in optimized.modules() if isinstance(m, FusedConvBN) and m.conv_name.endswith("layer4.1.conv2")
-         ).register_forward_hook(lambda m, args, out: out * 1.01)
+    _fused(optimized, "net.layer4.1.conv2").register_forward_hook(lambda m, args, out: out * 1.01)
     report = fastres.verify(model, optimized, x)
     assert not report.ok and [r.name for r in report.model if not r.ok] == [f"fastres (optimized) {deep}"], str(report)
 
