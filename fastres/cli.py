@@ -16,8 +16,39 @@ DTYPES = {
 BACKEND_CHOICES = ("auto", "triton", "cuda", "cudnn", "reference")
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _device(name: torch.device | None) -> torch.device:
+    return name or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _device_name(text: str) -> torch.device:
+    """argparse's type for --device: torch's own parse, its error in its words."""
+    try:
+        return torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    """argparse's type for sizes: a batch or image of 0 gives empty outputs, which check nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _unusable(device: torch.device) -> str | None:
+    """Why the model cannot run on `device` here (not a CPU or GPU; no driver, no such GPU, in
+    torch's words)."""
+    if device.type not in ("cpu", "cuda"):
+        return f"runs on a cpu or cuda device, not {device.type}"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a fused ResNet next to its eager reference: agreement and timings")
     demo.add_argument("--model", default=None, help="torchvision ResNet name (default: resnet50 on GPU, resnet18 on CPU)")
-    demo.add_argument("--batch", type=int, default=None)
-    demo.add_argument("--image", type=int, default=None)
+    demo.add_argument("--batch", type=_positive, default=None)
+    demo.add_argument("--image", type=_positive, default=None)
     demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     demo.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
 
@@ -35,23 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("model", help="a torchvision model (resnet50, efficientnet_b0) or timm:<name> (timm:regnety_040)")
     verify.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     verify.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
-    verify.add_argument("--batch", type=int, default=8)
-    verify.add_argument("--image", type=int, default=224)
+    verify.add_argument("--batch", type=_positive, default=8)
+    verify.add_argument("--image", type=_positive, default=224)
     verify.add_argument("--weights", type=Path, default=None, help="a state_dict file for the model (its own keys)")
     verify.add_argument("--per-layer", action="store_true", help="also check every fused layer on its own inputs")
     verify.add_argument("--autocast", action="store_true",
                         help="keep the model float32 and run it under torch.autocast at --dtype (fp16 or bf16)")
-    verify.add_argument("--device", default=None)
+    verify.add_argument("--device", type=_device_name, default=None)
 
     bench = sub.add_parser("bench", help="benchmark fused layers or whole models against cuDNN and torch.compile")
     bench.add_argument("suite", choices=("layers", "models", "profile"),
                        help="profile: the layers suite's cases under Nsight Compute, kernel by kernel")
     bench.add_argument("--model", nargs="+", default=None,
                        help="torchvision models or timm:<name> (layers: whose fused convs; models: which to run)")
-    bench.add_argument("--batch", nargs="+", type=int, default=None)
+    bench.add_argument("--batch", nargs="+", type=_positive, default=None)
     bench.add_argument("--cases", nargs="+", default=None,
                        help="layers, profile: only the cases whose name contains one of these")
-    bench.add_argument("--image", type=int, default=224)
+    bench.add_argument("--image", type=_positive, default=224)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     bench.add_argument("--backends", nargs="+", choices=BACKEND_CHOICES, default=None,
                        help="fastres backends to run as contenders (default: all)")
@@ -96,7 +127,7 @@ def _verify(args: argparse.Namespace) -> int:
     from fastres.bench.models import model_name_problem, named_model
 
     device, dtype = _device(args.device), DTYPES[args.dtype]
-    if (problem := model_name_problem(args.model)) is not None:
+    if (problem := model_name_problem(args.model) or _unusable(device)) is not None:
         print(f"fastres verify: {problem}", file=sys.stderr)
         return 2
     if args.autocast and dtype not in (torch.float16, torch.bfloat16):

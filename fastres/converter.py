@@ -952,6 +952,9 @@ def optimize(
     The result carries `fastres_report` (an OptimizeReport: every conv, fused into what or why not).
     """
     check_name(backend)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"fastres.optimize: dtype must be a floating-point torch.dtype (torch.float16, "
+                        f"torch.bfloat16, ...) or None, but got {dtype!r}")
     _check_optimizable(model)
     # Made under torch.inference_mode, the copy's tensors would be inference tensors, which have no
     # version counter to key the BN fold cache on: every call would fold every BN afresh.

@@ -5,10 +5,11 @@ another dtype than the optimized model, as after optimize(model, dtype=torch.flo
 copy cast to the optimized model's); a float64 copy of the original on the CPU is ground truth.
 Errors grow over fifty layers in any low precision, so the optimized model passes when its error
 is within the per-dtype tolerance or no more than twice the eager model's own error (same dtype,
-same inputs), with Inf / NaN only where the float64 or the eager output has them: "no worse than
-what you had" (`judge`). Every floating output is judged so (each leaf of a tuple, list, dict or
-dataclass output: a feature extractor's maps, a detector's heads); the optimized model must return
-them in the same places.
+same inputs), each value finite or not as in the float64 or in the eager output (Inf where an fp16
+model overflows in eager, or a finite value there): "no worse than what you had" (`judge`). Every
+floating output with values is judged so (each leaf of a tuple, list, dict or dataclass output: a
+feature extractor's maps, a detector's heads); the optimized model must return them in the same
+places.
 
 A model that draws random numbers in eval (noise, a random crop) has no float64 ground truth: a
 float64 copy draws other numbers. The eager and the optimized model run from the caller's random
@@ -161,14 +162,15 @@ class Judgement:
 
 def judge(fused_out: torch.Tensor, eager_out: torch.Tensor, ref_out: torch.Tensor, tol: Tolerance) -> Judgement:
     """The whole-model rule: the fused output's error against the float64 reference within the
-    tolerance or at most twice the eager model's own, and Inf / NaN where the reference or the
-    eager model has them (an fp16 model that overflows in eager may overflow fused too)."""
+    tolerance or at most twice the eager model's own, and each value finite or not as in the
+    reference or as in the eager model (an fp16 model that overflows in eager may overflow fused
+    too, or less: the fused op rounds once, after BN's scale)."""
     eager = compare(eager_out, ref_out, tol)
     fused = compare(fused_out, ref_out, tol)
     bound = max(tol.rel_norm, 2.0 * eager.rel_norm)
     finite = torch.isfinite(fused_out).cpu()
-    where_expected = any(bool(finite.eq(torch.isfinite(t).cpu()).all()) for t in (ref_out, eager_out))
-    return Judgement(eager, fused, bound, where_expected and fused.rel_norm <= bound)
+    as_expected = finite.eq(torch.isfinite(ref_out).cpu()) | finite.eq(torch.isfinite(eager_out).cpu())
+    return Judgement(eager, fused, bound, bool(as_expected.all()) and fused.rel_norm <= bound)
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,8 @@ def disagreement(model: nn.Module, inputs: tuple, got: Any, expected: Any, sampl
             return (f"{_output(where)}'s error against float64 is {j.fused.rel_norm:.3g} (relative norm), over its "
                     f"bound {j.bound:.3g}: the {name} tolerance or twice the unfused model's {j.eager.rel_norm:.3g}")
         if not j.ok:
-            return f"{_output(where)} has Inf or NaN where neither a float64 copy nor the unfused model has them"
+            return (f"{_output(where)} has Inf or NaN where neither a float64 copy nor the unfused model has them, "
+                    "or finite values where both have Inf or NaN")
         if j.bound > tol.rel_norm:
             loosened[where] = _repeat_limit(tol, j.eager.rel_norm)
     if loosened:
@@ -332,6 +335,13 @@ def _row(name: str, out: torch.Tensor, ref: torch.Tensor, tol, gain=None, note: 
     return Row(name, c.max_abs, c.max_rel, c.rel_norm, c.ok, note)
 
 
+def _nonfinite(out: torch.Tensor, ref: torch.Tensor) -> str:
+    """A note on the Inf and NaN `out` has where `ref` is finite (an fp16 model that overflows),
+    which its errors, taken over the values finite in both, leave out; "" if none."""
+    count = int((~torch.isfinite(out.cpu()) & torch.isfinite(ref.cpu())).sum())
+    return f"Inf or NaN at {count} of {out.numel()} values where the reference is finite" if count else ""
+
+
 def _unjudged(why: str) -> Row:
     return Row("fastres (optimized)", math.nan, math.nan, math.nan, False, why)
 
@@ -346,15 +356,15 @@ def _judge_outputs(report: VerifyReport, fused: Any, eager: Run, ref: Any, tol: 
                                       f"eager model's {type(eager.output).__name__}"))
         return
     refs = {where: r for where, r, _ in _float_pairs(ref, eager.output)}
-    judged = [(where, f, e) for where, f, e in _float_pairs(fused, eager.output) if where in refs]
+    judged = [(where, f, e) for where, f, e in _float_pairs(fused, eager.output) if where in refs and e.numel()]
     judged_at = {where for where, _, _ in judged}
     for where, leaf in output_leaves(eager.output):
         if isinstance(leaf, torch.Tensor) and where not in judged_at:
-            why = ("not floating point" if not leaf.is_floating_point() else
+            why = ("not floating point" if not leaf.is_floating_point() else "empty" if leaf.numel() == 0 else
                    "its shape differs between the runs" if where in refs else "no like output in the float64 run")
             report.unchecked.append(f"{where or 'the output'} ({why})")
     if not judged:
-        report.model.append(_unjudged("no floating-point output to judge"))
+        report.model.append(_unjudged("no floating-point output with values to judge"))
         return
     loosened: dict[str, float] = {}
     rows: dict[str, Row] = {}
@@ -362,8 +372,9 @@ def _judge_outputs(report: VerifyReport, fused: Any, eager: Run, ref: Any, tol: 
         j = judge(fused_out, eager_out, refs[where], tol)
         suffix = f" {where}" if where else ""
         report.model.append(Row(f"eager (original{cast}){suffix}", j.eager.max_abs, j.eager.max_rel,
-                                j.eager.rel_norm, True, "the reference" if eager.sampled else "baseline"))
-        note = f"rel norm bound {j.bound:.3g}"
+                                j.eager.rel_norm, True, "the reference" if eager.sampled else
+                                "; ".join(filter(None, ["baseline", _nonfinite(eager_out, refs[where])]))))
+        note = "; ".join(filter(None, [f"rel norm bound {j.bound:.3g}", _nonfinite(fused_out, refs[where])]))
         if eager.sampled and not j.ok and compiled:
             note += ("; torch.compile's random ops draw other numbers than eager's from the same state "
                      "(torch._inductor.config.fallback_random = True draws eager's)")

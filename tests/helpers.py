@@ -212,3 +212,17 @@ class Features(torch.nn.Module):
         if self.container == "dataclass":
             return FeatureMaps(shallow, deep, label)
         return (dict if self.container == "dict" else MapsDict)(shallow=shallow, deep=deep, label=label)
+
+
+def overflowing_fp16_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    """Two conv + BN + ReLU chains in fp16 with large weights, and an input on which part of the
+    output overflows in eager fp16 where float64 is finite (and where the fused op, which rounds
+    once after BN's scale, may stay finite)."""
+    model = torch.nn.Sequential(*[layer for _ in range(2) for layer in (
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())])
+    model = randomize_batchnorm_(model).eval()
+    with torch.no_grad():
+        for conv in (model[0], model[3]):
+            conv.weight.mul_(300)
+    x = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 100
+    return model.half(), x.half()

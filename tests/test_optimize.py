@@ -26,7 +26,8 @@ from fastres.converter import FusedConvBN
 from fastres.problem import ACTIVATIONS
 from fastres.shapes import ConvCallRecorder, ProjectionCase, randomize_batchnorm_, record_meta_run
 from fastres.verification import output_leaves, placed_otherwise
-from helpers import INTERPRETER, Features, HookLog, SamplesInEval, assert_hooks_saw_the_same, hooked_run, register_hook
+from helpers import (INTERPRETER, Features, HookLog, SamplesInEval, assert_hooks_saw_the_same, hooked_run,
+                     overflowing_fp16_model, register_hook)
 
 
 def _check(model: nn.Module, x: torch.Tensor, fused: int | None, total: int | None = None, **kwargs) -> nn.Module:
@@ -1934,6 +1935,16 @@ def test_training_mode_models_are_refused():
         fastres.optimize(torchvision.models.resnet18().train())
 
 
+@pytest.mark.parametrize("options,error,words", [
+    (dict(backend="tensorrt"), ValueError, r"backend must be one of .* but got 'tensorrt'"),
+    (dict(dtype="float16"), TypeError, r"dtype must be a floating-point torch.dtype .* but got 'float16'"),
+    (dict(dtype=torch.int8), TypeError, r"dtype must be a floating-point torch.dtype .* but got torch.int8"),
+])
+def test_bad_arguments_are_refused_in_words(options, error, words):
+    with pytest.raises(error, match=words):
+        fastres.optimize(torchvision.models.resnet18().eval(), **options)
+
+
 def _exported(model: nn.Module) -> torch.export.ExportedProgram:
     return torch.export.export(model, (torch.randn(1, 3, 32, 32),))
 
@@ -2089,6 +2100,18 @@ def test_example_inputs_that_differ_by_more_than_the_tolerance_are_judged_agains
         warnings.simplefilter("error")
         optimized = fastres.optimize(model, dtype=torch.float16, example_inputs=torch.randn(2, 3, 32, 32).half())
     assert len(optimized.fastres_report.fused) == 20 and len(copies) == 1
+
+
+def test_example_inputs_keep_a_fused_fp16_model_that_overflows_where_eager_does_or_less():
+    """Where eager fp16 overflows and float64 does not, the fused op (one rounding, after BN's
+    scale) gives Inf there or a finite value: no worse than the unfused copy, so it is kept."""
+    model, x = overflowing_fp16_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimized = fastres.optimize(model, example_inputs=x)
+    assert optimized.fastres_report.fused == ["0", "3"]
+    with torch.no_grad():
+        assert not model(x).isfinite().all(), "the case must overflow"
 
 
 @pytest.mark.parametrize("source", ["torch", "own", "python", "numpy"])

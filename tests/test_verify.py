@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from fastres.bench.models import named_model
 from fastres.numerics import tolerance
 from fastres.shapes import randomize_batchnorm_
 from fastres.verification import judge
-from helpers import Features, SamplesInEval
+from helpers import Features, SamplesInEval, overflowing_fp16_model
 
 
 def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
@@ -154,19 +155,23 @@ def test_verify_says_why_a_compiled_model_that_draws_random_numbers_fails(fallba
 
 
 _REF = torch.linspace(-4.0, 4.0, 64, dtype=torch.float64).view(1, 4, 4, 4)
-_INF = torch.zeros_like(_REF).index_fill_(3, torch.tensor([1]), float("inf"))  # Inf in one column
 
 
 @pytest.mark.parametrize("fused_err, eager_err, fused_inf, eager_inf, ok", [
-    (1e-3, 1e-3, False, False, True),    # fp16 as eager: within the tolerance
-    (2e-3, 3e-3, False, False, True),    # over the tolerance, but no worse than twice eager's error
-    (7e-3, 3e-3, False, False, False),   # more than twice eager's error
-    (1e-4, 1e-4, True, True, True),      # Inf where the eager model overflows too
-    (1e-4, 1e-4, True, False, False),    # Inf where neither eager nor float64 has one
-], ids=["within-tolerance", "within-twice-eager", "over-twice-eager", "inf-as-eager", "inf-alone"])
+    (1e-3, 1e-3, (), (), True),         # fp16 as eager: within the tolerance
+    (2e-3, 3e-3, (), (), True),         # over the tolerance, but no worse than twice eager's error
+    (7e-3, 3e-3, (), (), False),        # more than twice eager's error
+    (1e-4, 1e-4, (1,), (1,), True),     # Inf where the eager model overflows too
+    (1e-4, 1e-4, (1,), (), False),      # Inf where neither eager nor float64 has one
+    (1e-4, 1e-4, (), (1,), True),       # finite, as float64, where eager overflows (one rounding, after BN)
+    (1e-4, 1e-4, (1,), (1, 2), True),   # Inf at some of eager's
+    (1e-4, 1e-4, (1, 2), (1,), False),  # Inf at eager's and beyond
+], ids=["within-tolerance", "within-twice-eager", "over-twice-eager", "inf-as-eager", "inf-alone",
+        "finite-where-eager-overflows", "inf-at-part-of-eagers", "inf-beyond-eagers"])
 def test_the_whole_model_rule(fused_err, eager_err, fused_inf, eager_inf, ok):
-    def off(err: float, inf: bool) -> torch.Tensor:
-        return (_REF * (1 + err) + (_INF if inf else 0)).half()
+    def off(err: float, columns: tuple[int, ...]) -> torch.Tensor:
+        inf = torch.zeros_like(_REF).index_fill_(3, torch.tensor(columns, dtype=torch.long), float("inf"))
+        return (_REF * (1 + err) + inf).half()
 
     j = judge(off(fused_err, fused_inf), off(eager_err, eager_inf), _REF, tolerance(torch.float16))
     assert j.ok == ok
@@ -208,10 +213,18 @@ def test_verify_command_line(options, checked_at):
     assert ("under torch.autocast" in out.stdout) == ("--autocast" in options)
 
 
-def test_verify_command_line_refuses_autocast_at_full_precision():
-    out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", "--dtype", "fp32", "--autocast"],
+@pytest.mark.parametrize("options,why", [
+    (["--dtype", "fp32", "--autocast"], "--autocast runs at fp16 or bf16, not fp32"),
+    (["--batch", "0"], "argument --batch: must be at least 1, got 0"),  # an empty output checks nothing
+    (["--image", "x"], "argument --image: expected a whole number, got 'x'"),
+    (["--device", "cdua"], "argument --device: Expected one of cpu, cuda"),
+    (["--device", "meta"], "runs on a cpu or cuda device, not meta"),
+    (["--device", "cuda:99"], "fastres verify: "),  # no driver, or no such GPU: torch's words, no traceback
+])
+def test_verify_command_line_refuses_what_it_cannot_check(options, why):
+    out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", *options],
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "--autocast runs at fp16 or bf16, not fp32" in out.stderr
+    assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("container", Features.CONTAINERS)
@@ -233,6 +246,30 @@ def test_verify_judges_every_floating_output_and_names_what_it_cannot(container)
     _fused(optimized, "net.layer4.1.conv2").register_forward_hook(lambda m, args, out: out * 1.01)
     report = fastres.verify(model, optimized, x)
     assert not report.ok and [r.name for r in report.model if not r.ok] == [f"fastres (optimized) {deep}"], str(report)
+
+
+def test_verify_fails_an_empty_output_it_cannot_judge():
+    """A batch of no images gives an output with no values: errors of 0 that prove nothing."""
+    model = named_model("resnet18")
+    report = fastres.verify(model, fastres.optimize(model), torch.randn(0, 3, 32, 32))
+    assert not report.ok and report.unchecked == ["the output (empty)"], str(report)
+    assert "no floating-point output with values to judge" in str(report)
+
+
+def test_verify_passes_an_fp16_overflow_no_worse_than_eagers_and_counts_it():
+    """An fp16 model that overflows where float64 does not: the optimized model passes with Inf
+    where eager has Inf, or a finite value there (it rounds once, after BN's scale, so it can
+    overflow less), and each row says how many values its errors, taken over finite ones, leave
+    out."""
+    model, x = overflowing_fp16_model()
+    optimized = fastres.optimize(model)
+    report = fastres.verify(model, optimized, x)
+    with torch.no_grad():
+        finite = copy.deepcopy(model).double()(x.double()).isfinite()
+        overflowed = [int((~out.isfinite() & finite).sum()) for out in (model(x), optimized(x))]
+    assert 0 < min(overflowed) and max(overflowed) < x.numel(), "the case must overflow in part"
+    notes = [f"Inf or NaN at {count} of {x.numel()} values where the reference is finite" for count in overflowed]
+    assert report.ok and [note in r.note for note, r in zip(notes, report.model)] == [True, True], str(report)
 
 
 def test_verify_fails_an_optimized_model_that_returns_its_outputs_otherwise():
