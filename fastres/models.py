@@ -4,7 +4,9 @@
     model.load_state_dict(torchvision.models.resnet50(weights=...).state_dict())
     model.eval().half().cuda().to(memory_format=torch.channels_last)
 
-No weights are downloaded: pass a state_dict, or a path to one, as `weights`.
+`weights` is a state_dict, a path to one, or torchvision's weights for the architecture
+(`torchvision.models.ResNet50_Weights.DEFAULT`, or its name, "DEFAULT"), which load as torchvision
+loads them: from torch's hub cache, downloaded there the first time.
 """
 
 from __future__ import annotations
@@ -99,26 +101,57 @@ class ResNet(_Fused):
         return self.fc(x)
 
 
+def _torchvision_weights(name: str, weights: Any) -> Any:
+    """torchvision's weights enum member `weights` names for architecture `name` (a member, or its
+    name: "DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.DEFAULT"), or None for a string that is a
+    path. Another architecture's member is torchvision's TypeError; a string that is neither a file
+    nor a name, a FileNotFoundError that lists the names."""
+    is_member = hasattr(weights, "get_state_dict") and hasattr(weights, "meta")
+    if not is_member and (not isinstance(weights, str) or os.path.exists(weights)):
+        return None
+    try:
+        from torchvision.models import get_model_weights
+    except ImportError:
+        if is_member:
+            raise
+        return None  # a name needs torchvision; without it the string is a path that does not exist
+    enum = get_model_weights(name)
+    if not is_member and weights.removeprefix(f"{enum.__name__}.") not in enum.__members__:
+        raise FileNotFoundError(f"weights {weights!r}: no such file, nor a name of torchvision's {enum.__name__} "
+                                f"({', '.join(enum.__members__)})")
+    return enum.verify(weights)
+
+
 def _build(
-    block, layers: list[int], weights: dict[str, torch.Tensor] | str | os.PathLike | None, backend: str, **kwargs: Any
+    name: str, block, layers: list[int], weights: Any, backend: str, progress: bool = True, **kwargs: Any
 ) -> ResNet:
+    named = _torchvision_weights(name, weights) if weights is not None else None
+    if named is not None:
+        # torchvision's builders take the class count from the weights, and refuse another.
+        classes = len(named.meta["categories"])
+        if kwargs.setdefault("num_classes", classes) != classes:
+            raise ValueError(f"The parameter 'num_classes' expected value {classes} but got {kwargs['num_classes']} "
+                             "instead.")
     # Parameters made under torch.inference_mode would have no version counter for the BN fold cache.
     with torch.inference_mode(False):
         model = ResNet(block, layers, **kwargs)
-        if weights is not None:
+        if named is not None:
+            model.load_state_dict(named.get_state_dict(progress=progress, check_hash=True))
+        elif weights is not None:
             state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
     return set_backend(model, backend)
 
 
 def _architecture(name: str, title: str, block, layers: list[int], **arch: Any) -> Callable[..., ResNet]:
-    def build(weights=None, backend: str = "auto", **kwargs: Any) -> ResNet:
-        return _build(block, layers, weights, backend, **arch, **kwargs)
+    def build(weights=None, backend: str = "auto", progress: bool = True, **kwargs: Any) -> ResNet:
+        return _build(name, block, layers, weights, backend, progress, **arch, **kwargs)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
-        f"{title} with fused blocks. weights: a state_dict or a path to one, with torchvision's keys "
-        f"(nothing is downloaded); backend: the fused op's backend for every layer; other keyword "
+        f"{title} with fused blocks. weights: a state_dict or a path to one, with torchvision's keys, or "
+        f"torchvision's weights for {name} (an enum member or its name, loaded as torchvision loads them, "
+        f"`progress` its download bar); backend: the fused op's backend for every layer; other keyword "
         f"arguments as torchvision.models.{name}."
     )
     return build

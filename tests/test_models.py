@@ -86,6 +86,45 @@ def test_weights_from_a_path(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture
+def cached(tmp_path, monkeypatch):
+    """Puts a state_dict in torch's hub cache (made in tmp_path) as torchvision's weights' file, so
+    they load as torchvision loads them, with no download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def put(weights, state: dict) -> None:
+        path = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    return put
+
+
+@pytest.mark.parametrize("given", ["member", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"])
+def test_torchvision_weights_load_as_torchvision_loads_them(given, cached):
+    """Code written for torchvision (`resnet18(weights=ResNet18_Weights.DEFAULT)`, or its name)
+    runs unchanged: the zoo model gets the state torchvision's own builder gets."""
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    cached(weights, randomize_batchnorm_(torchvision.models.resnet18()).state_dict())
+    theirs = torchvision.models.resnet18(weights=weights, progress=False)
+    ours = fastres.models.resnet18(weights=weights if given == "member" else given, progress=False)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("options,error,words", [
+    (dict(weights=torchvision.models.ResNet50_Weights.DEFAULT), TypeError, "expected ResNet18_Weights but received "
+                                                                           "ResNet50_Weights"),
+    (dict(weights="IMAGENET1K_V9"), FileNotFoundError, "'IMAGENET1K_V9': no such file, nor a name of torchvision's "
+                                                       r"ResNet18_Weights \(IMAGENET1K_V1, DEFAULT\)"),
+    (dict(weights="DEFAULT", num_classes=10), ValueError, "'num_classes' expected value 1000 but got 10"),
+])
+def test_torchvision_weights_for_another_model_are_refused_in_torchvisions_words(options, error, words, cached):
+    cached(torchvision.models.ResNet18_Weights.DEFAULT, torchvision.models.resnet18().state_dict())
+    with pytest.raises(error, match=words):
+        fastres.models.resnet18(**options)
+
+
 def test_train_mode_matches_torchvision_including_bn_statistics():
     torch.manual_seed(0)
     theirs = torchvision.models.resnet18(num_classes=10).train()
