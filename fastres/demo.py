@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 
 import torch
@@ -29,6 +30,10 @@ def run_demo(
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     model_name = model_name or ("resnet50" if gpu else "resnet18")
+    if model_name not in fastres.models.ARCHITECTURES:  # the demo loads the zoo's model too
+        print(f"fastres demo: --model is one of the zoo's ({', '.join(fastres.models.ARCHITECTURES)}), "
+              f"not {model_name!r}", file=sys.stderr)
+        return 2
     batch = batch or (32 if gpu else 2)
     image = image or (224 if gpu else 64)
     dtype = dtype or (torch.float16 if gpu else torch.float32)

@@ -1,4 +1,4 @@
-"""fastres.verify and `fastres verify`: honest reports, and a wrong model is caught."""
+"""fastres.verify, `fastres verify` and the demo that runs it: honest reports, and a wrong model is caught."""
 
 from __future__ import annotations
 
@@ -246,6 +246,14 @@ def test_verify_judges_every_floating_output_and_names_what_it_cannot(container)
     _fused(optimized, "net.layer4.1.conv2").register_forward_hook(lambda m, args, out: out * 1.01)
     report = fastres.verify(model, optimized, x)
     assert not report.ok and [r.name for r in report.model if not r.ok] == [f"fastres (optimized) {deep}"], str(report)
+
+
+def test_demo_refuses_a_model_the_zoo_lacks():
+    """The demo runs the zoo's model next to torchvision's: another name failed after optimizing."""
+    out = subprocess.run([sys.executable, "-m", "fastres", "demo", "--model", "vgg11"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--model is one of the zoo's (resnet18, " in out.stderr
+    assert "not 'vgg11'" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_verify_fails_an_empty_output_it_cannot_judge():
