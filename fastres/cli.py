@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="a fused ResNet next to its eager reference: agreement and timings")
-    demo.add_argument("--model", default=None, help="a ResNet of the zoo, by torchvision's name (default: resnet50 on GPU, resnet18 on CPU)")
+    demo.add_argument("--model", default=None,
+                      help="a ResNet of the zoo, by torchvision's name (default: resnet50 on GPU, resnet18 on CPU)")
     demo.add_argument("--batch", type=_positive, default=None)
     demo.add_argument("--image", type=_positive, default=None)
     demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
