@@ -111,10 +111,8 @@ def _torchvision_weights(name: str, weights: Any) -> Any:
         return None
     try:
         from torchvision.models import get_model_weights
-    except ImportError:
-        if is_member:
-            raise
-        return None  # a name needs torchvision; without it the string is a path that does not exist
+    except ImportError:  # (a member comes with torchvision) without it, a name is a path that does not exist
+        return None
     enum = get_model_weights(name)
     if not is_member and weights.removeprefix(f"{enum.__name__}.") not in enum.__members__:
         raise FileNotFoundError(f"weights {weights!r}: no such file, nor a name of torchvision's {enum.__name__} "
