@@ -395,6 +395,11 @@ def verify(
     per_layer: bool = False,
 ) -> VerifyReport:
     """Run `model`, `optimized` and a float64 reference on `inputs`; report errors (see module doc)."""
+    for name, module in (("model", model), ("optimized", optimized)):
+        if module.training:
+            raise RuntimeError(f"fastres.verify checks models in eval mode, but {name} is in train mode (its "
+                               "BatchNorms would use batch statistics and update their running ones, and an "
+                               f"optimized model runs unfused in train mode); call {name}.eval() first")
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     x = _first_floating(inputs)
     if x is None:

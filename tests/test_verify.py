@@ -248,6 +248,19 @@ def test_verify_judges_every_floating_output_and_names_what_it_cannot(container)
     assert not report.ok and [r.name for r in report.model if not r.ok] == [f"fastres (optimized) {deep}"], str(report)
 
 
+@pytest.mark.parametrize("which", ["model", "optimized"])
+def test_verify_refuses_a_model_in_train_mode_and_leaves_its_statistics_alone(which):
+    """In train mode a BatchNorm normalizes by the batch and moves its running statistics: verify
+    failed with a large error and had changed your model's BN."""
+    model = named_model("resnet18")
+    models = {"model": model, "optimized": fastres.optimize(model)}
+    models[which].train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=f"eval mode, but {which} is in train mode .* call {which}.eval"):
+        fastres.verify(models["model"], models["optimized"], torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+
+
 def test_demo_refuses_a_model_the_zoo_lacks():
     """The demo runs the zoo's model next to torchvision's: another name failed after optimizing."""
     out = subprocess.run([sys.executable, "-m", "fastres", "demo", "--model", "vgg11"],
