@@ -52,7 +52,7 @@ import operator
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
@@ -991,8 +991,19 @@ def optimize(
             report.entries = {n: f"eager: optimized model failed on example_inputs ({refused[1]})"
                               for n in report.entries}
             optimized = baseline
+        elif not _holds_values(expected.output):
+            warnings.warn("fastres.optimize: the model's output on example_inputs holds no floating-point values (an "
+                          "integer label, an empty batch): the fused copy ran on them, but its answers were not "
+                          "checked", RuntimeWarning, stacklevel=2)
     optimized.fastres_report = report
     return optimized
+
+
+def _holds_values(output: Any) -> bool:
+    """Whether a model's output has a floating-point tensor with values, which answers can be judged by."""
+    from fastres.verification import output_leaves  # (it imports this module)
+
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() for _, t in output_leaves(output))
 
 
 def _unfused_output(baseline: nn.Module, inputs: tuple) -> Run:

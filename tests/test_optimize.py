@@ -2084,6 +2084,26 @@ def test_example_inputs_whose_answers_no_float64_copy_can_judge_return_the_unfus
     assert not optimized.fastres_report.fused
 
 
+class _Labels(nn.Module):
+    """A classifier that returns its predicted labels: integers, no values to compare."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x).flatten(1).argmax(1)
+
+
+@pytest.mark.parametrize("make,x", [(_Labels, torch.randn(2, 3, 8, 8)), (_NoFloat64, torch.randn(0, 3, 8, 8))],
+                         ids=["integer-labels", "empty-batch"])
+def test_example_inputs_with_no_values_to_compare_say_the_answers_were_not_checked(make, x):
+    model = randomize_batchnorm_(make()).eval()
+    with pytest.warns(RuntimeWarning, match="holds no floating-point values .* its answers were not checked"):
+        optimized = fastres.optimize(model, example_inputs=x)
+    assert optimized.fastres_report.fused == ["body.0"]
+
+
 def test_example_inputs_that_differ_by_more_than_the_tolerance_are_judged_against_float64(monkeypatch):
     """fp16 answers that differ from the unfused copy's by more than fp16's tolerance (here: made
     tiny) are not refused for that: a float64 copy runs, and the fused model, as close to it as
