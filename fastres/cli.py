@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     verify.add_argument("--batch", type=_positive, default=8)
     verify.add_argument("--image", type=_positive, default=224)
-    verify.add_argument("--weights", type=Path, default=None, help="a state_dict file for the model (its own keys)")
+    verify.add_argument("--weights", default=None,
+                        help="a state_dict file for the model (its own keys), or for a torchvision model the name of "
+                             "its torchvision weights (DEFAULT, IMAGENET1K_V2: torch's hub cache, else a download)")
     verify.add_argument("--per-layer", action="store_true", help="also check every fused layer on its own inputs")
     verify.add_argument("--autocast", action="store_true",
                         help="keep the model float32 and run it under torch.autocast at --dtype (fp16 or bf16)")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     import fastres
-    from fastres.bench.models import model_name_problem, named_model
+    from fastres.bench.models import model_name_problem
 
     device, dtype = _device(args.device), DTYPES[args.dtype]
     if (problem := model_name_problem(args.model) or _unusable(device)) is not None:
@@ -135,9 +138,11 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"fastres verify: --autocast runs at fp16 or bf16, not {args.dtype}", file=sys.stderr)
         return 2
     stored = torch.float32 if args.autocast else dtype
-    model = named_model(args.model)
-    if args.weights is not None:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    try:
+        model = _with_weights(args.model, args.weights)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:  # no file, no download, wrong keys
+        print(f"fastres verify: --weights: {exc}", file=sys.stderr)
+        return 2
     model = model.to(device=device, dtype=stored).to(memory_format=torch.channels_last)
     optimized = fastres.optimize(model, backend=args.backend)
     x = torch.randn(args.batch, 3, args.image, args.image, generator=torch.Generator().manual_seed(0))
@@ -145,10 +150,24 @@ def _verify(args: argparse.Namespace) -> int:
     with torch.autocast(device.type, dtype=dtype, enabled=args.autocast):
         report = fastres.verify(model, optimized, x, per_layer=args.per_layer)
     autocast = " under torch.autocast" if args.autocast else ""
-    print(f"{args.model} on {device} ({args.batch}x3x{args.image}x{args.image}){autocast}, backend={args.backend!r}")
+    weights = ("seeded random weights" if args.weights is None else f"weights {args.weights}"
+               if os.path.isfile(args.weights) else f"torchvision's {args.weights} weights")
+    print(f"{args.model} ({weights}) on {device} ({args.batch}x3x{args.image}x{args.image}){autocast}, "
+          f"backend={args.backend!r}")
     print(optimized.fastres_report.__str__().splitlines()[0])
     print(report)
     return 0 if report.ok else 1
+
+
+def _with_weights(name: str, weights: str | None) -> torch.nn.Module:
+    """`fastres verify`'s model: seeded random weights, a state_dict file's, or torchvision's named ones."""
+    from fastres.bench.models import named_model
+
+    if weights is None or not os.path.isfile(weights):
+        return named_model(name, weights=weights)
+    model = named_model(name)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model
 
 
 def bench_refusal(args: argparse.Namespace) -> str | None:

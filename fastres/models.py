@@ -101,8 +101,8 @@ class ResNet(_Fused):
         return self.fc(x)
 
 
-def _torchvision_weights(name: str, weights: Any) -> Any:
-    """torchvision's weights enum member `weights` names for architecture `name` (a member, or its
+def torchvision_weights(name: str, weights: Any) -> Any:
+    """torchvision's weights enum member `weights` names for model `name` (a member, or its
     name: "DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.DEFAULT"), or None for a string that is a
     path. Another architecture's member is torchvision's TypeError; a string that is neither a file
     nor a name, a FileNotFoundError that lists the names."""
@@ -123,7 +123,7 @@ def _torchvision_weights(name: str, weights: Any) -> Any:
 def _build(
     name: str, block, layers: list[int], weights: Any, backend: str, progress: bool = True, **kwargs: Any
 ) -> ResNet:
-    named = _torchvision_weights(name, weights) if weights is not None else None
+    named = torchvision_weights(name, weights) if weights is not None else None
     if named is not None:
         # torchvision's builders take the class count from the weights, and refuse another.
         classes = len(named.meta["categories"])

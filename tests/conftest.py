@@ -50,3 +50,17 @@ def isolated_tuning_cache(tmp_path, monkeypatch):
     tuning.forget_in_memory()
     yield tmp_path / "tuning-cache"
     tuning.forget_in_memory()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """Puts a state_dict in torch's hub cache (made in tmp_path, for this test and the processes it
+    starts) as the file of torchvision's weights, which then load as torchvision loads them, with no
+    download: `hub_cache(ResNet18_Weights.DEFAULT, state_dict)`."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def put(weights, state: dict) -> None:
+        path = tmp_path / "torch-home" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    return put

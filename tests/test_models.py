@@ -86,25 +86,12 @@ def test_weights_from_a_path(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def cached(tmp_path, monkeypatch):
-    """Puts a state_dict in torch's hub cache (made in tmp_path) as torchvision's weights' file, so
-    they load as torchvision loads them, with no download."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def put(weights, state: dict) -> None:
-        path = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
-    return put
-
-
 @pytest.mark.parametrize("given", ["member", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"])
-def test_torchvision_weights_load_as_torchvision_loads_them(given, cached):
+def test_torchvision_weights_load_as_torchvision_loads_them(given, hub_cache):
     """Code written for torchvision (`resnet18(weights=ResNet18_Weights.DEFAULT)`, or its name)
     runs unchanged: the zoo model gets the state torchvision's own builder gets."""
     weights = torchvision.models.ResNet18_Weights.DEFAULT
-    cached(weights, randomize_batchnorm_(torchvision.models.resnet18()).state_dict())
+    hub_cache(weights, randomize_batchnorm_(torchvision.models.resnet18()).state_dict())
     theirs = torchvision.models.resnet18(weights=weights, progress=False)
     ours = fastres.models.resnet18(weights=weights if given == "member" else given, progress=False)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
@@ -119,8 +106,8 @@ def test_torchvision_weights_load_as_torchvision_loads_them(given, cached):
                                                        r"ResNet18_Weights \(IMAGENET1K_V1, DEFAULT\)"),
     (dict(weights="DEFAULT", num_classes=10), ValueError, "'num_classes' expected value 1000 but got 10"),
 ])
-def test_torchvision_weights_for_another_model_are_refused_in_torchvisions_words(options, error, words, cached):
-    cached(torchvision.models.ResNet18_Weights.DEFAULT, torchvision.models.resnet18().state_dict())
+def test_torchvision_weights_for_another_model_are_refused_in_torchvisions_words(options, error, words, hub_cache):
+    hub_cache(torchvision.models.ResNet18_Weights.DEFAULT, torchvision.models.resnet18().state_dict())
     with pytest.raises(error, match=words):
         fastres.models.resnet18(**options)
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 import fastres
 from fastres.converter import FusedConvBN
@@ -220,6 +221,8 @@ def test_verify_command_line(options, checked_at):
     (["--device", "cdua"], "argument --device: Expected one of cpu, cuda"),
     (["--device", "meta"], "runs on a cpu or cuda device, not meta"),
     (["--device", "cuda:99"], "fastres verify: "),  # no driver, or no such GPU: torch's words, no traceback
+    (["--weights", "IMAGENET1K_V9"], "'IMAGENET1K_V9': no such file, nor a name of torchvision's ResNet18_Weights"),
+    (["--weights", "/no/such/file.pt"], "'/no/such/file.pt': no such file"),
 ])
 def test_verify_command_line_refuses_what_it_cannot_check(options, why):
     out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", *options],
@@ -259,6 +262,24 @@ def test_verify_refuses_a_model_in_train_mode_and_leaves_its_statistics_alone(wh
     with pytest.raises(RuntimeError, match=f"eval mode, but {which} is in train mode .* call {which}.eval"):
         fastres.verify(models["model"], models["optimized"], torch.randn(2, 3, 32, 32))
     assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+
+
+def test_verify_command_line_takes_torchvision_weights_by_name(hub_cache):
+    """`--weights IMAGENET1K_V1` builds the model as torchvision builds it with those weights (here
+    a random state put in the hub cache as their file: no download) and verifies it."""
+    state = randomize_batchnorm_(torchvision.models.resnet18()).state_dict()
+    hub_cache(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, state)
+    model = named_model("resnet18", weights="IMAGENET1K_V1")
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", "--weights", "IMAGENET1K_V1",
+                          "--batch", "1", "--image", "32", "--dtype", "fp32", "--backend", "reference"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "fastres.verify (float32): PASS" in out.stdout, out.stdout + out.stderr
+    assert "resnet18 (torchvision's IMAGENET1K_V1 weights) on cpu" in out.stdout
+    hub_cache(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, torchvision.models.resnet34().state_dict())
+    out = subprocess.run([sys.executable, "-m", "fastres", "verify", "resnet18", "--weights", "DEFAULT"],
+                         capture_output=True, text=True, timeout=300)  # the file is read: another model's keys
+    assert out.returncode == 2 and "fastres verify: --weights: Error(s) in loading state_dict" in out.stderr
 
 
 def test_demo_refuses_a_model_the_zoo_lacks():

@@ -56,13 +56,17 @@ def model_name_problem(name: str) -> str | None:
     return None
 
 
-def named_model(name: str, seed: int = 0) -> nn.Module:
+def named_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Module:
     """A model by name, in eval mode with seeded random weights and BN statistics (nothing is
     downloaded): torchvision's classification models by builder name ("resnet50",
-    "efficientnet_b0"), timm's as "timm:<name>" ("timm:regnety_040")."""
+    "efficientnet_b0"), timm's as "timm:<name>" ("timm:regnety_040"). `weights`: for a torchvision
+    model, the name of its torchvision weights ("DEFAULT", "IMAGENET1K_V2"), built and loaded as
+    torchvision builds them (from torch's hub cache, downloaded there the first time)."""
     problem = model_name_problem(name)
     if problem is not None:
         raise ValueError(problem)
+    if weights is not None:
+        return _pretrained(name, weights)
     torch.manual_seed(seed)
     if name.startswith(TIMM_PREFIX):
         import timm
@@ -73,6 +77,19 @@ def named_model(name: str, seed: int = 0) -> nn.Module:
 
         model = torchvision.models.get_model(name)
     return randomize_batchnorm_(model.eval(), seed)
+
+
+def _pretrained(name: str, weights: str) -> nn.Module:
+    if name.startswith(TIMM_PREFIX):
+        raise FileNotFoundError(f"weights {weights!r}: no such file (timm's models take a state_dict file, not a "
+                                "name)")
+    import torchvision
+
+    from fastres.models import torchvision_weights
+
+    # The builder, not load_state_dict: some weights change the architecture (inception_v3's
+    # transform_input) or its class count.
+    return torchvision.models.get_model(name, weights=torchvision_weights(name, weights)).eval()
 
 
 def _graphed(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
