@@ -50,10 +50,11 @@ from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from fastres.converter import FusedConvBN, model_copy
 from fastres.hooks import hooks_held
-from fastres.nn import conv_bn_fold
+from fastres.nn import _Fused, conv_bn_fold
 from fastres.numerics import (Comparison, Tolerance, branch_gain, compare, reference_conv_bn_act, tf32_in_use,
                               tolerance)
 from fastres.ops import autocast_dtype
+from fastres.problem import DEFAULT_NEGATIVE_SLOPE
 
 __all__ = ["verify", "VerifyReport", "Row"]
 
@@ -75,6 +76,7 @@ class VerifyReport:
     layers: list[Row] = field(default_factory=list)
     reference: str = "a float64 reference"  # what the final output was judged against
     unchecked: list[str] = field(default_factory=list)  # output tensors not judged, and why
+    layers_note: str = ""  # why per_layer gave no rows
 
     @property
     def ok(self) -> bool:
@@ -95,6 +97,8 @@ class VerifyReport:
         if self.layers:
             lines += [f"fused layers against float64 on their own inputs ({sum(r.ok for r in self.layers)}"
                       f"/{len(self.layers)} ok):"] + table(self.layers)
+        elif self.layers_note:
+            lines.append(f"fused layers: {self.layers_note}")
         return "\n".join(lines)
 
 
@@ -388,6 +392,78 @@ def _judge_outputs(report: VerifyReport, fused: Any, eager: Run, ref: Any, tol: 
             rows[where].ok, rows[where].note = False, f"{rows[where].note}; the eager model {_UNREPEATABLE}"
 
 
+@dataclass
+class _Layer:
+    """One fused op's call, as verify recorded it: its modules, its inputs as the op took them, its output."""
+    name: str
+    conv: nn.Conv2d
+    bn: nn.Module | None
+    projection: tuple[nn.Conv2d, nn.Module] | None
+    act: str
+    negative_slope: float
+    x: torch.Tensor
+    padding: Any
+    residual: torch.Tensor | None
+    out: torch.Tensor
+
+
+@contextlib.contextmanager
+def _layers_recorded(model: nn.Module, captured: list[_Layer]) -> Iterator[None]:
+    """While inside, each fused op `model` runs appends a _Layer to `captured`: an optimized model's
+    FusedConvBN modules (forward hooks) and the zoo's fused blocks (fastres.models; their
+    `_conv_bn`, shadowed on each instance, so nothing is added to a call outside verify)."""
+    names = {id(m): name.removeprefix("_orig_mod.") for name, m in model.named_modules()}  # (a torch.compile wrapper)
+
+    def fused_conv_bn(m: FusedConvBN, args: tuple, out: torch.Tensor) -> None:
+        conv, bn = m._modules_ref
+        x, padding = m.op_input(args[0].detach())
+        name = m.conv_name + ("" if m.projection_name is None else f" + {m.projection_name}")
+        captured.append(_Layer(name, conv, bn, m._projection_ref, m.act, m.negative_slope, x, padding,
+                               args[1].detach() if len(args) > 1 else None, out.detach()))
+
+    def recording(block: _Fused) -> Callable[..., torch.Tensor]:
+        def conv_bn(conv, bn, x, residual=None, act="relu", projection=None, negative_slope=DEFAULT_NEGATIVE_SLOPE):
+            out = type(block)._conv_bn(block, conv, bn, x, residual, act, projection, negative_slope)
+            if isinstance(projection, nn.Module):  # a hooked downsample: the block ran as its modules, unfused
+                return out
+            pconv = projection[0] if projection is not None else None
+            name = names[id(conv)] + ("" if pconv is None else f" + {names[id(pconv)]}")
+            captured.append(_Layer(name, conv, bn, projection, act, negative_slope, x.detach(), conv.padding,
+                                   None if residual is None else residual.detach(), out.detach()))
+            return out
+        return conv_bn
+
+    hooks = [m.register_forward_hook(fused_conv_bn) for m in model.modules() if isinstance(m, FusedConvBN)]
+    blocks = [m for m in model.modules() if isinstance(m, _Fused) and not isinstance(m, FusedConvBN)]
+    for block in blocks:
+        vars(block)["_conv_bn"] = recording(block)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for block in blocks:
+            vars(block).pop("_conv_bn", None)
+
+
+def _layer_row(layer: _Layer, dtype: torch.dtype, tf32: bool) -> Row:
+    """A recorded fused op against float64 on its own inputs, by its modules (conv, BN, projection),
+    at the per-dtype layer tolerance for its reduction length."""
+    conv, bn, residual = layer.conv, layer.bn, layer.residual
+    gain = conv_bn_fold(conv, bn)[0]
+    reduction = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    if layer.projection is not None:
+        pconv, pbn = layer.projection
+        residual = reference_conv_bn_act(residual, pconv.weight, conv_bias=pconv.bias, bn=pbn, stride=pconv.stride,
+                                         act="none")
+        reduction += pconv.in_channels
+        gain = branch_gain(gain, conv_bn_fold(pconv, pbn)[0])
+    ref = reference_conv_bn_act(layer.x, conv.weight, conv_bias=conv.bias, bn=bn, residual=residual,
+                                stride=conv.stride, padding=layer.padding, dilation=conv.dilation, groups=conv.groups,
+                                act=layer.act, negative_slope=layer.negative_slope)
+    return _row(layer.name, layer.out, ref, tolerance(dtype, reduction, tf32), gain=gain)
+
+
 def verify(
     model: nn.Module,
     optimized: nn.Module,
@@ -410,49 +486,25 @@ def verify(
     tol = tolerance(dtype, tf32=tf32)
     report = VerifyReport(dtype)
     baseline = _as_dtype_of(model, optimized)
-    captured: list[tuple[FusedConvBN, tuple]] = []
-    hooks = []
-    if per_layer:
-        for module in optimized.modules():
-            if isinstance(module, FusedConvBN):
-                hooks.append(module.register_forward_hook(
-                    lambda m, args, out: captured.append((m, tuple(a.detach() for a in args) + (out.detach(),)))))
-    try:
-        eager = run_from_here(baseline, inputs)
+    captured: list[_Layer] = []
+    eager = run_from_here(baseline, inputs)
+    with _layers_recorded(optimized, captured) if per_layer else contextlib.nullcontext():
         fused = run_from_here(optimized, inputs, like=baseline).output
-        if eager.sampled:
-            report.reference = ("the eager model's, on the same random draws (the model draws random numbers, "
-                                "which a float64 copy would draw otherwise)")
-            ref = eager.output
-        else:
-            reference = model_copy(model).cpu().double()
-            with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                ref = reference(*_as_float64(inputs, torch.device("cpu")))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    if eager.sampled:
+        report.reference = ("the eager model's, on the same random draws (the model draws random numbers, "
+                            "which a float64 copy would draw otherwise)")
+        ref = eager.output
+    else:
+        reference = model_copy(model).cpu().double()
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            ref = reference(*_as_float64(inputs, torch.device("cpu")))
 
     cast = "" if baseline is model else f" as {str(_parameter_dtype(baseline)).removeprefix('torch.')}"
     _judge_outputs(report, fused, eager, ref, tol, cast, _compiled(optimized), baseline, inputs)
 
-    for module, args in captured:
-        conv, bn = module._modules_ref
-        layer_in, residual, out = args[0], (args[1] if len(args) == 3 else None), args[-1]
-        gain = conv_bn_fold(conv, bn)[0]
-        reduction = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-        if module._projection_ref is not None:
-            pconv, pbn = module._projection_ref
-            residual = reference_conv_bn_act(residual, pconv.weight, conv_bias=pconv.bias, bn=pbn,
-                                             stride=pconv.stride, act="none")
-            reduction += pconv.in_channels
-            gain = branch_gain(gain, conv_bn_fold(pconv, pbn)[0])
-        layer_in, padding = module.op_input(layer_in)
-        ref = reference_conv_bn_act(
-            layer_in, conv.weight, conv_bias=conv.bias, bn=bn, residual=residual,
-            stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups, act=module.act,
-            negative_slope=module.negative_slope,
-        )
-        name = module.conv_name + ("" if module.projection_name is None else f" + {module.projection_name}")
-        report.layers.append(_row(name, out, ref, tolerance(dtype, reduction, tf32), gain=gain))
+    for layer in captured:
+        report.layers.append(_layer_row(layer, dtype, tf32))
+    if per_layer and not captured:
+        report.layers_note = "no fused op ran, so no layer was checked on its own"
     return report
 

@@ -20,15 +20,39 @@ from fastres.verification import judge
 from helpers import Features, SamplesInEval, overflowing_fp16_model
 
 
-def test_verify_passes_an_optimized_resnet_and_checks_every_fused_layer():
+def _fused_resnet18(model: nn.Module, how: str) -> nn.Module:
+    return fastres.optimize(model) if how == "optimize" else fastres.models.resnet18(weights=model.state_dict()).eval()
+
+
+@pytest.mark.parametrize("how", ["optimize", "zoo"])
+def test_verify_checks_every_fused_layer_of_an_optimized_or_zoo_resnet(how, monkeypatch):
+    """Every conv is checked against float64 on the inputs its op took (a projection shares its
+    op's row), whether optimize fused the model or it is the zoo's; a layer 1% off fails on its own."""
     model = named_model("resnet18")
-    optimized = fastres.optimize(model)
-    report = fastres.verify(model, optimized, torch.randn(2, 3, 32, 32), per_layer=True)
+    fast = _fused_resnet18(model, how)
+    x = torch.randn(2, 3, 32, 32)
+    report = fastres.verify(model, fast, x, per_layer=True)
     assert report.ok, str(report)
-    checked = [name for r in report.layers for name in r.name.split(" + ")]  # a projection shares its op's row
-    assert sorted(checked) == sorted(optimized.fastres_report.fused)
-    assert "PASS" in str(report) and "layer4.1.conv2" in str(report)
+    checked = [name for r in report.layers for name in r.name.split(" + ")]
+    assert sorted(checked) == sorted(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
     assert "layer2.0.conv2 + layer2.0.downsample.0" in [r.name for r in report.layers]
+
+    wrong, fused_conv_bn = fast.get_submodule("layer4.1.conv2"), fastres.nn.fused_conv_bn
+
+    def one_layer_off(conv, *args, **kwargs):
+        out = fused_conv_bn(conv, *args, **kwargs)
+        return out * 1.01 if conv is wrong else out
+
+    for namespace in (fastres.nn, fastres.converter):
+        monkeypatch.setattr(namespace, "fused_conv_bn", one_layer_off)
+    report = fastres.verify(model, fast, x, per_layer=True)
+    assert [r.name for r in report.layers if not r.ok] == ["layer4.1.conv2"], str(report)
+
+
+def test_verify_says_when_no_fused_layer_ran():
+    model = named_model("resnet18")
+    report = fastres.verify(model, model, torch.randn(1, 3, 32, 32), per_layer=True)
+    assert report.ok and "fused layers: no fused op ran, so no layer was checked on its own" in str(report)
 
 
 def test_verify_checks_convs_fused_without_a_batchnorm():
