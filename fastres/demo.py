@@ -60,7 +60,7 @@ def run_demo(
     report = fastres.verify(eager, optimized, x, per_layer=not gpu)
     print(report)
     print("\n== agreement: fastres.models." + model_name + " with the torchvision state_dict ==")
-    zoo_report = fastres.verify(eager, zoo, x)
+    zoo_report = fastres.verify(eager, zoo, x, per_layer=not gpu)
     print(zoo_report)
 
     print("\n== timings (median, warm-up excluded) ==")
