@@ -60,7 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastres.backends import check_name
-from fastres.nn import _Fused, eager_conv_bn, fused_conv_bn, is_norm_act, is_projection_conv, normalize
+from fastres.nn import (_Fused, eager_conv_bn, fused_conv_bn, is_batchnorm, is_norm_act, is_projection_conv,
+                        normalize)
 from fastres.compilation import precompile
 from fastres.graph_module import EagerFallback, graph_module, is_rewritten
 from fastres.hooks import call_hooks, hook_memo, hooks_held, move_hooks
@@ -312,14 +313,6 @@ def _weight_hook_remedy(conv: nn.Module) -> str:
     return ""
 
 
-def _is_batchnorm(module: nn.Module) -> bool:
-    bn_forwards = {nn.modules.batchnorm._BatchNorm.forward, nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward}
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return type(module).forward in bn_forwards
-    return type(module).__name__ == "FrozenBatchNorm2d" and all(
-        hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
-
-
 def _bn_problem(bn: nn.Module, conv: nn.Conv2d) -> str | None:
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
         return "its BatchNorm keeps no running statistics (track_running_stats=False)"
@@ -342,7 +335,7 @@ class _Tracer(Tracer):
     def is_whole(self, m: nn.Module, qualname: str) -> bool:
         """A Conv2d subclass with nn.Conv2d's forward (Hugging Face EfficientNet's depthwise conv) is
         a conv as it is."""
-        return (_is_batchnorm(m) or is_norm_act(m) or _is_fastres(m)
+        return (is_batchnorm(m) or is_norm_act(m) or _is_fastres(m)
                 or (isinstance(m, nn.Conv2d) and not _own_forward(m)) or super().is_whole(m, qualname))
 
 
@@ -522,7 +515,7 @@ def _batchnorm_at(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     module = gm.get_submodule(node.target)
     if isinstance(module, _NormOf):
         return module.module
-    return module if isinstance(module, _NormSlice) or _is_batchnorm(module) else None
+    return module if isinstance(module, _NormSlice) or is_batchnorm(module) else None
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:

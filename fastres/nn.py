@@ -5,7 +5,8 @@ The modules keep ordinary nn.Conv2d / nn.BatchNorm2d children (state_dict keys, 
 DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torchvision's exact
 attribute names). In train mode they run the unfused eager chain, so BN statistics update; so
 does an op whose conv, BN, relu or downsample has a hook (global module hooks included), calling
-its modules in torchvision's order, so hooks see what they see in torchvision. In eval mode BN
+its modules in torchvision's order, so hooks see what they see in torchvision, and an op whose
+norm the epilogue cannot take (not a BatchNorm in eval with running statistics: `folds`). In eval mode BN
 becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached per BN module
 (a conv without BN: its bias as the float32 shift, per conv) and recomputed whenever a parameter
 or buffer changes (tensor versions and storage are part of the cache key: optimizer steps,
@@ -187,6 +188,32 @@ def bn_scale_shift(
 
 Projection = tuple[nn.Conv2d, nn.Module]  # a residual's (1x1 conv, BN): a ResNet downsample branch
 
+_BN_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward, nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward})
+_batchnorm_types: dict[type, bool] = {}  # is_batchnorm by type: the zoo asks on every op call
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether `module` computes as a BatchNorm with torch's forward (a subclass too), or is
+    torchvision's FrozenBatchNorm2d: a per-channel affine map in eval, which the op's epilogue takes."""
+    kind = _batchnorm_types.get(type(module))
+    if kind is None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            kind = type(module).forward in _BN_FORWARDS
+        else:
+            kind = type(module).__name__ == "FrozenBatchNorm2d" and all(
+                hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
+        _batchnorm_types[type(module)] = kind
+    return kind
+
+
+def folds(bn: nn.Module | None) -> bool:
+    """Whether the op can take `bn` (None: a conv alone) as its epilogue: a BatchNorm (is_batchnorm)
+    in eval mode with running statistics (a buffer in both BN kinds; None when not tracked).
+    Another norm (GroupNorm, a BN in train mode in an eval model) runs as its module."""
+    return bn is None or (
+        (_batchnorm_types.get(type(bn)) or is_batchnorm(bn)) and not bn.training
+        and bn._buffers.get("running_mean") is not None)
+
 
 def is_projection_conv(conv: nn.Module) -> bool:
     """Whether the op can take `conv` as a residual projection: a plain unpadded 1x1 nn.Conv2d
@@ -305,7 +332,7 @@ class _Fused(nn.Module):
         projection: Projection | nn.Module | None = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
     ) -> torch.Tensor:
         act_module = self._modules.get("relu") if act == "relu" else None
-        if (self.training or isinstance(projection, nn.Module) or records_modules(x)
+        if (self.training or isinstance(projection, nn.Module) or not folds(bn) or records_modules(x)
                 or has_call_hooks(conv, bn, act_module, *(projection or ()))):
             return eager_conv_bn(conv, bn, x, residual, act, projection, act_module, negative_slope)
         return fused_conv_bn(conv, bn, x, residual, act, self.backend, projection, negative_slope)
@@ -320,7 +347,7 @@ class _Fused(nn.Module):
         if self.training or records_modules(x) or has_call_hooks(self.downsample):
             return x, self.downsample
         conv, bn = self.downsample[0], self.downsample[1]
-        if is_projection_conv(conv) and len(self.downsample) == 2:
+        if is_projection_conv(conv) and len(self.downsample) == 2 and folds(bn):
             return x, (conv, bn)
         return self._conv_bn(conv, bn, x, act="none"), None
 

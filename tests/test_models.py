@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +12,7 @@ import torchvision
 import fastres
 from fastres.models import ARCHITECTURES
 from fastres.numerics import compare, tolerance
-from fastres.shapes import randomize_batchnorm_
+from fastres.shapes import ConvCallRecorder, randomize_batchnorm_
 from helpers import INTERPRETER, assert_hooks_saw_the_same, hooked_run
 
 ARCHS = sorted(ARCHITECTURES)
@@ -119,6 +121,49 @@ def test_train_mode_matches_torchvision_including_bn_statistics():
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(ours(x), theirs(x))
     torch.testing.assert_close(ours.layer2[0].bn1.running_var, theirs.layer2[0].bn1.running_var)
+
+
+NORM_LAYERS = {
+    "FrozenBatchNorm2d": (torchvision.ops.FrozenBatchNorm2d, 17),  # detection backbones': folded, every op fused
+    "GroupNorm": (lambda c: nn.GroupNorm(8, c), 0),
+    "InstanceNorm2d": (nn.InstanceNorm2d, 0),
+    "Identity": (nn.Identity, 0),
+    "BatchNorm2d-untracked": (lambda c: nn.BatchNorm2d(c, track_running_stats=False), 0),  # batch statistics
+}
+
+
+@pytest.mark.parametrize("norm", NORM_LAYERS)
+def test_any_norm_layer_torchvision_takes_gives_torchvisions_answers(norm):
+    """torchvision's ResNet takes any norm_layer. One the op cannot take as its epilogue (not a
+    BatchNorm with running statistics) runs as its modules, with a warning; it failed deep in the
+    BN fold with an AttributeError."""
+    norm_layer, fused = NORM_LAYERS[norm]
+    theirs = torchvision.models.resnet18(norm_layer=norm_layer).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = fastres.models.resnet18(norm_layer=norm_layer, weights=theirs.state_dict(), backend="reference").eval()
+    assert [str(w.message).split(" modules,")[0] for w in caught] == (
+        [] if fused else [f"fastres.models: norm_layer makes {type(theirs.bn1).__name__}"])
+    x = torch.randn(2, 3, 64, 64)
+    with ConvCallRecorder() as calls, torch.no_grad():
+        got = ours(x)
+        torch.testing.assert_close(got, theirs(x), rtol=1e-4, atol=1e-4)
+    assert len(calls.calls) == fused
+
+
+def test_a_batchnorm_in_train_mode_in_an_eval_model_normalizes_by_the_batch_as_in_torchvision():
+    """A BN put in train mode on its own (a model otherwise in eval) uses and updates batch
+    statistics in torchvision; the zoo's op that would fold its running statistics runs it as a
+    module instead, and the others stay fused."""
+    theirs = randomize_batchnorm_(torchvision.models.resnet18()).eval()
+    ours = fastres.models.resnet18(weights=theirs.state_dict(), backend="reference").eval()
+    for model in (theirs, ours):
+        model.layer2[0].bn2.train()
+    x = torch.randn(4, 3, 32, 32)
+    with ConvCallRecorder() as calls, torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    assert len(calls.calls) == 16  # layer2.0's last op (its projection too) runs as modules; the rest fuse
+    torch.testing.assert_close(ours.layer2[0].bn2.running_var, theirs.layer2[0].bn2.running_var)
 
 
 @pytest.mark.parametrize("where,fused", [("layer1.0.conv1", 16), ("layer2.0.bn2", 16), ("layer3.1.relu", 15),
