@@ -173,7 +173,7 @@ def _with_weights(name: str, weights: str | None) -> torch.nn.Module:
 def bench_refusal(args: argparse.Namespace) -> str | None:
     """Why a `fastres bench` command is refused before anything runs (a model or baseline name it
     does not know: a typo would be timed under its own name, as what it fell back to), or None."""
-    from fastres.bench import layers, models
+    from fastres.bench import layers, models, report
 
     problems = [problem for name in args.model or [] if (problem := models.model_name_problem(name)) is not None]
     known = models.BASELINES if args.suite == "models" else layers.BASELINES  # profile times the layers suite's
@@ -181,6 +181,12 @@ def bench_refusal(args: argparse.Namespace) -> str | None:
     if unknown:
         problems.append(f"no baseline named {', '.join(unknown)} in the {args.suite} suite "
                         f"(it has {', '.join(known)})")
+    if args.compare is not None:  # read at the end of a run that may take an hour: read it first
+        try:
+            report.Results.load(args.compare)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"--compare {args.compare} is not a results JSON of fastres bench "
+                            f"({type(exc).__name__}: {exc})")
     return "; ".join(problems) or None
 
 

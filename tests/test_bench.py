@@ -229,6 +229,18 @@ def test_unknown_model_names_are_refused_before_anything_runs(name, why):
     assert verify.returncode == 2 and why in verify.stderr
 
 
+@pytest.mark.parametrize("content", [None, "not json", '{"rows": []}'], ids=["missing", "not-json", "not-results"])
+def test_a_compare_file_it_cannot_read_is_refused_before_anything_runs(content, tmp_path):
+    """--compare is read after the run (an hour on a GPU): a path it cannot read is refused first."""
+    path = tmp_path / "old.json"
+    if content is not None:
+        path.write_text(content)
+    run = _bench("models", "--smoke", "--compare", str(path), "--out", str(tmp_path))
+    said = " ".join(run.stdout.split())  # (rich wraps long lines)
+    assert run.returncode == 2 and f"--compare {path} is not a results JSON of fastres bench" in said
+    assert not list(tmp_path.glob("models-*")), "nothing ran"
+
+
 @pytest.mark.parametrize("suite,baseline", [("models", "eager-cll"), ("layers", "eager-cl+graph")])
 def test_unknown_baselines_are_refused_before_anything_runs(suite, baseline):
     """A misspelt baseline was timed under its own name as what it fell back to (eager channels_last)."""
