@@ -189,7 +189,8 @@ def bn_scale_shift(
 Projection = tuple[nn.Conv2d, nn.Module]  # a residual's (1x1 conv, BN): a ResNet downsample branch
 
 _BN_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward, nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward})
-_batchnorm_types: dict[type, bool] = {}  # is_batchnorm by type: the zoo asks on every op call
+_batchnorm_types: dict[type, bool] = {}  # is_batchnorm by type
+_folding_types: dict[type, bool] = {}  # by type, whether `folds` may take the norm: the zoo asks on every op call
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -207,12 +208,16 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 def folds(bn: nn.Module | None) -> bool:
-    """Whether the op can take `bn` (None: a conv alone) as its epilogue: a BatchNorm (is_batchnorm)
-    in eval mode with running statistics (a buffer in both BN kinds; None when not tracked).
-    Another norm (GroupNorm, a BN in train mode in an eval model) runs as its module."""
-    return bn is None or (
-        (_batchnorm_types.get(type(bn)) or is_batchnorm(bn)) and not bn.training
-        and bn._buffers.get("running_mean") is not None)
+    """Whether the op can take `bn` (None: a conv alone) as its epilogue: a BatchNorm (is_batchnorm,
+    or the BatchNorm part of timm's is_norm_act modules) in eval mode with running statistics (a
+    buffer in every such kind; None when not tracked). Another norm (GroupNorm, a BN in train mode
+    in an eval model) runs as its module."""
+    if bn is None:
+        return True
+    kind = _folding_types.get(type(bn))
+    if kind is None:
+        kind = _folding_types[type(bn)] = is_batchnorm(bn) or is_norm_act(bn)
+    return kind and not bn.training and bn._buffers.get("running_mean") is not None
 
 
 def is_projection_conv(conv: nn.Module) -> bool:

@@ -57,6 +57,22 @@ def test_convbnact_leaky_relu_uses_its_slope_fused_and_eager():
         ConvBNAct(conv, bn, negative_slope=0.25)
 
 
+@pytest.mark.parametrize("norm,fused", [
+    (lambda: nn.BatchNorm2d(16), True),
+    (lambda: torchvision.ops.FrozenBatchNorm2d(16), True),
+    (lambda: pytest.importorskip("timm.layers").BatchNormAct2d(16, apply_act=False), True),  # its BN part
+    (lambda: nn.GroupNorm(4, 16), False),
+    (lambda: nn.BatchNorm2d(16, track_running_stats=False), False),
+], ids=["BatchNorm2d", "FrozenBatchNorm2d", "timm-BatchNormAct2d", "GroupNorm", "BatchNorm2d-untracked"])
+def test_convbnact_folds_batchnorms_and_runs_other_norms_as_modules(norm, fused):
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1), randomize_batchnorm_(nn.Sequential(norm()))[0]
+    module = ConvBNAct(conv, bn).eval()
+    x = torch.randn(2, 8, 7, 7)
+    with ConvCallRecorder() as calls, torch.no_grad():
+        torch.testing.assert_close(module(x), torch.relu(bn(conv(x))), rtol=1e-5, atol=1e-5)
+    assert len(calls.calls) == fused
+
+
 def test_convbnact_train_mode_is_eager_and_updates_statistics():
     conv, bn = _conv_bn()
     module = ConvBNAct(conv, bn).train()
