@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from fastres.converter import FusedConvBN, model_copy
 from fastres.hooks import hooks_held
-from fastres.nn import _Fused, conv_bn_fold
+from fastres.nn import _Fused, conv_bn_fold, folds
 from fastres.numerics import (Comparison, Tolerance, branch_gain, compare, reference_conv_bn_act, tf32_in_use,
                               tolerance)
 from fastres.ops import autocast_dtype
@@ -424,7 +424,8 @@ def _layers_recorded(model: nn.Module, captured: list[_Layer]) -> Iterator[None]
     def recording(block: _Fused) -> Callable[..., torch.Tensor]:
         def conv_bn(conv, bn, x, residual=None, act="relu", projection=None, negative_slope=DEFAULT_NEGATIVE_SLOPE):
             out = type(block)._conv_bn(block, conv, bn, x, residual, act, projection, negative_slope)
-            if isinstance(projection, nn.Module):  # a hooked downsample: the block ran as its modules, unfused
+            # A hooked downsample, or a norm the epilogue cannot take (GroupNorm): the op ran as its modules.
+            if isinstance(projection, nn.Module) or not folds(bn):
                 return out
             pconv = projection[0] if projection is not None else None
             name = names[id(conv)] + ("" if pconv is None else f" + {names[id(pconv)]}")

@@ -149,6 +149,8 @@ def test_any_norm_layer_torchvision_takes_gives_torchvisions_answers(norm):
         got = ours(x)
         torch.testing.assert_close(got, theirs(x), rtol=1e-4, atol=1e-4)
     assert len(calls.calls) == fused
+    report = fastres.verify(theirs, ours, x, per_layer=True)  # each fused op checked, no other
+    assert report.ok and len(report.layers) == fused, str(report)
 
 
 def test_a_batchnorm_in_train_mode_in_an_eval_model_normalizes_by_the_batch_as_in_torchvision():
