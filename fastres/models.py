@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from fastres.nn import BasicBlock, Bottleneck, _Fused, is_batchnorm, set_backend
+from fastres.nn import BasicBlock, Bottleneck, _Fused, foldable, set_backend
 
 __all__ = [
     "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -68,7 +68,7 @@ class ResNet(_Fused):
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
-        if not is_batchnorm(self.bn1) or self.bn1._buffers.get("running_mean") is None:
+        if not foldable(self.bn1):
             # stacklevel: the caller of a builder (resnet50(...) -> _build -> ResNet.__init__)
             warnings.warn(f"fastres.models: norm_layer makes {type(self.bn1).__name__} modules, not BatchNorms with "
                           "running statistics, which the fused op takes as its epilogue: the model runs unfused, as "

@@ -6,11 +6,11 @@ DDP and checkpoints behave as users expect; BasicBlock and Bottleneck have torch
 attribute names). In train mode they run the unfused eager chain, so BN statistics update; so
 does an op whose conv, BN, relu or downsample has a hook (global module hooks included), calling
 its modules in torchvision's order, so hooks see what they see in torchvision, and an op whose
-norm the epilogue cannot take (not a BatchNorm in eval with running statistics: `folds`). In eval mode BN
-becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached per BN module
-(a conv without BN: its bias as the float32 shift, per conv) and recomputed whenever a parameter
-or buffer changes (tensor versions and storage are part of the cache key: optimizer steps,
-load_state_dict and .to() all invalidate it).
+norm the epilogue cannot take (not a BatchNorm in eval with running statistics: `folds`). In eval
+mode BN becomes the epilogue's per-channel scale/shift (fastres.numerics.fold_bn), cached per BN
+module (a conv without BN: its bias as the float32 shift, per conv) and recomputed whenever a
+parameter or buffer changes (tensor versions and storage are part of the cache key: optimizer
+steps, load_state_dict and .to() all invalidate it).
 Under torch.compile, torch.jit.trace, make_fx (any dispatch mode) and torch.func's transforms the
 fold is computed inline, so compiled and traced graphs never hold stale values; with autograd on,
 the cached fold comes with its gradient attached (recomputed in the backward), so gradients reach
@@ -207,17 +207,20 @@ def is_batchnorm(module: nn.Module) -> bool:
     return kind
 
 
-def folds(bn: nn.Module | None) -> bool:
-    """Whether the op can take `bn` (None: a conv alone) as its epilogue: a BatchNorm (is_batchnorm,
-    or the BatchNorm part of timm's is_norm_act modules) in eval mode with running statistics (a
-    buffer in every such kind; None when not tracked). Another norm (GroupNorm, a BN in train mode
-    in an eval model) runs as its module."""
-    if bn is None:
-        return True
-    kind = _folding_types.get(type(bn))
+def foldable(norm: nn.Module) -> bool:
+    """Whether the op's epilogue can take `norm` once in eval mode: a BatchNorm (is_batchnorm, or the
+    BatchNorm part of timm's is_norm_act modules) with running statistics (a buffer in every such
+    kind; None when not tracked)."""
+    kind = _folding_types.get(type(norm))
     if kind is None:
-        kind = _folding_types[type(bn)] = is_batchnorm(bn) or is_norm_act(bn)
-    return kind and not bn.training and bn._buffers.get("running_mean") is not None
+        kind = _folding_types[type(norm)] = is_batchnorm(norm) or is_norm_act(norm)
+    return kind and norm._buffers.get("running_mean") is not None
+
+
+def folds(bn: nn.Module | None) -> bool:
+    """Whether the op can take `bn` (None: a conv alone) as its epilogue now: foldable and in eval
+    mode. Another norm (GroupNorm, a BN in train mode in an eval model) runs as its module."""
+    return bn is None or (not bn.training and foldable(bn))
 
 
 def is_projection_conv(conv: nn.Module) -> bool:
